@@ -1,0 +1,24 @@
+"""mmserve: a fast serving engine for vision-language models and text LLMs."""
+
+from mmserve.models.registry import ModelRegistry
+
+__version__ = "0.1.0"
+
+__all__ = ["Engine", "ModelRegistry", "ServerArgs", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str):
+    # Engine pulls in torch and transformers; import it only when asked for.
+    if name == "Engine":
+        from mmserve.engine import Engine
+
+        return Engine
+    if name == "ServerArgs":
+        from mmserve.config import ServerArgs
+
+        return ServerArgs
+    if name == "SamplingParams":
+        from mmserve.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(name)

@@ -1,0 +1,66 @@
+"""The attention backend interface and the per-layer `Attention` module that models call.
+
+A backend is chosen once at start. Per step, `init_forward_metadata` prepares whatever it needs for the
+whole batch (index lists, masks, kernel arguments) so the per-layer call does no batch bookkeeping.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
+
+
+class Attention(nn.Module):
+    """Causal self-attention over the paged KV cache for one layer (q, k, v already projected and rotated)."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, layer_id: int,
+                 scaling: float | None = None, sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.layer_id = layer_id
+        self.scaling = scaling if scaling is not None else head_dim**-0.5
+        self.sliding_window = sliding_window  # a query sees the last `sliding_window` positions, itself included
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """q: [T, heads * head_dim], k/v: [T, kv_heads * head_dim] -> [T, heads * head_dim]."""
+        return batch.attn_backend.forward(q, k, v, self, batch)
+
+
+class AttentionBackend(ABC):
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        """Prepare per-step state shared by every layer; called once before the model forward."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+                batch: ForwardBatch) -> torch.Tensor:
+        tokens = q.shape[0]
+        q = q.view(tokens, layer.num_heads, layer.head_dim)
+        k = k.view(tokens, layer.num_kv_heads, layer.head_dim)
+        v = v.view(tokens, layer.num_kv_heads, -1)
+        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        if batch.mode == ForwardMode.DECODE:
+            out = self.forward_decode(q, layer, batch)
+        else:
+            out = self.forward_extend(q, layer, batch)
+        return out.reshape(tokens, -1)
+
+    @abstractmethod
+    def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        """Attention of each request's new tokens over its cached prefix and themselves; q: [T, heads, dim]."""
+
+    @abstractmethod
+    def forward_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        """Attention of one new token per request over its whole KV; q: [B, heads, dim]."""
+
+
+def create_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name in ("torch", "auto"):
+        from mmserve.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; available: torch")

@@ -1,0 +1,102 @@
+"""Offline throughput: N random prompts through the in-process Engine, one table printed at the end.
+
+    python -m mmserve.bench.offline --model-path PATH --num-prompts 64 --input-len 256 --output-len 128
+
+With `--hf-reference`, the same prompts also run through Hugging Face transformers' `generate` (batched,
+left-padded) on the same weights and device, for a side-by-side figure. EOS is ignored so every request
+generates exactly --output-len tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from mmserve.config import ServerArgs
+
+
+def random_prompts(vocab_size: int, num: int, input_len: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    # stay clear of the low ids where special tokens usually live
+    return [[rng.randrange(100, vocab_size) for _ in range(input_len)] for _ in range(num)]
+
+
+def run_mmserve(args: argparse.Namespace, server_args: ServerArgs) -> dict[str, float]:
+    from mmserve.engine import Engine
+
+    with Engine(**vars(server_args)) as engine:
+        prompts = random_prompts(engine.model_config.vocab_size, args.num_prompts, args.input_len, args.seed)
+        params = {"temperature": 0, "max_new_tokens": args.output_len, "ignore_eos": True}
+        engine.generate(input_ids=prompts[:2], sampling_params={**params, "max_new_tokens": 2})  # warm-up
+        _sync()
+        start = time.perf_counter()
+        outs = engine.generate(input_ids=prompts, sampling_params=params)
+        _sync()
+        elapsed = time.perf_counter() - start
+        vocab = engine.model_config.vocab_size
+    generated = sum(len(o["output_ids"]) for o in outs)
+    return {"seconds": elapsed, "output_tok_s": generated / elapsed,
+            "total_tok_s": (generated + args.num_prompts * args.input_len) / elapsed, "vocab": vocab}
+
+
+def run_hf(args: argparse.Namespace, server_args: ServerArgs, vocab: int) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    from mmserve.config import resolve_dtype
+    from mmserve.models.loader import load_hf_config, resolve_model_path, split_gguf
+
+    path = resolve_model_path(server_args.model_path)
+    device = server_args.resolved_device()
+    dtype = resolve_dtype(server_args.dtype, load_hf_config(path), device)
+    folder, gguf = split_gguf(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(device).eval()
+    prompts = torch.tensor(random_prompts(vocab, args.num_prompts, args.input_len, args.seed), device=device)
+    mask = torch.ones_like(prompts)
+    kwargs = dict(do_sample=False, max_new_tokens=args.output_len, min_new_tokens=args.output_len,
+                  pad_token_id=0)
+    model.generate(prompts[:2], attention_mask=mask[:2], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+    _sync()
+    start = time.perf_counter()
+    for i in range(0, args.num_prompts, args.hf_batch_size):
+        model.generate(prompts[i : i + args.hf_batch_size], attention_mask=mask[i : i + args.hf_batch_size], **kwargs)
+    _sync()
+    elapsed = time.perf_counter() - start
+    generated = args.num_prompts * args.output_len
+    return {"seconds": elapsed, "output_tok_s": generated / elapsed,
+            "total_tok_s": (generated + args.num_prompts * args.input_len) / elapsed}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hf-reference", action="store_true", help="Also time transformers' generate.")
+    parser.add_argument("--hf-batch-size", type=int, default=16)
+    ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(argv)
+    server_args = ServerArgs.from_cli_args(args)
+    ours = run_mmserve(args, server_args)
+    rows = [("mmserve", ours)]
+    if args.hf_reference:
+        rows.append(("transformers generate", run_hf(args, server_args, int(ours["vocab"]))))
+    device = server_args.resolved_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\nmodel {server_args.model_path} | device {name} | {args.num_prompts} prompts x "
+          f"{args.input_len} in / {args.output_len} out")
+    print(f"{'engine':<24}{'seconds':>10}{'output tok/s':>16}{'total tok/s':>16}")
+    for label, r in rows:
+        print(f"{label:<24}{r['seconds']:>10.2f}{r['output_tok_s']:>16.1f}{r['total_tok_s']:>16.1f}")
+
+
+if __name__ == "__main__":
+    main()

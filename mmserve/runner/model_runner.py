@@ -1,0 +1,91 @@
+"""ModelRunner: owns the model, the KV cache pools, the attention backend and the sampler on one device.
+
+It builds the model from the checkpoint, sizes the KV cache from a memory budget, and runs one
+`ForwardBatch` at a time. It knows nothing about requests; the scheduler builds the batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from mmserve.attention.base import create_attention_backend
+from mmserve.cache.kv_pool import KVPool, ReqToTokenPool
+from mmserve.config import ModelConfig, ServerArgs
+from mmserve.distributed.parallel_state import get_tp_size
+from mmserve.models.loader import iterate_weights
+from mmserve.models.registry import ModelRegistry
+from mmserve.runner.forward_batch import ForwardBatch
+from mmserve.runner.sampler import Sampler, SamplerOutput, SamplingBatch
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BUDGET_BYTES = 2 << 30
+_CPU_KV_MAX_TOKENS = 131072
+_DEFAULT_MAX_RUNNING = {"cpu": 32, "cuda": 256}
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, args: ServerArgs, checkpoint: Path, device: torch.device):
+        self.config = model_config
+        self.args = args
+        self.device = device
+        self.dtype = model_config.dtype
+        start = time.perf_counter()
+        self.model = self._load_model(checkpoint)
+        self.load_seconds = time.perf_counter() - start
+        self.max_total_tokens = self._kv_cache_tokens()
+        self.max_running_requests = args.max_running_requests or _DEFAULT_MAX_RUNNING.get(device.type, 256)
+        self.max_running_requests = min(self.max_running_requests, self.max_total_tokens)
+        tp = get_tp_size()
+        self.kv_pool = KVPool(self.max_total_tokens, model_config.num_layers,
+                              max(1, model_config.num_kv_heads // tp), model_config.head_dim, self.dtype, device)
+        # A few spare rows: a request being prefilled in chunks holds one beside the running batch.
+        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 8, model_config.context_len + 1, device)
+        self.attn_backend = create_attention_backend(args.attention_backend, device)
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device=device).manual_seed(args.random_seed)
+
+    def _load_model(self, checkpoint: Path) -> torch.nn.Module:
+        cls = ModelRegistry.resolve(self.config.architectures)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(self.config.hf_config)
+        finally:
+            torch.set_default_dtype(previous)
+        loaded = model.load_weights(iterate_weights(checkpoint, self.config.hf_config))
+        missing = {name for name, _ in model.named_parameters()} - loaded
+        tied = {"lm_head.weight"} if getattr(self.config.hf_config, "tie_word_embeddings", False) else set()
+        if missing - tied:
+            raise ValueError(f"checkpoint {checkpoint} lacks weights for {sorted(missing - tied)[:8]}")
+        return model.eval()
+
+    def _kv_cache_tokens(self) -> int:
+        if self.args.max_total_tokens:
+            return self.args.max_total_tokens
+        per_token = KVPool.bytes_per_token(self.config.num_layers, max(1, self.config.num_kv_heads // get_tp_size()),
+                                           self.config.head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            fraction = self.args.mem_fraction_static or 0.85
+            budget = free - total * (1 - fraction)
+            if budget <= per_token * 16:
+                raise ValueError(f"not enough GPU memory for the KV cache: {free / 2**30:.1f} GiB free of "
+                                 f"{total / 2**30:.1f} GiB; raise --mem-fraction-static or use a smaller model")
+            return int(budget // per_token)
+        return int(min(_CPU_KV_BUDGET_BYTES // per_token, _CPU_KV_MAX_TOKENS, 64 * self.config.context_len))
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """float32 logits of the rows in batch.logits_indices."""
+        self.attn_backend.init_forward_metadata(batch)
+        return self.model(batch.input_ids, batch.positions, batch)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SamplerOutput:
+        return self.sampler(logits, sampling)

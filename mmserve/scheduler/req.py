@@ -1,0 +1,99 @@
+"""Req: one request's state inside the scheduler (tokens, KV-cache ownership, sampling and stop state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import Any
+
+import torch
+
+from mmserve.runner.sampler import PenaltyState
+from mmserve.sampling_params import SamplingParams
+from mmserve.tokenizer.detokenizer import IncrementalDetokenizer, find_stop_string
+
+
+class ReqStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    origin_input_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: set[int]
+    max_total_len: int  # the context length: prompt + output never exceed it
+    return_logits: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    status: ReqStatus = ReqStatus.WAITING
+    # KV cache: req_to_token[req_pool_idx, :kv_len] are the slots of fill_ids[:kv_len]; the first
+    # cache_len of them belong to the radix tree (locked through last_node), the rest to this request.
+    req_pool_idx: int | None = None
+    kv_len: int = 0
+    cache_len: int = 0
+    last_node: Any = None
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
+    admitted: bool = False
+    finished_reason: dict[str, Any] | None = None
+    penalty: PenaltyState | None = None
+    stop_detokenizer: IncrementalDetokenizer | None = None
+    # produced since the last report to the front end
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[float] = field(default_factory=list)
+    pending_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    pending_logits: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def extend_len(self) -> int:
+        """Tokens whose KV still has to be computed before the next token can be sampled."""
+        return self.seq_len - self.kv_len
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return self.params.max_new_tokens - len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    def append_token(self, token_id: int) -> None:
+        self.output_ids.append(token_id)
+        self.pending_ids.append(token_id)
+        if self.penalty is not None:
+            self.penalty.update(token_id)
+        self._check_finished(token_id)
+
+    def _check_finished(self, token_id: int) -> None:
+        params = self.params
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            self.finished_reason = {"type": "stop", "matched": token_id}
+        elif token_id in params.stop_token_ids:
+            self.finished_reason = {"type": "stop", "matched": token_id}
+        elif self.stop_detokenizer is not None and self._matched_stop_string(token_id):
+            return
+        elif len(self.output_ids) >= params.max_new_tokens or self.seq_len >= self.max_total_len:
+            self.finished_reason = {"type": "length", "length": len(self.output_ids)}
+
+    def _matched_stop_string(self, token_id: int) -> bool:
+        detok = self.stop_detokenizer
+        before = len(detok.text)
+        detok.append([token_id])
+        hit = find_stop_string(detok.text, self.params.stop, before)
+        if hit is None:
+            return False
+        self.finished_reason = {"type": "stop", "matched": hit[1]}
+        return True
+
+    def abort(self, message: str) -> None:
+        self.finished_reason = {"type": "abort", "message": message}

@@ -1,0 +1,386 @@
+"""Scheduler: continuous batching over the paged KV cache with a radix prefix cache.
+
+Each `step()` runs one batch: a prefill (EXTEND) batch when waiting requests can be admitted or a chunked
+prefill is in progress, otherwise a decode batch of every running request. Requests join and leave at
+every step. When a decode step cannot get KV slots even after evicting the prefix cache, the newest
+running requests are retracted: their KV goes back to the cache (evictable) and they wait at the front
+of the queue to be recomputed from prompt + output so far, so their output is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from mmserve.cache.radix_cache import RadixCache
+from mmserve.config import ModelConfig, ServerArgs
+from mmserve.messages import GenerateRequest, TokenOutput
+from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
+from mmserve.runner.model_runner import ModelRunner
+from mmserve.runner.sampler import PenaltyState, SamplingBatch
+from mmserve.sampling_params import SamplingParams
+from mmserve.scheduler.policy import order_waiting
+from mmserve.scheduler.req import Req, ReqStatus
+from mmserve.tokenizer.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+# Admission keeps room for the tokens running requests are expected to generate: this fraction of what
+# they may still produce. Too high wastes memory, too low causes retractions; retraction raises it again.
+_INIT_NEW_TOKEN_RATIO = 0.5
+_MIN_NEW_TOKEN_RATIO = 0.1
+_NEW_TOKEN_RATIO_DECAY = 0.002
+_MAX_RESERVE_PER_REQ = 4096
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    retractions: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, model_config: ModelConfig, runner: ModelRunner, tokenizer=None):
+        self.args = args
+        self.model_config = model_config
+        self.runner = runner
+        self.tokenizer = tokenizer  # only for stop strings
+        self.device = runner.device
+        self.kv_pool = runner.kv_pool
+        self.req_pool = runner.req_to_token_pool
+        self.tree = RadixCache(self.kv_pool, disable=args.disable_radix_cache)
+        self.chunk_size = args.resolved_chunked_prefill_size()
+        self.max_running = runner.max_running_requests
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.chunked: Req | None = None  # a request whose prompt is being prefilled over several steps
+        self.reqs: dict[str, Req] = {}
+        self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
+        self.stats = SchedulerStats()
+
+    # ----- requests in and out -----
+
+    def add_request(self, request: GenerateRequest) -> None:
+        """Validate and queue a request; bad input raises ValueError with the user's words."""
+        params = SamplingParams.from_dict(request.sampling_params)
+        if request.rid in self.reqs:
+            raise ValueError(f"duplicate request id {request.rid!r}")
+        prompt_len = len(request.input_ids)
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in request.input_ids):
+            raise ValueError(f"input_ids must be in [0, {vocab})")
+        context = self.model_config.context_len
+        if prompt_len >= context:
+            raise ValueError(f"the prompt has {prompt_len} tokens, which does not fit the context length of "
+                             f"{context} tokens (room must remain for at least one output token)")
+        max_new = min(params.max_new_tokens, context - prompt_len)
+        if prompt_len + max_new > self.kv_pool.size:
+            raise ValueError(f"the request needs {prompt_len + max_new} tokens of KV cache ({prompt_len} prompt + "
+                             f"{max_new} max_new_tokens) but the cache holds {self.kv_pool.size}; "
+                             "lower max_new_tokens or raise --max-total-tokens")
+        eos = set() if params.ignore_eos else set(self.model_config.eos_token_ids)
+        req = Req(request.rid, list(request.input_ids), params, eos, context, request.return_logits)
+        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            req.penalty = PenaltyState.create(req.origin_input_ids, vocab, self.device)
+        if params.stop:
+            if self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer")
+            req.stop_detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
+                                                          params.spaces_between_special_tokens,
+                                                          prompt_ids=req.origin_input_ids)
+        if max_new == 0:
+            req.finished_reason = {"type": "length", "length": 0}
+        self.reqs[req.rid] = req
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> None:
+        req = self.reqs.get(rid)
+        if req is not None and not req.finished:
+            req.abort("aborted by the client")
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running) + (self.chunked is not None)
+
+    # ----- one step -----
+
+    def step(self) -> list[TokenOutput]:
+        """Run one batch and return what each affected request produced."""
+        self._drop_finished_before_running()
+        batch = self._schedule_prefill()
+        mode = ForwardMode.EXTEND
+        if not batch:
+            batch, mode = self._schedule_decode(), ForwardMode.DECODE
+        if batch:
+            self._run(batch, mode)
+        return self._collect_outputs()
+
+    def _drop_finished_before_running(self) -> None:
+        """Requests aborted (or with nothing to generate) while waiting or running leave now."""
+        for req in [r for r in self.waiting if r.finished]:
+            self.waiting.remove(req)
+            self._release(req)
+        for req in [r for r in self.running if r.finished]:
+            self.running.remove(req)
+            self._release(req)
+        if self.chunked is not None and self.chunked.finished:
+            self._release(self.chunked)
+            self.chunked = None
+
+    # ----- KV cache bookkeeping -----
+
+    def _alloc_slots(self, n: int) -> torch.Tensor | None:
+        if self.kv_pool.available_size() < n:
+            self.tree.evict(n - self.kv_pool.available_size())
+        return self.kv_pool.alloc(n)
+
+    def _available_tokens(self) -> int:
+        return self.kv_pool.available_size() + self.tree.evictable_size()
+
+    def _admit(self, req: Req) -> bool:
+        """Give a waiting request a req_to_token row and its cached prefix; False when no row is free."""
+        row = self.req_pool.alloc()
+        if row is None:
+            return False
+        slots, node = self.tree.match_prefix(req.fill_ids[:-1])
+        self.tree.inc_lock_ref(node)
+        req.req_pool_idx, req.last_node = row, node
+        req.kv_len = req.cache_len = len(slots)
+        self.req_pool.req_to_token[row, : len(slots)] = slots
+        if not req.admitted:
+            req.cached_tokens = len(slots)
+            req.admitted = True
+            self.stats.cached_tokens += len(slots)
+            self.stats.prompt_tokens += len(req.origin_input_ids)
+        return True
+
+    def _cache_prefix(self, req: Req, finished: bool) -> None:
+        """Hand the request's computed KV to the radix tree; duplicates of what the tree already had are freed.
+
+        Unfinished requests keep the new tree node locked and continue on the tree's slots.
+        """
+        if self.tree.disable and not finished:
+            return  # nothing is shared: the request keeps owning its slots
+        row = self.req_pool.req_to_token[req.req_pool_idx]
+        key = req.fill_ids[: req.kv_len]
+        slots = row[: req.kv_len].clone()
+        already = self.tree.insert(key, slots)
+        if already > req.cache_len:
+            self.kv_pool.free(slots[req.cache_len : already])
+        self.tree.dec_lock_ref(req.last_node)
+        if finished:
+            req.last_node, req.cache_len = None, 0
+            return
+        tree_slots, node = self.tree.match_prefix(key)
+        self.tree.inc_lock_ref(node)
+        row[: len(tree_slots)] = tree_slots
+        req.last_node, req.cache_len = node, len(tree_slots)
+
+    def _release(self, req: Req) -> None:
+        """A request leaves the engine: its KV goes to the prefix cache, its row back to the pool."""
+        if req.req_pool_idx is not None:
+            self._cache_prefix(req, finished=True)
+            self.req_pool.free(req.req_pool_idx)
+            req.req_pool_idx, req.kv_len = None, 0
+        req.status = ReqStatus.FINISHED
+
+    def _retract(self, req: Req) -> None:
+        self._cache_prefix(req, finished=True)
+        self.req_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.kv_len, req.status = None, 0, ReqStatus.WAITING
+        self.waiting.appendleft(req)
+        self.stats.retractions += 1
+
+    # ----- building batches -----
+
+    def _reserved_tokens(self, reqs: list[Req]) -> int:
+        return int(sum(min(r.remaining_new_tokens, _MAX_RESERVE_PER_REQ) for r in reqs) * self.new_token_ratio)
+
+    def _schedule_prefill(self) -> list[tuple[Req, int]]:
+        """(request, tokens to extend) pairs for a prefill step, or [] when nothing can be admitted."""
+        budget = self.args.max_prefill_tokens
+        if self.chunk_size is not None:
+            budget = min(budget, self.chunk_size)
+        picked: list[tuple[Req, int]] = []
+        if self.chunked is not None:
+            req, self.chunked = self.chunked, None
+            n = min(req.extend_len, budget)
+            slots = self._alloc_slots(n)
+            if slots is None:  # cannot happen: admission reserved the whole prompt
+                raise RuntimeError("KV cache exhausted during a chunked prefill")
+            self._place(req, slots, n)
+            picked.append((req, n))
+            budget -= n
+        if not self.waiting or budget <= 0:
+            return picked
+        queue = order_waiting(list(self.waiting), self.args.schedule_policy, self._cached_prefix_len)
+        reserved = self._reserved_tokens(self.running)
+        for req in queue:
+            if budget <= 0 or len(self.running) + len(picked) >= self.max_running:
+                break
+            if not self._admit(req):
+                break
+            need = req.extend_len
+            # The whole prompt (not just this chunk) must fit beside what running requests will generate.
+            if need + self._reserved_tokens([req]) + reserved > self._available_tokens() and (picked or self.running):
+                self._unadmit(req)
+                break
+            n = min(need, budget)
+            slots = self._alloc_slots(n)
+            if slots is None:
+                self._unadmit(req)
+                break
+            self.waiting.remove(req)
+            self._place(req, slots, n)
+            picked.append((req, n))
+            reserved += self._reserved_tokens([req])
+            budget -= n
+            if n < need:
+                break  # this one continues as the chunked request; nothing more fits this step
+        return picked
+
+    def _cached_prefix_len(self, req: Req) -> int:
+        slots, _ = self.tree.match_prefix(req.fill_ids[:-1])
+        return len(slots)
+
+    def _unadmit(self, req: Req) -> None:
+        self.tree.dec_lock_ref(req.last_node)
+        self.req_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.last_node, req.kv_len, req.cache_len = None, None, 0, 0
+
+    def _place(self, req: Req, slots: torch.Tensor, n: int) -> None:
+        self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] = slots
+        req.status = ReqStatus.RUNNING
+
+    def _schedule_decode(self) -> list[tuple[Req, int]]:
+        if not self.running:
+            return []
+        self.new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
+        while self._available_tokens() < len(self.running) and len(self.running) > 1:
+            self._retract(self.running.pop())
+            self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
+        slots = self._alloc_slots(len(self.running))
+        if slots is None:
+            raise RuntimeError("KV cache exhausted with a single running request")
+        for i, req in enumerate(self.running):
+            self._place(req, slots[i : i + 1], 1)
+        return [(req, 1) for req in self.running]
+
+    # ----- running a batch -----
+
+    def _run(self, batch: list[tuple[Req, int]], mode: ForwardMode) -> None:
+        input_ids, positions, logit_rows, sampled = [], [], [], []
+        offset = 0
+        for req, n in batch:
+            fill = req.fill_ids
+            input_ids.extend(fill[req.kv_len : req.kv_len + n])
+            positions.extend(range(req.kv_len, req.kv_len + n))
+            offset += n
+            if req.kv_len + n == req.seq_len:  # this step completes the request's KV: sample its next token
+                logit_rows.append(offset - 1)
+                sampled.append(req)
+        rows = [req.req_pool_idx for req, _ in batch]
+        seq_lens = [req.kv_len + n for req, n in batch]
+        device = self.device
+        out_cache_loc = torch.cat([
+            self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] for req, n in batch
+        ])
+        forward = ForwardBatch(
+            mode=mode,
+            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
+            positions=torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True),
+            out_cache_loc=out_cache_loc,
+            req_pool_indices=torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64).to(device, non_blocking=True),
+            seq_lens_cpu=seq_lens,
+            extend_lens_cpu=[n for _, n in batch],
+            req_to_token=self.req_pool.req_to_token,
+            kv_pool=self.kv_pool,
+            attn_backend=self.runner.attn_backend,
+            logits_indices=torch.tensor(logit_rows, dtype=torch.int64).to(device, non_blocking=True),
+        )
+        logits = self.runner.forward(forward)
+        self.stats.steps += 1
+        if mode == ForwardMode.DECODE:
+            self.stats.decode_steps += 1
+        else:
+            self.stats.prefill_steps += 1
+        for req, n in batch:
+            req.kv_len += n
+        if sampled:
+            self._sample_and_append(sampled, logits)
+        self._after_step(batch, mode, set(sampled))
+
+    def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        sampling = SamplingBatch.build(
+            [r.params for r in reqs], [r.penalty for r in reqs], [len(r.output_ids) for r in reqs],
+            self.model_config.vocab_size, self.device, self.runner.generator,
+        )
+        out = self.runner.sample(logits, sampling)
+        next_ids = out.next_token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
+        top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for i, req in enumerate(reqs):
+            if req.finished:  # aborted while this step ran
+                continue
+            if req.params.logprobs or req.params.top_logprobs_num:
+                req.pending_logprobs.append(logprobs[i])
+                k = req.params.top_logprobs_num
+                req.pending_top.append(list(zip(top_ids[i][:k], top_vals[i][:k], strict=True)) if k else [])
+            if req.return_logits:
+                req.pending_logits.append(logits[i].detach().to("cpu", copy=True))
+            req.append_token(next_ids[i])
+            self.stats.generated_tokens += 1
+
+    def _after_step(self, batch: list[tuple[Req, int]], mode: ForwardMode, sampled: set[Req]) -> None:
+        for req, _ in batch:
+            if mode == ForwardMode.EXTEND:
+                if req.finished:
+                    self._release(req)
+                    continue
+                self._cache_prefix(req, finished=False)
+                if req not in sampled:  # a prompt chunk: the rest of the prompt follows next step
+                    self.chunked = req
+                else:
+                    self.running.append(req)
+            elif req.finished:
+                self.running.remove(req)
+                self._release(req)
+
+    def _collect_outputs(self) -> list[TokenOutput]:
+        outputs = []
+        for rid in list(self.reqs):
+            req = self.reqs[rid]
+            if not (req.pending_ids or req.finished):
+                continue
+            if req.finished and req.status != ReqStatus.FINISHED:
+                continue  # an aborted request is reported once it has left its batch
+            outputs.append(TokenOutput(
+                rid=rid,
+                new_token_ids=req.pending_ids,
+                finished_reason=req.finished_reason,
+                prompt_tokens=len(req.origin_input_ids),
+                completion_tokens=len(req.output_ids),
+                cached_tokens=req.cached_tokens,
+                token_logprobs=req.pending_logprobs if (req.params.logprobs or req.params.top_logprobs_num) else None,
+                top_logprobs=req.pending_top if req.params.top_logprobs_num else None,
+                logits=req.pending_logits if req.return_logits else None,
+            ))
+            req.pending_ids, req.pending_logprobs, req.pending_top, req.pending_logits = [], [], [], []
+            if req.finished:
+                del self.reqs[rid]
+        return outputs
