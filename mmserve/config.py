@@ -132,13 +132,24 @@ class ModelConfig:
             hf_config=hf_config,
             dtype=resolve_dtype(args.dtype, hf_config, device),
             context_len=context_len,
-            architectures=list(getattr(hf_config, "architectures", None) or []),
+            architectures=architectures_of(hf_config),
             num_layers=text.num_hidden_layers,
             num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
             vocab_size=text.vocab_size,
             eos_token_ids=set(eos_token_ids or ()),
         )
+
+
+def architectures_of(hf_config: Any) -> list[str]:
+    """The config's architectures; a GGUF config has none, so take the causal-LM class of its model_type."""
+    listed = list(getattr(hf_config, "architectures", None) or [])
+    if listed:
+        return listed
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", ""))
+    return [name] if isinstance(name, str) else []
 
 
 def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
