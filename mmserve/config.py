@@ -155,7 +155,7 @@ def architectures_of(hf_config: Any) -> list[str]:
 def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
     if name != "auto":
         return _DTYPES[name]
-    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    stored = getattr(hf_config, "dtype", None)
     if isinstance(stored, str):
         stored = _DTYPES.get(stored)
     if stored is None or stored == torch.float32:

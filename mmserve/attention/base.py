@@ -33,6 +33,7 @@ class Attention(nn.Module):
 
 
 class AttentionBackend(ABC):
+    @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         """Prepare per-step state shared by every layer; called once before the model forward."""
 

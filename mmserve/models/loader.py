@@ -118,6 +118,9 @@ def _safetensors_files(path: Path) -> list[Path]:
 def _iterate_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     # transformers maps GGUF tensor names by walking a model's state dict; a meta-device model costs nothing.
     with torch.device("meta"):
