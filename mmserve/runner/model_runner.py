@@ -58,6 +58,8 @@ class ModelRunner:
                 model = cls(self.config.hf_config)
         finally:
             torch.set_default_dtype(previous)
+        if self.args.load_format == "dummy":
+            return _randomize(model, self.args.random_seed).eval()
         loaded = model.load_weights(iterate_weights(checkpoint, self.config.hf_config))
         missing = {name for name, _ in model.named_parameters()} - loaded
         tied = {"lm_head.weight"} if getattr(self.config.hf_config, "tie_word_embeddings", False) else set()
@@ -89,3 +91,17 @@ class ModelRunner:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SamplerOutput:
         return self.sampler(logits, sampling)
+
+
+@torch.no_grad()
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights for --load-format dummy: small normal values, norms at one, reproducible by seed."""
+    generator = None
+    for name, param in model.named_parameters():
+        if generator is None:
+            generator = torch.Generator(device=param.device).manual_seed(seed)
+        if "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+    return model

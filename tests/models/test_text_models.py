@@ -56,7 +56,7 @@ def run(engine: Engine, prompts, new_tokens=NEW_TOKENS, **params):
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_greedy_matches_transformers_alone_and_batched(family, tiny_model_dir):
     path = tiny_model_dir(family)
-    with Engine(model_path=str(path)) as engine:
+    with Engine(model_path=str(path), dtype="float32") as engine:
         assert engine.model_config.dtype == torch.float32
         for prompt in PROMPTS:
             assert_matches_hf(path, [prompt], [run(engine, prompt)], NEW_TOKENS)
@@ -66,7 +66,7 @@ def test_greedy_matches_transformers_alone_and_batched(family, tiny_model_dir):
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_chunked_prefill_matches_transformers(family, tiny_model_dir):
     path = tiny_model_dir(family)
-    with Engine(model_path=str(path), chunked_prefill_size=16, disable_radix_cache=True) as engine:
+    with Engine(model_path=str(path), dtype="float32", chunked_prefill_size=16, disable_radix_cache=True) as engine:
         outputs = run(engine, PROMPTS)
         assert engine.scheduler.stats.prefill_steps > 3  # the long prompt took several chunks
     assert_matches_hf(path, PROMPTS, outputs, NEW_TOKENS)
@@ -77,7 +77,7 @@ def test_retraction_keeps_outputs(family, tiny_model_dir):
     path = tiny_model_dir(family)
     prompts = [f"Story number {i}: the dragon and the knight went" for i in range(4)]
     new_tokens = 30
-    with Engine(model_path=str(path), max_total_tokens=64) as engine:
+    with Engine(model_path=str(path), dtype="float32", max_total_tokens=64) as engine:
         outputs = run(engine, prompts, new_tokens)
         assert engine.scheduler.stats.retractions > 0
     assert_matches_hf(path, prompts, outputs, new_tokens)

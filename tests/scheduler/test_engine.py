@@ -18,7 +18,7 @@ def model_path(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def engine(model_path):
-    with Engine(model_path=model_path) as e:
+    with Engine(model_path=model_path, dtype="float32") as e:
         yield e
 
 
@@ -39,7 +39,7 @@ def test_shared_prefix_is_reused_and_outputs_unchanged(engine, model_path):
     assert second["meta_info"]["cached_tokens"] >= 15
     again = engine.generate(prefix + "what is one plus one?", GREEDY)
     assert again["meta_info"]["cached_tokens"] == again["meta_info"]["prompt_tokens"] - 1
-    with Engine(model_path=model_path, disable_radix_cache=True) as plain:
+    with Engine(model_path=model_path, dtype="float32", disable_radix_cache=True) as plain:
         ref = plain.generate([prefix + "what is one plus one?", prefix + "what is two plus two?"], GREEDY)
         assert all(r["meta_info"]["cached_tokens"] == 0 for r in ref)
     assert [first["output_ids"], second["output_ids"]] == [r["output_ids"] for r in ref]
@@ -50,7 +50,7 @@ def test_shared_prefix_is_reused_and_outputs_unchanged(engine, model_path):
 def test_eviction_under_a_small_pool_keeps_outputs(model_path, engine):
     prompts = [f"Prompt number {i} talks about topic {i * 7} in some detail" for i in range(6)]
     expected = engine.generate(prompts, GREEDY)
-    with Engine(model_path=model_path, max_total_tokens=40) as small:
+    with Engine(model_path=model_path, dtype="float32", max_total_tokens=40) as small:
         got = [small.generate(p, GREEDY) for p in prompts]
         assert small.scheduler.tree.total_size() <= 40
         got_again = small.generate(prompts[-1], GREEDY)
@@ -65,7 +65,7 @@ def test_eviction_under_a_small_pool_keeps_outputs(model_path, engine):
 def test_longest_prefix_policy_gives_the_same_outputs(model_path, engine):
     prompts = ["alpha beta gamma delta", "alpha beta gamma delta epsilon zeta", "omega psi chi", "alpha beta"]
     expected = engine.generate(prompts, GREEDY)
-    with Engine(model_path=model_path, schedule_policy="lpm", max_running_requests=2) as lpm:
+    with Engine(model_path=model_path, dtype="float32", schedule_policy="lpm", max_running_requests=2) as lpm:
         got = lpm.generate(prompts, GREEDY)
     assert [g["output_ids"] for g in got] == [e["output_ids"] for e in expected]
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The project's one GPU script, run on the device machine from the repository root:
+#   1. the model-vs-transformers and scheduler tests on CUDA (our engine on the GPU, transformers on the CPU)
+#   2. the offline benchmark at real model shapes (random weights), beside transformers' generate
+# Needs .gpu/tokenizer (SmolLM2's tokenizer saved in HF layout) carried along: the GPU image has no GGUF reader.
+# Logs go to $OUT; the last lines printed are the benchmark tables.
+set -uo pipefail
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cacheprovider \
+  tests/models/test_text_models.py tests/scheduler tests/layers tests/cache tests/runner 2>&1 | tee "$OUT/tests.log" | tail -15
+for preset in ${PRESETS:-qwen2.5-0.5b llama-3.1-8b}; do
+  python3 -m mmserve.bench.offline --preset "$preset" --tokenizer-dir .gpu/tokenizer \
+    --num-prompts "${NUM_PROMPTS:-64}" --input-len "${INPUT_LEN:-256}" --output-len "${OUTPUT_LEN:-128}" \
+    --hf-reference --hf-batch-size "${HF_BATCH:-64}" 2>&1 | tee "$OUT/bench_$preset.log" | tail -4
+done
