@@ -141,8 +141,14 @@ class Engine:
         self._inbox.put(AbortRequest(rid))
 
     def shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
         self._stopped.set()
         self._thread.join(timeout=30)
+        # Drop the model and the KV cache now rather than whenever the Engine object is collected.
+        del self.scheduler, self.runner
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> Engine:
         return self

@@ -37,8 +37,8 @@ class ModelRunner:
         start = time.perf_counter()
         self.model = self._load_model(checkpoint)
         self.load_seconds = time.perf_counter() - start
-        self.max_total_tokens = self._kv_cache_tokens()
         self.max_running_requests = args.max_running_requests or _DEFAULT_MAX_RUNNING.get(device.type, 256)
+        self.max_total_tokens = self._kv_cache_tokens()
         self.max_running_requests = min(self.max_running_requests, self.max_total_tokens)
         tp = get_tp_size()
         self.kv_pool = KVPool(self.max_total_tokens, model_config.num_layers,
@@ -70,6 +70,8 @@ class ModelRunner:
     def _kv_cache_tokens(self) -> int:
         if self.args.max_total_tokens:
             return self.args.max_total_tokens
+        # More than every running request at full context could never be used.
+        useful = self.max_running_requests * self.config.context_len
         per_token = KVPool.bytes_per_token(self.config.num_layers, max(1, self.config.num_kv_heads // get_tp_size()),
                                            self.config.head_dim, self.dtype)
         if self.device.type == "cuda":
@@ -79,8 +81,8 @@ class ModelRunner:
             if budget <= per_token * 16:
                 raise ValueError(f"not enough GPU memory for the KV cache: {free / 2**30:.1f} GiB free of "
                                  f"{total / 2**30:.1f} GiB; raise --mem-fraction-static or use a smaller model")
-            return int(budget // per_token)
-        return int(min(_CPU_KV_BUDGET_BYTES // per_token, _CPU_KV_MAX_TOKENS, 64 * self.config.context_len))
+            return int(min(budget // per_token, useful))
+        return int(min(_CPU_KV_BUDGET_BYTES // per_token, _CPU_KV_MAX_TOKENS, useful))
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
