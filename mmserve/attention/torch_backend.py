@@ -1,7 +1,9 @@
 """The reference attention backend: PyTorch SDPA over each request's KV gathered from the paged cache.
 
-Runs on any device. It loops over requests in Python, which is fine for a reference and for the CPU;
-the GPU backends replace it with paged kernels and are tested against it.
+Runs on any device. Extend loops over requests (prompts differ in length and cached prefix); decode gathers
+every request's KV into one padded [batch, kv_heads, max_len, dim] tensor and runs a single masked SDPA per
+layer, so a decode step costs a few kernels per layer rather than a few per request. GPU backends replace it
+with paged kernels and are tested against it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mmserve.attention.base import Attention, AttentionBackend
-from mmserve.runner.forward_batch import ForwardBatch
+from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
 
 
 @dataclass
@@ -21,6 +23,8 @@ class _Metadata:
     query_starts: list[int]  # offset of each request's new tokens in the flattened batch
     prefix_lens: list[int]
     masks: dict[int | None, list[torch.Tensor | None]]  # per sliding window: per-request bool mask (None: plain causal)
+    decode_slots: torch.Tensor | None = None  # [B, max_len] padded slot table of a decode step
+    decode_masks: dict[int | None, torch.Tensor] | None = None  # per sliding window: [B, 1, 1, max_len]
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -32,6 +36,22 @@ class TorchAttentionBackend(AttentionBackend):
             starts.append(offset)
             offset += n
         batch.attn_metadata = _Metadata(slots, starts, batch.prefix_lens_cpu, {})
+        if batch.mode == ForwardMode.DECODE:
+            max_len = max(batch.seq_lens_cpu)
+            batch.attn_metadata.decode_slots = rows[:, :max_len]
+            batch.attn_metadata.decode_masks = {}
+
+    def _decode_mask(self, batch: ForwardBatch, window: int | None) -> torch.Tensor:
+        """True where a decode query may attend: inside its own length and, with a window, its last `window`."""
+        meta: _Metadata = batch.attn_metadata
+        if window not in meta.decode_masks:
+            pos = torch.arange(meta.decode_slots.shape[1], device=batch.seq_lens.device)[None, :]
+            lens = batch.seq_lens[:, None]
+            allowed = pos < lens
+            if window is not None:
+                allowed &= pos >= lens - window
+            meta.decode_masks[window] = allowed[:, None, None, :]
+        return meta.decode_masks[window]
 
     def _mask(self, meta: _Metadata, i: int, extend_len: int, kv_len: int, window: int | None,
               device: torch.device) -> torch.Tensor | None:
@@ -76,4 +96,12 @@ class TorchAttentionBackend(AttentionBackend):
         return torch.cat(outs, dim=0)
 
     def forward_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
-        return torch.cat([self._attend(q[i : i + 1], layer, batch, i) for i in range(batch.batch_size)], dim=0)
+        meta: _Metadata = batch.attn_metadata
+        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        k = k_buf[meta.decode_slots].to(q.dtype).transpose(1, 2)  # [B, kv_heads, max_len, dim]
+        v = v_buf[meta.decode_slots].to(q.dtype).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k, v, attn_mask=self._decode_mask(batch, layer.sliding_window), scale=layer.scaling,
+            enable_gqa=layer.num_heads != layer.num_kv_heads,
+        )  # [B, heads, 1, dim]
+        return out.squeeze(2)
