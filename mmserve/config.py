@@ -131,6 +131,8 @@ class ModelConfig:
         text = getattr(hf_config, "text_config", None) or hf_config
         max_pos = getattr(text, "max_position_embeddings", None) or 4096
         context_len = args.context_length or max_pos
+        if context_len > max_pos:
+            raise ValueError(f"context_length {context_len} exceeds the model's max_position_embeddings {max_pos}")
         return cls(
             hf_config=hf_config,
             dtype=resolve_dtype(args.dtype, hf_config, device),

@@ -215,6 +215,7 @@ class Scheduler:
         if self.chunk_size is not None:
             budget = min(budget, self.chunk_size)
         picked: list[tuple[Req, int]] = []
+        reserved = self._reserved_tokens(self.running)
         if self.chunked is not None:
             req, self.chunked = self.chunked, None
             n = min(req.extend_len, budget)
@@ -224,10 +225,11 @@ class Scheduler:
             self._place(req, slots, n)
             picked.append((req, n))
             budget -= n
+            # the rest of its prompt arrives in later steps: keep room for it
+            reserved += req.extend_len - n + self._reserved_tokens([req])
         if not self.waiting or budget <= 0:
             return picked
         queue = order_waiting(list(self.waiting), self.args.schedule_policy, self._cached_prefix_len)
-        reserved = self._reserved_tokens(self.running)
         for req in queue:
             if budget <= 0 or len(self.running) + len(picked) >= self.max_running:
                 break

@@ -3,6 +3,8 @@ n/seeds, penalties against transformers, logprobs, limits and errors."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -71,18 +73,16 @@ def test_longest_prefix_policy_gives_the_same_outputs(model_path, engine):
 
 
 def test_stopping_a_stream_early_aborts_and_frees(engine):
+    before = engine.scheduler.stats.generated_tokens
     stream = engine.generate("Tell me a long story", {"max_new_tokens": 200, "ignore_eos": True}, stream=True)
     first = next(stream)
     assert first["output_ids"]
     stream.close()  # the consumer walks away
-    for _ in range(200):
-        if not engine.scheduler.has_work():
-            break
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        import time
-
+    deadline = time.monotonic() + 10
+    while engine.scheduler.has_work() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert_pool_consistent(engine)
+    assert engine.scheduler.stats.generated_tokens - before < 200  # it stopped before max_new_tokens
 
 
 def test_n_samples_with_a_seed_are_reproducible_and_differ(engine):
@@ -165,3 +165,19 @@ def test_concurrent_callers_share_batches(engine):
         t.join()
     assert [results[i]["output_ids"] for i in range(8)] == [e["output_ids"] for e in expected]
     assert engine.scheduler.stats.decode_steps - steps_before < 8 * 7  # decode steps were shared
+
+
+def test_chunked_prompt_beside_other_requests_in_a_small_pool(model_path, engine):
+    long_prompt = "A long prompt that needs many chunks: " + " ".join(f"word{i}" for i in range(30))
+    prompts = [long_prompt, "short one", "another short prompt", "third"]
+    expected = engine.generate(prompts, GREEDY)
+    with Engine(model_path=model_path, dtype="float32", max_total_tokens=128, chunked_prefill_size=8) as small:
+        got = small.generate(prompts, GREEDY)
+        assert small.scheduler.stats.prefill_steps >= 10
+        assert_pool_consistent(small)
+    assert [g["output_ids"] for g in got] == [e["output_ids"] for e in expected]
+
+
+def test_context_length_beyond_the_model_is_refused(model_path):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Engine(model_path=model_path, context_length=10**6)
