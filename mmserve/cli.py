@@ -1,4 +1,5 @@
-"""The `mmserve` command: `mmserve generate PROMPT` runs one prompt through the engine and prints the answer."""
+"""The `mmserve` command: `mmserve serve [MODEL]` starts the OpenAI-compatible server; `mmserve generate PROMPT`
+runs one prompt through the in-process engine and prints the answer."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def _generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmserve", description="Serve and run vision-language models and LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="Serve a model over HTTP (OpenAI-compatible). No model: SmolLM2 default.")
+    ServerArgs.add_cli_args(serve, positional_model=True)
     gen = sub.add_parser("generate", help="Generate an answer to one prompt (chat template applied).")
     gen.add_argument("prompt", help="The user message (or raw prompt with --raw).")
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -45,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            from mmserve.launch_server import run_server
+
+            server_args = ServerArgs.from_cli_args(args)
+            if getattr(args, "model_path", None) is None and getattr(args, "model", None) is None:
+                print(f"no model given: serving the default SmolLM2-135M-Instruct ({server_args.model_path})",
+                      file=sys.stderr)
+            run_server(server_args)
+            return 0
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

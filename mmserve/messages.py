@@ -1,29 +1,30 @@
 """Messages between the front end (tokenizer side) and the scheduler.
 
-Plain data only: token ids, numbers and strings, so the same structs can cross a process boundary later.
+msgspec structs: plain data (token ids, numbers, strings) that cross the ZMQ socket between the API server
+and the engine process as msgpack, and are passed as objects when the engine runs in-process. No pickle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 
-@dataclass
-class GenerateRequest:
+
+class GenerateRequest(msgspec.Struct, tag=True):
     rid: str
     input_ids: list[int]
-    sampling_params: dict[str, Any] = field(default_factory=dict)
-    return_logits: bool = False  # keep the full next-token logits of every generated position (for tests/debugging)
+    sampling_params: dict[str, Any] = msgspec.field(default_factory=dict)
+    # >= 0: also return the log-probs of the prompt tokens from this position on (OpenAI `echo` + `logprobs`)
+    logprob_start_len: int = -1
+    return_logits: bool = False  # keep full next-token logits in TokenOutput.logits (in-process only)
 
 
-@dataclass
-class AbortRequest:
+class AbortRequest(msgspec.Struct, tag=True):
     rid: str
 
 
-@dataclass
-class TokenOutput:
+class TokenOutput(msgspec.Struct, tag=True):
     """What one scheduler step produced for one request."""
 
     rid: str
@@ -34,4 +35,39 @@ class TokenOutput:
     cached_tokens: int
     token_logprobs: list[float] | None = None  # one per new token
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (token id, logprob), best first
-    logits: list[Any] | None = None  # float32 tensors [vocab], one per new token, when asked for
+    input_token_logprobs: list[float | None] | None = None  # per prompt token from logprob_start_len (sent once)
+    input_top_logprobs: list[list[tuple[int, float]]] | None = None
+    logits: Any = None  # list of float32 tensors [vocab], one per new token (in-process only)
+    error_status: int | None = None  # a refused request: HTTP status; the reason is in finished_reason
+
+
+class EngineReady(msgspec.Struct, tag=True):
+    """Sent once by the engine process when it can take requests."""
+
+    context_len: int
+    max_total_tokens: int
+    max_running_requests: int
+    vocab_size: int
+    dtype: str
+    device: str
+
+
+class EngineStats(msgspec.Struct, tag=True):
+    """Scheduler gauges, sent with every batch of outputs."""
+
+    running: int
+    waiting: int
+    kv_used_tokens: int
+    kv_total_tokens: int
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+
+
+class OutputBatch(msgspec.Struct, tag=True):
+    outputs: list[TokenOutput]
+    stats: EngineStats
+
+
+ToEngine = GenerateRequest | AbortRequest
+FromEngine = OutputBatch | EngineReady

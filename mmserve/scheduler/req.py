@@ -27,6 +27,7 @@ class Req:
     eos_token_ids: set[int]
     max_total_len: int  # the context length: prompt + output never exceed it
     return_logits: bool = False
+    logprob_start_len: int = -1  # >= 0: report log-probs of prompt tokens from here on
     output_ids: list[int] = field(default_factory=list)
     status: ReqStatus = ReqStatus.WAITING
     # KV cache: req_to_token[req_pool_idx, :kv_len] are the slots of fill_ids[:kv_len]; the first
@@ -45,6 +46,22 @@ class Req:
     pending_logprobs: list[float] = field(default_factory=list)
     pending_top: list[list[tuple[int, float]]] = field(default_factory=list)
     pending_logits: list[torch.Tensor] = field(default_factory=list)
+    # prompt log-probs, filled during the first prefill and reported once
+    input_logprobs: list[float | None] = field(default_factory=list)
+    input_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    input_logprobs_sent: bool = False
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.logprob_start_len >= 0 and not self.input_logprobs_sent
+
+    def input_logprob_rows(self, start: int, n: int) -> range:
+        """Positions among [start, start + n) whose logits score a prompt token at or after logprob_start_len."""
+        if self.logprob_start_len < 0:
+            return range(0)
+        first = max(start, self.logprob_start_len - 1, 0)
+        last = min(start + n, len(self.origin_input_ids) - 1)
+        return range(first, max(first, last))
 
     @property
     def fill_ids(self) -> list[int]:

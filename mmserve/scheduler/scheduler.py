@@ -89,7 +89,10 @@ class Scheduler:
                              f"{max_new} max_new_tokens) but the cache holds {self.kv_pool.size}; "
                              "lower max_new_tokens or raise --max-total-tokens")
         eos = set() if params.ignore_eos else set(self.model_config.eos_token_ids)
-        req = Req(request.rid, list(request.input_ids), params, eos, context, request.return_logits)
+        if request.logprob_start_len >= prompt_len:
+            raise ValueError(f"logprob_start_len {request.logprob_start_len} must be < the prompt length {prompt_len}")
+        req = Req(request.rid, list(request.input_ids), params, eos, context, request.return_logits,
+                  logprob_start_len=request.logprob_start_len)
         if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
             req.penalty = PenaltyState.create(req.origin_input_ids, vocab, self.device)
         if params.stop:
@@ -98,7 +101,7 @@ class Scheduler:
             req.stop_detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
                                                           params.spaces_between_special_tokens,
                                                           prompt_ids=req.origin_input_ids)
-        if max_new == 0:
+        if max_new == 0 and req.logprob_start_len < 0:  # with prompt log-probs, the prompt still runs
             req.finished_reason = {"type": "length", "length": 0}
         self.reqs[req.rid] = req
         self.waiting.append(req)
@@ -155,7 +158,9 @@ class Scheduler:
         row = self.req_pool.alloc()
         if row is None:
             return False
-        slots, node = self.tree.match_prefix(req.fill_ids[:-1])
+        # Prompt log-probs need the logits of every prompt position, so such a request computes its prefix.
+        key = req.fill_ids[:-1] if not req.wants_input_logprobs else []
+        slots, node = self.tree.match_prefix(key)
         self.tree.inc_lock_ref(node)
         req.req_pool_idx, req.last_node = row, node
         req.kv_len = req.cache_len = len(slots)
@@ -284,35 +289,43 @@ class Scheduler:
     # ----- running a batch -----
 
     def _run(self, batch: list[tuple[Req, int]], mode: ForwardMode) -> None:
-        input_ids, positions, logit_rows, sampled = [], [], [], []
+        input_ids: list[int] = []
+        positions: list[int] = []
+        # The model returns logits for prompt-scoring rows first (request by request), then one sampling row
+        # per request that completes its KV this step.
+        prompt_rows: list[int] = []
+        prompt_scored: list[tuple[Req, range]] = []
+        sample_rows: list[int] = []
+        sampled: list[Req] = []
         offset = 0
         for req, n in batch:
-            fill = req.fill_ids
-            input_ids.extend(fill[req.kv_len : req.kv_len + n])
+            input_ids.extend(req.fill_ids[req.kv_len : req.kv_len + n])
             positions.extend(range(req.kv_len, req.kv_len + n))
+            if mode == ForwardMode.EXTEND and req.wants_input_logprobs:
+                scored = req.input_logprob_rows(req.kv_len, n)
+                prompt_rows.extend(offset + p - req.kv_len for p in scored)
+                prompt_scored.append((req, scored))
             offset += n
             if req.kv_len + n == req.seq_len:  # this step completes the request's KV: sample its next token
-                logit_rows.append(offset - 1)
+                sample_rows.append(offset - 1)
                 sampled.append(req)
-        rows = [req.req_pool_idx for req, _ in batch]
         seq_lens = [req.kv_len + n for req, n in batch]
         device = self.device
-        out_cache_loc = torch.cat([
-            self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] for req, n in batch
-        ])
         forward = ForwardBatch(
             mode=mode,
             input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
             positions=torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True),
-            out_cache_loc=out_cache_loc,
-            req_pool_indices=torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
+            out_cache_loc=torch.cat([
+                self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] for req, n in batch
+            ]),
+            req_pool_indices=torch.tensor([r.req_pool_idx for r, _ in batch], dtype=torch.int64).to(device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64).to(device, non_blocking=True),
             seq_lens_cpu=seq_lens,
             extend_lens_cpu=[n for _, n in batch],
             req_to_token=self.req_pool.req_to_token,
             kv_pool=self.kv_pool,
             attn_backend=self.runner.attn_backend,
-            logits_indices=torch.tensor(logit_rows, dtype=torch.int64).to(device, non_blocking=True),
+            logits_indices=torch.tensor(prompt_rows + sample_rows, dtype=torch.int64).to(device, non_blocking=True),
         )
         logits = self.runner.forward(forward)
         self.stats.steps += 1
@@ -320,11 +333,34 @@ class Scheduler:
             self.stats.decode_steps += 1
         else:
             self.stats.prefill_steps += 1
+        if prompt_scored:
+            self._record_input_logprobs(prompt_scored, logits[: len(prompt_rows)])
         for req, n in batch:
             req.kv_len += n
         if sampled:
-            self._sample_and_append(sampled, logits)
+            self._sample_and_append(sampled, logits[len(prompt_rows) :])
         self._after_step(batch, mode, set(sampled))
+
+    def _record_input_logprobs(self, scored: list[tuple[Req, range]], logits: torch.Tensor) -> None:
+        """Log-probs of prompt tokens; the logits at position p score the prompt token at p + 1."""
+        row = 0
+        for req, positions in scored:
+            if not req.input_logprobs and req.logprob_start_len == 0:
+                req.input_logprobs.append(None)  # the first prompt token has nothing before it to score it
+                req.input_top.append([])
+            if not positions:
+                continue
+            chunk = torch.log_softmax(logits[row : row + len(positions)], dim=-1)
+            row += len(positions)
+            targets = torch.tensor([req.origin_input_ids[p + 1] for p in positions], device=chunk.device)
+            req.input_logprobs.extend(chunk.gather(1, targets[:, None]).squeeze(1).tolist())
+            k = req.params.top_logprobs_num
+            if not k:
+                req.input_top.extend([] for _ in positions)
+                continue
+            top = chunk.topk(k, dim=-1)
+            for ids, vals in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+                req.input_top.append(list(zip(ids, vals, strict=True)))
 
     def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor) -> None:
         sampling = SamplingBatch.build(
@@ -338,6 +374,9 @@ class Scheduler:
         top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         for i, req in enumerate(reqs):
             if req.finished:  # aborted while this step ran
+                continue
+            if req.remaining_new_tokens <= 0:  # max_new_tokens=0: the prompt was only scored
+                req.finished_reason = {"type": "length", "length": 0}
                 continue
             if req.params.logprobs or req.params.top_logprobs_num:
                 req.pending_logprobs.append(logprobs[i])
@@ -363,6 +402,13 @@ class Scheduler:
                 self.running.remove(req)
                 self._release(req)
 
+    @staticmethod
+    def _input_logprobs_once(req: Req) -> dict:
+        if req.logprob_start_len < 0 or req.input_logprobs_sent or not (req.output_ids or req.finished):
+            return {}  # not asked for, already sent, or the prompt is still being scored
+        req.input_logprobs_sent = True
+        return {"input_token_logprobs": req.input_logprobs, "input_top_logprobs": req.input_top}
+
     def _collect_outputs(self) -> list[TokenOutput]:
         outputs = []
         for rid in list(self.reqs):
@@ -381,6 +427,7 @@ class Scheduler:
                 token_logprobs=req.pending_logprobs if (req.params.logprobs or req.params.top_logprobs_num) else None,
                 top_logprobs=req.pending_top if req.params.top_logprobs_num else None,
                 logits=req.pending_logits if req.return_logits else None,
+                **self._input_logprobs_once(req),
             ))
             req.pending_ids, req.pending_logprobs, req.pending_top, req.pending_logits = [], [], [], []
             if req.finished:

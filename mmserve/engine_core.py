@@ -1,0 +1,89 @@
+"""EngineCore: the model, its KV cache and the scheduler for one device, driven by messages.
+
+Transport-agnostic: the in-process `Engine` calls it from a thread, the server's engine process from a ZMQ
+loop. A refused request (bad input) becomes a TokenOutput with `error_status` 400, never an exception that
+would stop the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mmserve.config import ModelConfig, ServerArgs
+from mmserve.messages import AbortRequest, EngineReady, EngineStats, GenerateRequest, TokenOutput
+from mmserve.models.loader import generation_eos_ids, load_hf_config, load_tokenizer, resolve_model_path
+from mmserve.runner.model_runner import ModelRunner
+from mmserve.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer_for(args: ServerArgs) -> Any:
+    path = args.tokenizer_path or args.model_path
+    return load_tokenizer(resolve_model_path(path, args.revision), args.trust_remote_code)
+
+
+class EngineCore:
+    def __init__(self, args: ServerArgs, tokenizer: Any = None):
+        self.args = args
+        self.device = args.resolved_device()
+        checkpoint = resolve_model_path(args.model_path, args.revision)
+        hf_config = load_hf_config(checkpoint, args.trust_remote_code)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer_for(args)
+        eos = generation_eos_ids(checkpoint) or _config_eos(hf_config)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.model_config = ModelConfig.from_hf(hf_config, args, self.device, eos)
+        self.runner = ModelRunner(self.model_config, args, checkpoint, self.device)
+        self.scheduler = Scheduler(args, self.model_config, self.runner, self.tokenizer)
+
+    def handle(self, msg: GenerateRequest | AbortRequest) -> list[TokenOutput]:
+        """Take one message; returns outputs only for a refused request."""
+        if isinstance(msg, AbortRequest):
+            self.scheduler.abort(msg.rid)
+            return []
+        try:
+            self.scheduler.add_request(msg)
+        except ValueError as exc:
+            return [TokenOutput(rid=msg.rid, new_token_ids=[], finished_reason={"type": "abort", "message": str(exc)},
+                                prompt_tokens=len(msg.input_ids), completion_tokens=0, cached_tokens=0,
+                                error_status=400)]
+        return []
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[TokenOutput]:
+        return self.scheduler.step()
+
+    def ready(self) -> EngineReady:
+        return EngineReady(
+            context_len=self.model_config.context_len,
+            max_total_tokens=self.runner.max_total_tokens,
+            max_running_requests=self.runner.max_running_requests,
+            vocab_size=self.model_config.vocab_size,
+            dtype=str(self.model_config.dtype).removeprefix("torch."),
+            device=str(self.device),
+        )
+
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        pool = self.runner.kv_pool
+        return EngineStats(
+            running=sched.num_running,
+            waiting=len(sched.waiting),
+            # slots held by requests (not free, not merely cached and evictable)
+            kv_used_tokens=pool.size - pool.available_size() - sched.tree.evictable_size(),
+            kv_total_tokens=pool.size,
+            prompt_tokens=sched.stats.prompt_tokens,
+            cached_tokens=sched.stats.cached_tokens,
+            generated_tokens=sched.stats.generated_tokens,
+        )
+
+
+def _config_eos(hf_config: Any) -> set[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)

@@ -1,0 +1,395 @@
+"""Chat templates: the registry of named jinja templates behind `--chat-template NAME`, resolving the flag (a
+name, a `.jinja` file, or nothing for the tokenizer's own template), rendering a conversation through
+`tokenizer.apply_chat_template`, and validating OpenAI-style messages before they reach a template.
+
+Every named template follows Hugging Face's conventions (`messages`, `add_generation_prompt`; content is a
+string or a list of parts), so a name, a file and a model's own template are interchangeable. Text parts of a
+list are concatenated; image and video parts become the family's placeholder token, which the multimodal
+processor later expands. A family without a placeholder refuses media with an error instead of silently
+dropping it. Each template writes its family's control tokens (BOS included) as literals, so the text is right
+for that family whatever the loaded tokenizer calls its special tokens; the engine therefore encodes the
+rendered text with `add_special_tokens=False`.
+
+Every tag uses jinja's `-` whitespace control, so a template renders the same in transformers' environment
+(`trim_blocks`, `lstrip_blocks`) and in a plain one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+ALLOWED_ROLES = ("system", "user", "assistant", "tool", "developer")
+PART_TYPES = ("text", "image_url", "image", "video_url", "video", "input_audio", "audio_url")
+
+
+# ----- building blocks shared by the templates -----
+
+def _jinja_str(text: str) -> str:
+    """`text` as a jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _content_macro(name: str, image: str | None = None, video: str | None = None) -> str:
+    """`render_content(content)`: a string as is, or a list of parts with media turned into placeholders."""
+    no_media = f"raise_exception('the {name} chat template has no %s placeholder; use the model\\'s own template')"
+    image_out = _jinja_str(image) if image is not None else no_media % "image"
+    video_out = _jinja_str(video) if video is not None else no_media % "video"
+    return (
+        r"{%- macro render_content(content) -%}"
+        r"{%- if content is string -%}{{- content -}}"
+        # A missing content (an assistant turn with only tool calls) is Undefined: iterable and empty.
+        r"{%- elif content is iterable -%}"
+        r"{%- for part in content -%}"
+        r"{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+        r"{%- elif part['type'] in ['image', 'image_url'] -%}{{- " + image_out + " -}}"
+        r"{%- elif part['type'] in ['video', 'video_url'] -%}{{- " + video_out + " -}}"
+        r"{%- elif part['type'] in ['input_audio', 'audio_url'] -%}{{- " + no_media % "audio" + " -}}"
+        r"{%- else -%}{{- raise_exception('unsupported content part type: ' ~ part['type']) -}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
+        r"{%- endif -%}"
+        r"{%- endmacro -%}"
+    )
+
+
+# `render_tool_calls(message, first_sep, sep, open, close, args_key)`: OpenAI tool calls as one JSON object per
+# call, each wrapped in the family's markers; the arguments arrive as a JSON string from the API or as a dict
+# from Python callers.
+_TOOL_CALLS_MACRO = (
+    r"{%- macro render_tool_calls(message, first_sep, sep, open, close, args_key) -%}"
+    r"{%- if message['tool_calls'] is defined -%}"
+    r"{%- for call in message['tool_calls'] -%}"
+    r"{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    r"{%- set args = fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson -%}"
+    r"{{- (first_sep if loop.first else sep) ~ open ~ '{\"name\": ' ~ (fn['name'] | tojson) ~ ', \"' ~ args_key ~ '\": ' ~ args ~ '}' ~ close -}}"
+    r"{%- endfor -%}"
+    r"{%- endif -%}"
+    r"{%- endmacro -%}"
+)
+
+
+def _split_system(name: str, first_turn_only: bool = True) -> str:
+    """Set `has_system`, `system_text` and `turns` (the messages after a leading system/developer message).
+
+    For formats that only have a place for one leading system prompt, a system message anywhere else is an
+    error rather than something to drop."""
+    src = (
+        r"{%- set has_system = messages[0]['role'] in ['system', 'developer'] -%}"
+        r"{%- set system_text = render_content(messages[0]['content']) if has_system else '' -%}"
+        r"{%- set turns = messages[1:] if has_system else messages -%}"
+    )
+    if first_turn_only:
+        src += (
+            r"{%- for message in turns -%}"
+            r"{%- if message['role'] in ['system', 'developer'] -%}"
+            f"{{{{- raise_exception('the {name} chat template takes a system message only as the first message') -}}}}"
+            r"{%- endif -%}"
+            r"{%- endfor -%}"
+        )
+    return src
+
+
+def _alternation_check(name: str) -> str:
+    """Inside a loop over `turns`: strict user/assistant alternation, as formats without other roles need."""
+    return (
+        r"{%- if message['role'] not in ['user', 'assistant'] -%}"
+        f"{{{{- raise_exception('the {name} chat template has no ' ~ message['role'] ~ ' role') -}}}}"
+        r"{%- endif -%}"
+        r"{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        f"{{{{- raise_exception('the {name} chat template needs roles alternating user/assistant/user/..."
+        r" (after an optional system message)') -}}"
+        r"{%- endif -%}"
+    )
+
+
+# ----- the families -----
+
+def _chatml(name: str, image: str | None = None, video: str | None = None, default_system: str | None = None,
+            qwen_tools: bool = False) -> str:
+    """ChatML (`<|im_start|>role\\n...<|im_end|>\\n`). Qwen's flavour injects a default system prompt and
+    sends tool results back as a user turn of `<tool_response>` blocks, consecutive results merged."""
+    src = _content_macro(name, image, video) + _TOOL_CALLS_MACRO
+    if default_system is not None:
+        src += (
+            r"{%- if messages[0]['role'] not in ['system', 'developer'] -%}"
+            r"{{- '<|im_start|>system\n' ~ " + _jinja_str(default_system) + r" ~ '<|im_end|>\n' -}}"
+            r"{%- endif -%}"
+        )
+    src += r"{%- for message in messages -%}"
+    if qwen_tools:
+        src += (
+            r"{%- if message['role'] == 'tool' -%}"
+            r"{%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+            r"{{- '\n<tool_response>\n' ~ render_content(message['content']) ~ '\n</tool_response>' -}}"
+            r"{%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}"
+            r"{%- else -%}"
+        )
+    src += (
+        r"{%- set role = 'system' if message['role'] == 'developer' else message['role'] -%}"
+        r"{%- set text = render_content(message['content']) -%}"
+        r"{{- '<|im_start|>' ~ role ~ '\n' ~ text -}}"
+        r"{{- render_tool_calls(message, '\n' if text else '', '\n', '<tool_call>\n', '\n</tool_call>',"
+        r" 'arguments') -}}"
+        r"{{- '<|im_end|>\n' -}}"
+    )
+    if qwen_tools:
+        src += r"{%- endif -%}"
+    src += (
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+    )
+    return src
+
+
+def _llama3(name: str, image: str | None = None) -> str:
+    """Llama 3 headers; content is trimmed as Meta's format does; tool results use the `ipython` role."""
+    return (
+        _content_macro(name, image) + _TOOL_CALLS_MACRO
+        + r"{{- '<|begin_of_text|>' -}}"
+        r"{%- for message in messages -%}"
+        r"{%- set role = {'developer': 'system', 'tool': 'ipython'}.get(message['role'], message['role']) -%}"
+        r"{{- '<|start_header_id|>' ~ role ~ '<|end_header_id|>\n\n' -}}"
+        r"{{- render_content(message['content']) | trim -}}"
+        r"{{- render_tool_calls(message, '', '\n', '', '', 'parameters') -}}"
+        r"{{- '<|eot_id|>' -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}"
+    )
+
+
+def _llama2(name: str) -> str:
+    """`<s>[INST] <<SYS>>\\n...\\n<</SYS>>\\n\\nuser [/INST] answer </s>`: the system prompt lives inside the
+    first instruction; the assistant header is the `[/INST]` closing each user turn."""
+    return (
+        _content_macro(name) + _split_system(name)
+        + r"{%- for message in turns -%}"
+        + _alternation_check(name)
+        + r"{%- if message['role'] == 'user' -%}"
+        r"{%- set sys = '<<SYS>>\n' ~ (system_text | trim) ~ '\n<</SYS>>\n\n' if has_system and loop.first else '' -%}"
+        r"{{- '<s>[INST] ' ~ sys ~ (render_content(message['content']) | trim) ~ ' [/INST]' -}}"
+        r"{%- else -%}"
+        r"{{- ' ' ~ (render_content(message['content']) | trim) ~ ' </s>' -}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
+    )
+
+
+def _mistral(name: str) -> str:
+    """Mistral instruct (`<s>[INST] user [/INST] answer</s>`); the format has no system role, so a system
+    prompt opens the first instruction. Images are Pixtral's `[IMG]`."""
+    return (
+        _content_macro(name, image="[IMG]") + _split_system(name)
+        + r"{{- '<s>' -}}"
+        r"{%- for message in turns -%}"
+        + _alternation_check(name)
+        + r"{%- if message['role'] == 'user' -%}"
+        r"{%- set sys = (system_text | trim) ~ '\n\n' if has_system and loop.first else '' -%}"
+        r"{{- '[INST] ' ~ sys ~ (render_content(message['content']) | trim) ~ ' [/INST]' -}}"
+        r"{%- else -%}"
+        r"{{- ' ' ~ (render_content(message['content']) | trim) ~ '</s>' -}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
+    )
+
+
+def _gemma(name: str) -> str:
+    """Gemma turns (`<start_of_turn>user|model`); no system role, so a system prompt opens the first user
+    turn. Images are Gemma 3's `<start_of_image>`."""
+    return (
+        _content_macro(name, image="<start_of_image>") + _split_system(name)
+        + r"{{- '<bos>' -}}"
+        r"{%- for message in turns -%}"
+        + _alternation_check(name)
+        + r"{%- set role = 'model' if message['role'] == 'assistant' else 'user' -%}"
+        r"{%- set prefix = (system_text | trim) ~ '\n\n' if has_system and loop.first else '' -%}"
+        r"{{- '<start_of_turn>' ~ role ~ '\n' ~ prefix ~ (render_content(message['content']) | trim)"
+        r" ~ '<end_of_turn>\n' -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+    )
+
+
+_VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def _vicuna(name: str) -> str:
+    """Vicuna v1.1 (`<s>SYSTEM USER: ... ASSISTANT: ...</s>`), also LLaVA 1.5's format; its images are
+    `<image>` on a line of their own before the text, as LLaVA was trained."""
+    return (
+        _content_macro(name, image="<image>\n") + _split_system(name)
+        + r"{{- '<s>' ~ ((system_text | trim) if has_system else " + _jinja_str(_VICUNA_SYSTEM) + r") ~ ' ' -}}"
+        r"{%- for message in turns -%}"
+        + _alternation_check(name)
+        + r"{%- if message['role'] == 'user' -%}"
+        r"{{- 'USER: ' ~ render_content(message['content']) ~ ' ' -}}"
+        r"{%- else -%}"
+        r"{{- 'ASSISTANT: ' ~ render_content(message['content']) ~ '</s>' -}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
+def _deepseek(name: str) -> str:
+    """DeepSeek V2/V3 chat: the system prompt follows BOS with no header; no tool role here."""
+    return (
+        _content_macro(name) + _split_system(name)
+        + r"{{- '<｜begin▁of▁sentence｜>' ~ system_text -}}"
+        r"{%- for message in turns -%}"
+        r"{%- if message['role'] == 'user' -%}"
+        r"{{- '<｜User｜>' ~ render_content(message['content']) -}}"
+        r"{%- elif message['role'] == 'assistant' -%}"
+        r"{{- '<｜Assistant｜>' ~ render_content(message['content']) ~ '<｜end▁of▁sentence｜>' -}}"
+        r"{%- else -%}"
+        f"{{{{- raise_exception('the {name} chat template has no ' ~ message['role'] ~ ' role') -}}}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' -}}{%- endif -%}"
+    )
+
+
+def _phi3(name: str) -> str:
+    """Phi-3 (`<|role|>\\n...<|end|>\\n`), system messages included (Phi-3.5 and later use them)."""
+    return (
+        _content_macro(name)
+        + r"{%- for message in messages -%}"
+        r"{%- set role = 'system' if message['role'] == 'developer' else message['role'] -%}"
+        r"{%- if role not in ['system', 'user', 'assistant'] -%}"
+        f"{{{{- raise_exception('the {name} chat template has no ' ~ role ~ ' role') -}}}}"
+        r"{%- endif -%}"
+        r"{{- '<|' ~ role ~ '|>\n' ~ render_content(message['content']) ~ '<|end|>\n' -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
+    )
+
+
+_QWEN_SYSTEM = "You are a helpful assistant."
+
+_CANONICAL: dict[str, str] = {
+    "chatml": _chatml("chatml"),
+    "chatml-llava": _chatml("chatml-llava", image="<image>\n"),
+    "vicuna_v1.1": _vicuna("vicuna_v1.1"),
+    "llama-2": _llama2("llama-2"),
+    "llama-3-instruct": _llama3("llama-3-instruct"),
+    "llama_3_vision": _llama3("llama_3_vision", image="<|image|>"),
+    "qwen": _chatml("qwen", default_system=_QWEN_SYSTEM, qwen_tools=True),
+    "qwen2-vl": _chatml("qwen2-vl", image="<|vision_start|><|image_pad|><|vision_end|>",
+                        video="<|vision_start|><|video_pad|><|vision_end|>", default_system=_QWEN_SYSTEM,
+                        qwen_tools=True),
+    "gemma-it": _gemma("gemma-it"),
+    "mistral": _mistral("mistral"),
+    "deepseek": _deepseek("deepseek"),
+    "phi-3": _phi3("phi-3"),
+}
+
+# Other spellings users bring from SGLang, vLLM and model cards.
+TEMPLATE_ALIASES: dict[str, str] = {
+    "llama3": "llama-3-instruct",
+    "llama-3": "llama-3-instruct",
+    "llama-3-chat": "llama-3-instruct",
+    "llama-3.2-vision": "llama_3_vision",
+    "llama2": "llama-2",
+    "llama-2-chat": "llama-2",
+    "qwen2": "qwen",
+    "qwen2.5": "qwen",
+    "qwen2.5-vl": "qwen2-vl",
+    "gemma": "gemma-it",
+    "gemma3": "gemma-it",
+    "mistral-instruct": "mistral",
+    "pixtral": "mistral",
+    "vicuna": "vicuna_v1.1",
+    "llava": "vicuna_v1.1",
+    "deepseek-v3": "deepseek",
+    "phi3": "phi-3",
+}
+
+NAMED_TEMPLATES: dict[str, str] = {**_CANONICAL, **{alias: _CANONICAL[t] for alias, t in TEMPLATE_ALIASES.items()}}
+
+
+# ----- public API -----
+
+def list_templates() -> list[str]:
+    """Every name `--chat-template` accepts, aliases included, sorted."""
+    return sorted(NAMED_TEMPLATES)
+
+
+def _tokenizer_template(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates in one tokenizer: the default one serves chat
+        template = template.get("default")
+    return template if isinstance(template, str) else None
+
+
+def resolve_chat_template(spec: str | None, tokenizer: Any) -> str | None:
+    """The jinja source for `--chat-template spec`: None -> the tokenizer's own template (None if it has
+    none), a registered name -> that template, a `.jinja` path or any existing file -> its text."""
+    if spec is None:
+        return _tokenizer_template(tokenizer)
+    if spec in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[spec]
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if spec.endswith(".jinja"):
+        raise ValueError(f"chat template file {spec!r} does not exist")
+    raise ValueError(f"unknown chat template {spec!r}: give a path to a .jinja file or one of "
+                     f"{', '.join(list_templates())}")
+
+
+def render_chat(tokenizer: Any, messages: list[dict], template: str | None, add_generation_prompt: bool = True,
+                **kwargs: Any) -> str:
+    """The prompt text for `messages`, rendered by `template` (jinja source or a registered name; None ->
+    the tokenizer's own). Template failures, such as a format's role-order check, become `ValueError`.
+
+    Messages are not validated here (models' own templates accept more than `validate_messages` does); the
+    API layer calls `validate_messages` first."""
+    if template in NAMED_TEMPLATES:
+        template = NAMED_TEMPLATES[template]
+    if template is None:
+        template = _tokenizer_template(tokenizer)
+    if template is None:
+        raise ValueError(f"this model has no chat template; pass --chat-template NAME (one of "
+                         f"{', '.join(list_templates())}) or a path to a .jinja file")
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **kwargs)
+    except jinja2.TemplateError as e:  # raise_exception, syntax errors, sandbox violations
+        raise ValueError(f"chat template failed to render: {e}") from e
+    except (TypeError, KeyError, AttributeError) as e:  # a template doing arithmetic on an unexpected value
+        raise ValueError(f"chat template failed to render: {type(e).__name__}: {e}") from e
+
+
+def validate_messages(messages: Any) -> None:
+    """Check OpenAI-style chat messages; `ValueError` names the offending field, e.g. `messages[2].role`."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be an object with role and content, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ALLOWED_ROLES:
+            raise ValueError(f"{where}.role must be one of {', '.join(ALLOWED_ROLES)}, got {role!r}")
+        content = message.get("content")
+        if content is None:
+            if role == "assistant" and message.get("tool_calls"):
+                continue
+            raise ValueError(f"{where}.content is missing (only an assistant message with tool_calls may omit it)")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise ValueError(f"{where}.content must be a string or a list of content parts, "
+                             f"got {type(content).__name__}")
+        for j, part in enumerate(content):
+            part_where = f"{where}.content[{j}]"
+            if not isinstance(part, dict):
+                raise ValueError(f"{part_where} must be an object with a type, got {type(part).__name__}")
+            kind = part.get("type")
+            if kind not in PART_TYPES:
+                raise ValueError(f"{part_where}.type must be one of {', '.join(PART_TYPES)}, got {kind!r}")
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"{part_where}.text must be a string")
