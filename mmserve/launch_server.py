@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 
 from mmserve.config import ServerArgs
@@ -19,10 +21,22 @@ def run_server(args: ServerArgs) -> None:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(args)
-    # uvicorn stops accepting on SIGTERM/SIGINT, lets in-flight requests finish (up to the timeout), then runs
-    # the app's shutdown, which stops the engine process.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
+    server = uvicorn.Server(config)
+    # On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish (up to the timeout), then runs the
+    # app's shutdown, which stops the engine process. Its own handlers re-raise the signal afterwards, so the
+    # process would die by it; ours only ask it to exit, and a clean stop exits 0.
+    server.capture_signals = contextlib.nullcontext
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.run()
+    if not server.started:
+        sys.exit(1)
 
 
 def parse_args(argv: list[str] | None, positional_model: bool = False, prog: str | None = None) -> ServerArgs:

@@ -16,7 +16,7 @@ from mmserve.config import ServerArgs
 from mmserve.server import errors
 from mmserve.server.errors import APIError, error_response
 from mmserve.server.metrics import Metrics
-from mmserve.server.openai_api import OpenAIServing
+from mmserve.server.openai_api import OpenAIServing, sse_with_errors
 from mmserve.server.protocol import (
     AbortBody,
     ChatCompletionRequest,
@@ -66,7 +66,7 @@ def create_app(args: ServerArgs) -> FastAPI:
 
     def respond(result: Any):
         if hasattr(result, "__aiter__"):
-            return StreamingResponse(result, media_type="text/event-stream")
+            return StreamingResponse(sse_with_errors(result), media_type="text/event-stream")
         return JSONResponse(result)
 
     @app.post("/v1/chat/completions")
@@ -98,7 +98,8 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def server_info():
         stats = manager.stats
         return {"model": model_name, "engine": manager.info and _as_dict(manager.info),
-                "stats": stats and _as_dict(stats), "in_flight": len(manager.running_ids())}
+                "stats": stats and _as_dict(stats), "in_flight": len(manager.running_ids()),
+                "engine_pid": manager.engine_pid}
 
     @app.get("/metrics")
     async def prometheus():

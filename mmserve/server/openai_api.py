@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mmserve.sampling_params import SamplingParams
-from mmserve.server.errors import APIError
+from mmserve.server.errors import APIError, error_body
 from mmserve.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequestBody
 from mmserve.tokenizer.manager import TokenizerManager
 from mmserve.tokenizer.request_state import RequestState
@@ -60,15 +60,15 @@ class OpenAIServing:
         try:
             return SamplingParams.from_dict(values)
         except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
+            name = str(exc).split(" ", 1)[0]
+            raise APIError(400, str(exc), param=name if name in values else None) from exc
 
-    def _budget(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
+    def _budget(self, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str = "prompt") -> int:
         """max_new_tokens for a prompt; refuses what cannot fit the context with the numbers."""
         context = self.manager.info.context_len
         if prompt_len >= context:
             raise APIError(400, f"the prompt has {prompt_len} tokens, but the model's context length is {context} "
-                                "tokens; shorten the prompt", param="messages" if param == "max_completion_tokens"
-                           else "prompt", code="context_length_exceeded")
+                                "tokens; shorten the prompt", param=prompt_param, code="context_length_exceeded")
         if max_tokens is None:
             return context - prompt_len
         if max_tokens < 0:
@@ -79,12 +79,30 @@ class OpenAIServing:
                            param=param, code="context_length_exceeded")
         return max_tokens
 
-    def _copies(self, rid: str, ids: list[int], params: SamplingParams, n: int, start: int = -1):
-        """n generators, one per sample (seed + i keeps seeded samples distinct and reproducible)."""
-        gens = []
-        for i in range(n):
-            p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            gens.append(self.manager.generate(rid if n == 1 else f"{rid}-{i}", ids, p, logprob_start_len=start))
+    def _copies(self, rid: str, ids: list[int], params: SamplingParams, n: int,
+                start: int = -1) -> list[tuple[str, list[int], SamplingParams, int]]:
+        """n jobs for one prompt (seed + i keeps seeded samples distinct and reproducible)."""
+        return [(rid if n == 1 else f"{rid}-{i}", ids,
+                 params if params.seed is None else dataclasses.replace(params, seed=params.seed + i), start)
+                for i in range(n)]
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.manager.info.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+
+    def _submit_all(self, jobs: list[tuple[str, list[int], SamplingParams, int]]) -> list[AsyncIterator[RequestState]]:
+        """Submit every job (all validated beforehand); if one is refused, cancel the ones already sent."""
+        gens, sent = [], []
+        try:
+            for rid, ids, params, start in jobs:
+                gens.append(self.manager.submit(rid, ids, params, logprob_start_len=start))
+                sent.append(rid)
+        except Exception:
+            for rid in sent:
+                self.manager.cancel(rid)
+            raise
         return gens
 
     async def _finals(self, gens: list[AsyncIterator[RequestState]]) -> list[RequestState]:
@@ -123,14 +141,14 @@ class OpenAIServing:
             raise APIError(400, f"top_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        params = self._params(body, self._budget(len(ids), max_tokens, param), body.logprobs, top)
+        params = self._params(body, self._budget(len(ids), max_tokens, param, "messages"), body.logprobs, top)
         rid = body.rid or f"chatcmpl-{uuid.uuid4().hex}"
         self.manager.check_capacity(body.n)
-        gens = self._copies(rid, ids, params, body.n)
+        gens = self._submit_all(self._copies(rid, ids, params, body.n))
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._chat_stream(rid, created, gens, len(ids), include_usage)
+            return self._chat_stream(rid, created, await _primed(gens), len(ids), include_usage)
         states = await self._finals(gens)
         choices = [{
             "index": i,
@@ -187,10 +205,13 @@ class OpenAIServing:
         if isinstance(prompt, str):
             return [self.manager.encode(prompt)]
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            self._check_ids(prompt, "prompt")
             return [list(prompt)]
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             return [self.manager.encode(p) for p in prompt]
         if isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt):
+            for p in prompt:
+                self._check_ids(p, "prompt")
             return [list(p) for p in prompt]
         raise APIError(400, "prompt must be a non-empty string, list of strings, or (list of) token id lists",
                        param="prompt")
@@ -209,16 +230,17 @@ class OpenAIServing:
             raise APIError(400, "streaming takes a single prompt", param="prompt")
         rid = body.rid or f"cmpl-{uuid.uuid4().hex}"
         self.manager.check_capacity(body.n * len(prompts))
-        gens = []
+        jobs = []
         for p_idx, ids in enumerate(prompts):
             params = self._params(body, self._budget(len(ids), body.max_tokens, "max_tokens"), top is not None,
                                   top or 0)
             start = 0 if body.echo and top is not None else -1
             sub = rid if len(prompts) == 1 else f"{rid}-p{p_idx}"
-            gens.extend(self._copies(sub, ids, params, body.n, start))
+            jobs.extend(self._copies(sub, ids, params, body.n, start))
+        gens = self._submit_all(jobs)
         created = int(time.time())
         if body.stream:
-            return self._completion_stream(rid, created, gens, prompts[0], body)
+            return self._completion_stream(rid, created, await _primed(gens), prompts[0], body)
         states = await self._finals(gens)
         choices = []
         for i, s in enumerate(states):
@@ -293,6 +315,11 @@ class OpenAIServing:
             prompts = [list(body.input_ids)] if single else [list(p) for p in body.input_ids]
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "the prompt is empty")
+        for p in prompts:
+            self._check_ids(p, "input_ids")
+            if body.logprob_start_len >= len(p):
+                raise APIError(400, f"logprob_start_len {body.logprob_start_len} must be < the prompt length {len(p)}",
+                               param="logprob_start_len")
         values = dict(body.sampling_params or {})
         if body.return_logprob:
             values.setdefault("logprobs", True)
@@ -308,16 +335,48 @@ class OpenAIServing:
         if body.stream:
             if len(prompts) != 1:
                 raise APIError(400, "streaming takes a single prompt")
-            gen = self.manager.generate(rid, prompts[0], params, body.logprob_start_len)
-            return self._generate_stream(gen)
-        gens = [self.manager.generate(rid if single else f"{rid}-{i}", p, params, body.logprob_start_len)
-                for i, p in enumerate(prompts)]
+            [gen] = self._submit_all([(rid, prompts[0], params, body.logprob_start_len)])
+            return self._generate_stream((await _primed([gen]))[0])
+        self.manager.check_capacity(len(prompts))
+        gens = self._submit_all([(rid if single else f"{rid}-{i}", p, params, body.logprob_start_len)
+                                 for i, p in enumerate(prompts)])
         results = [s.result() for s in await self._finals(gens)]
         return results[0] if single else results
 
     async def _generate_stream(self, gen: AsyncIterator[RequestState]) -> AsyncIterator[str]:
         async for state in gen:
             yield sse(state.chunk())
+        yield SSE_DONE
+
+
+async def _primed(gens: list[AsyncIterator[RequestState]]) -> list[AsyncIterator[RequestState]]:
+    """Wait for every stream's first output before the HTTP response starts, so a request the engine refuses
+    still gets a JSON error status rather than a broken event stream."""
+    firsts = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
+    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if failed is not None:
+        for g in gens:
+            await g.aclose()
+        raise failed
+
+    async def resume(first: RequestState, gen: AsyncIterator[RequestState]) -> AsyncIterator[RequestState]:
+        try:
+            yield first
+            async for state in gen:
+                yield state
+        finally:
+            await gen.aclose()
+
+    return [resume(f, g) for f, g in zip(firsts, gens, strict=True)]
+
+
+async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An error after the stream started (e.g. the engine died) ends it with an OpenAI-shaped error event."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as exc:
+        yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
         yield SSE_DONE
 
 

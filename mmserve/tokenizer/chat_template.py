@@ -64,32 +64,29 @@ _TOOL_CALLS_MACRO = (
     r"{%- for call in message['tool_calls'] -%}"
     r"{%- set fn = call['function'] if call['function'] is defined else call -%}"
     r"{%- set args = fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson -%}"
-    r"{{- (first_sep if loop.first else sep) ~ open ~ '{\"name\": ' ~ (fn['name'] | tojson) ~ ', \"' ~ args_key ~ '\": ' ~ args ~ '}' ~ close -}}"
+    r"{{- (first_sep if loop.first else sep) ~ open -}}"
+    r"{{- '{\"name\": ' ~ (fn['name'] | tojson) ~ ', \"' ~ args_key ~ '\": ' ~ args ~ '}' ~ close -}}"
     r"{%- endfor -%}"
     r"{%- endif -%}"
     r"{%- endmacro -%}"
 )
 
 
-def _split_system(name: str, first_turn_only: bool = True) -> str:
+def _split_system(name: str) -> str:
     """Set `has_system`, `system_text` and `turns` (the messages after a leading system/developer message).
 
     For formats that only have a place for one leading system prompt, a system message anywhere else is an
     error rather than something to drop."""
-    src = (
+    return (
         r"{%- set has_system = messages[0]['role'] in ['system', 'developer'] -%}"
         r"{%- set system_text = render_content(messages[0]['content']) if has_system else '' -%}"
         r"{%- set turns = messages[1:] if has_system else messages -%}"
+        r"{%- for message in turns -%}"
+        r"{%- if message['role'] in ['system', 'developer'] -%}"
+        f"{{{{- raise_exception('the {name} chat template takes a system message only as the first message') -}}}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
     )
-    if first_turn_only:
-        src += (
-            r"{%- for message in turns -%}"
-            r"{%- if message['role'] in ['system', 'developer'] -%}"
-            f"{{{{- raise_exception('the {name} chat template takes a system message only as the first message') -}}}}"
-            r"{%- endif -%}"
-            r"{%- endfor -%}"
-        )
-    return src
 
 
 def _alternation_check(name: str) -> str:

@@ -104,6 +104,10 @@ class TokenizerManager:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
+    def engine_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def healthy(self) -> bool:
         return self.engine_error is None and self.info is not None
 
@@ -118,7 +122,8 @@ class TokenizerManager:
             if self.metrics is not None:
                 self.metrics.observe_stats(msg.stats)
             for out in msg.outputs:
-                q = self._queues.get(out.rid)
+                # The last output removes the request: in-flight counts stay right even if nobody reads it.
+                q = self._queues.get(out.rid) if out.finished_reason is None else self._queues.pop(out.rid, None)
                 if q is not None:
                     q.put_nowait(out)
 
@@ -150,20 +155,24 @@ class TokenizerManager:
             if len(self._queues) + extra > self.info.max_running_requests + limit:
                 raise APIError(503, "the server is at capacity (the waiting queue is full); retry later")
 
-    async def generate(self, rid: str, input_ids: list[int], params: SamplingParams,
-                       logprob_start_len: int = -1) -> AsyncIterator[RequestState]:
-        """Submit one request and yield its state after every output; aborts it if the caller stops early."""
+    def submit(self, rid: str, input_ids: list[int], params: SamplingParams,
+               logprob_start_len: int = -1) -> AsyncIterator[RequestState]:
+        """Send a request to the engine now; returns an async iterator of its state after every output.
+
+        Submission is eager (capacity is counted from this moment); the iterator aborts the request if its
+        consumer stops early."""
         self.check_capacity()
         if rid in self._queues:
             raise APIError(400, f"duplicate request id {rid!r}")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
-        state = RequestState.create(rid, params, input_ids, self.tokenizer)
-        start = time.perf_counter()
-        last = start
+        self._push.send(self._encoder.encode(
+            GenerateRequest(rid, input_ids, params.to_dict(), logprob_start_len=logprob_start_len)))
+        return self._follow(RequestState.create(rid, params, input_ids, self.tokenizer), q)
+
+    async def _follow(self, state: RequestState, q: asyncio.Queue) -> AsyncIterator[RequestState]:
+        start = last = time.perf_counter()
         try:
-            await self._push.send(self._encoder.encode(
-                GenerateRequest(rid, input_ids, params.to_dict(), logprob_start_len=logprob_start_len)))
             while not state.finished:
                 out = await q.get()
                 if isinstance(out, EngineDead):
@@ -180,9 +189,13 @@ class TokenizerManager:
             if self.metrics is not None:
                 self.metrics.observe_finished(state, time.perf_counter() - start)
         finally:
-            self._queues.pop(rid, None)
-            if not state.finished and self.healthy:
-                await self.abort(rid)
+            if not state.finished:
+                self.cancel(state.rid)
+
+    def cancel(self, rid: str) -> None:
+        """Forget a submitted request and abort it in the engine (no-op once it has finished)."""
+        if self._queues.pop(rid, None) is not None and self.healthy:
+            self._push.send(self._encoder.encode(AbortRequest(rid)))
 
     async def abort(self, rid: str) -> None:
         await self._push.send(self._encoder.encode(AbortRequest(rid)))

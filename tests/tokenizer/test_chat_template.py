@@ -79,7 +79,8 @@ EXPECTED = {
                         "<|start_header_id|>user<|end_header_id|>\n\nWhat now?<|eot_id|>"
                         "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "gemma-it": "<bos><start_of_turn>user\nYou are terse.\n\nHi<end_of_turn>\n"
-                "<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nWhat now?<end_of_turn>\n<start_of_turn>model\n",
+                "<start_of_turn>model\nHello!<end_of_turn>\n"
+                "<start_of_turn>user\nWhat now?<end_of_turn>\n<start_of_turn>model\n",
     "mistral": "<s>[INST] You are terse.\n\nHi [/INST] Hello!</s>[INST] What now? [/INST]",
     "vicuna_v1.1": "<s>You are terse. USER: Hi ASSISTANT: Hello!</s>USER: What now? ASSISTANT:",
     "llama-2": "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] What now? [/INST]",

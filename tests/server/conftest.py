@@ -1,0 +1,87 @@
+"""A real server process on loopback for the API tests: `start_server(model_path, *flags)` returns a handle
+with the base URL; servers are stopped (SIGTERM) at the end of the module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerHandle:
+    proc: subprocess.Popen
+    port: int
+    log_path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def launch(model_path: str, *flags: str, log_dir, timeout: float = 180) -> ServerHandle:
+    port = free_port()
+    log_path = os.path.join(str(log_dir), f"server-{port}.log")
+    cmd = [sys.executable, "-m", "mmserve.launch_server", "--model-path", model_path, "--port", str(port),
+           "--dtype", "float32", *flags]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    handle = ServerHandle(proc, port, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{handle.log()}")
+        try:
+            if httpx.get(handle.url + "/health", timeout=2).status_code == 200:
+                return handle
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    handle.stop()
+    raise RuntimeError(f"server did not become healthy:\n{handle.log()}")
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    handles: list[ServerHandle] = []
+    log_dir = tmp_path_factory.mktemp("server_logs")
+
+    def start(model_path: str, *flags: str) -> ServerHandle:
+        handle = launch(model_path, *flags, log_dir=log_dir)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.stop()
