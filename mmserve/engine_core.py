@@ -26,6 +26,8 @@ def load_tokenizer_for(args: ServerArgs) -> Any:
 
 class EngineCore:
     def __init__(self, args: ServerArgs, tokenizer: Any = None):
+        if args.tp_size != 1:
+            raise ValueError(f"tensor parallelism (tp_size={args.tp_size}) is not supported yet; use --tp-size 1")
         self.args = args
         self.device = args.resolved_device()
         checkpoint = resolve_model_path(args.model_path, args.revision)

@@ -50,11 +50,15 @@ class ServerHandle:
         return self.proc.returncode
 
 
-def launch(model_path: str, *flags: str, log_dir, timeout: float = 180) -> ServerHandle:
+def launch(model_path: str | None, *flags: str, log_dir, timeout: float = 180) -> ServerHandle:
+    """Start `python -m mmserve.launch_server` (`mmserve serve` with no model when model_path is None)."""
     port = free_port()
     log_path = os.path.join(str(log_dir), f"server-{port}.log")
-    cmd = [sys.executable, "-m", "mmserve.launch_server", "--model-path", model_path, "--port", str(port),
-           "--dtype", "float32", *flags]
+    if model_path is None:
+        cmd = [sys.executable, "-m", "mmserve.cli", "serve", "--port", str(port), *flags]
+    else:
+        cmd = [sys.executable, "-m", "mmserve.launch_server", "--model-path", model_path, "--port", str(port),
+               "--dtype", "float32", *flags]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     handle = ServerHandle(proc, port, log_path)
@@ -77,7 +81,7 @@ def start_server(tmp_path_factory):
     handles: list[ServerHandle] = []
     log_dir = tmp_path_factory.mktemp("server_logs")
 
-    def start(model_path: str, *flags: str) -> ServerHandle:
+    def start(model_path: str | None, *flags: str) -> ServerHandle:
         handle = launch(model_path, *flags, log_dir=log_dir)
         handles.append(handle)
         return handle
