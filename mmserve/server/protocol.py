@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: a JSON true is not the integer 1, and "5" is not 5
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Body):

@@ -331,3 +331,10 @@ def test_server_still_serves(server, client, model, http):
     assert r.status_code == 200, r.text
     assert http.get("/health").status_code == 200
     assert server.proc.poll() is None, server.log()
+
+
+def test_wrong_json_types_are_refused_not_coerced(http):
+    for field, value in [("top_k", True), ("max_tokens", "5"), ("n", 1.5), ("stream", "yes")]:
+        resp = http.post("/v1/chat/completions", json={"messages": HELLO, field: value})
+        assert_error(resp, 400)
+        assert field in resp.json()["error"]["message"]
