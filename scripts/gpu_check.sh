@@ -5,13 +5,20 @@
 # Needs .gpu/tokenizer (SmolLM2's tokenizer saved in HF layout) carried along: the GPU image has no GGUF reader.
 # Logs go to $OUT; the last lines printed are the benchmark tables.
 set -uo pipefail
+# The GPU image lacks the server's packages: `../shared/device/wheels.sh openai distro jiter httpx2 httpcore2
+# annotated-doc opentelemetry-api truststore anyio` fetches them into .whl/, carried along with .gpu.
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cacheprovider \
-  tests/models/test_text_models.py tests/scheduler tests/layers tests/cache tests/runner 2>&1 | tee "$OUT/tests.log" | tail -15
-for preset in ${PRESETS:-qwen2.5-0.5b llama-3.1-8b}; do
+  tests/models/test_text_models.py tests/scheduler tests/layers tests/cache tests/runner tests/server/test_openai_api.py \
+  tests/server/test_errors.py 2>&1 | tee "$OUT/tests.log" | tail -15
+for preset in ${PRESETS-qwen2.5-0.5b llama-3.1-8b}; do  # PRESETS="" runs the tests only
   python3 -m mmserve.bench.offline --preset "$preset" --tokenizer-dir .gpu/tokenizer \
     --num-prompts "${NUM_PROMPTS:-64}" --input-len "${INPUT_LEN:-256}" --output-len "${OUTPUT_LEN:-128}" \
     --hf-reference --hf-batch-size "${HF_BATCH:-64}" 2>&1 | tee "$OUT/bench_$preset.log" | tail -4

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_FAMILIES
+from tiny_models import TINY_FAMILIES
 
 from mmserve import Engine
 
