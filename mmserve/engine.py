@@ -7,7 +7,6 @@ turns prompts into text with the same front-end logic as the server (mmserve.tok
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
@@ -93,7 +92,7 @@ class Engine:
             if len(token_lists) != 1 or parsed[0].n != 1:
                 raise ValueError("stream=True takes one prompt with n == 1")
             return self._stream(*self._submit(token_lists[0], parsed[0], return_logits))
-        groups = [[self._submit(ids, _nth_copy(p, i), return_logits) for i in range(p.n)]
+        groups = [[self._submit(ids, p.nth_sample(i), return_logits) for i in range(p.n)]
                   for ids, p in zip(token_lists, parsed, strict=True)]
         results = [[self._wait(*sub) for sub in group] for group in groups]
         results = [group[0] if len(group) == 1 else group for group in results]
@@ -205,10 +204,3 @@ class Engine:
                 q = self._queues.get(out.rid) if out.finished_reason is None else self._queues.pop(out.rid, None)
             if q is not None:
                 q.put(out)
-
-
-def _nth_copy(params: SamplingParams, i: int) -> SamplingParams:
-    """The i-th of n samples: its own seed (seed + i) so n seeded samples differ but stay reproducible."""
-    if params.n == 1:
-        return params
-    return dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)

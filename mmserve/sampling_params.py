@@ -97,6 +97,12 @@ class SamplingParams:
         """Whether the sampler needs this request's `PenaltyState` (seen tokens / output counts)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    def nth_sample(self, i: int) -> SamplingParams:
+        """Parameters of the i-th of `n` samples: n = 1 and seed + i, so seeded samples differ yet reproduce."""
+        if self.n == 1:
+            return self
+        return dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + i)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

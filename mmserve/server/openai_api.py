@@ -82,8 +82,7 @@ class OpenAIServing:
     def _copies(self, rid: str, ids: list[int], params: SamplingParams, n: int,
                 start: int = -1) -> list[tuple[str, list[int], SamplingParams, int]]:
         """n jobs for one prompt (seed + i keeps seeded samples distinct and reproducible)."""
-        return [(rid if n == 1 else f"{rid}-{i}", ids,
-                 params if params.seed is None else dataclasses.replace(params, seed=params.seed + i), start)
+        return [(rid if n == 1 else f"{rid}-{i}", ids, dataclasses.replace(params, n=n).nth_sample(i), start)
                 for i in range(n)]
 
     def _check_ids(self, ids: list[int], param: str) -> None:
