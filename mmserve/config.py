@@ -34,6 +34,7 @@ class ServerArgs:
     context_length: int | None = _flag(None, "Maximum prompt + output tokens (default: from the model config).")
     served_model_name: str | None = _flag(None, "Model name reported by the API (default: the model path).")
     chat_template: str | None = _flag(None, "A named chat template or a .jinja file (default: the tokenizer's).")
+    allowed_local_media_path: str | None = _flag(None, "Allow file:// and local paths as media, under this folder.")
     # Memory and scheduling
     mem_fraction_static: float | None = _flag(None, "GPU: fraction of memory for weights + KV cache "
                                               "(default 0.85).")

@@ -19,6 +19,7 @@ import torch
 from mmserve.config import ServerArgs
 from mmserve.engine_core import EngineCore
 from mmserve.messages import AbortRequest, GenerateRequest, TokenOutput
+from mmserve.models.loader import split_gguf
 from mmserve.sampling_params import SamplingParams
 from mmserve.tokenizer.chat_template import render_chat, resolve_chat_template, validate_messages
 from mmserve.tokenizer.request_state import RequestState
@@ -38,6 +39,12 @@ class Engine:
         self.model_config = self.core.model_config
         self.device = self.core.device
         self.chat_template = resolve_chat_template(self.args.chat_template, self.tokenizer)
+        self.processor = None
+        if self.core.is_multimodal:
+            from transformers import AutoProcessor
+
+            folder, _ = split_gguf(self.core.checkpoint)
+            self.processor = AutoProcessor.from_pretrained(folder, trust_remote_code=self.args.trust_remote_code)
         self._inbox: queue.Queue = queue.Queue()
         self._queues: dict[str, queue.Queue] = {}
         self._lock = threading.Lock()
@@ -66,19 +73,26 @@ class Engine:
         input_ids: list[int] | list[list[int]] | None = None,
         stream: bool = False,
         return_logits: bool = False,
+        image_data: Any = None,
     ) -> dict[str, Any] | list[Any] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict back) or a list of prompts (a list back, in order).
 
         With `n` > 1 a prompt gives a list of n results. With `stream=True` (one prompt, n == 1) an iterator
-        of chunks whose "text" pieces concatenate to the final text.
-        """
+        of chunks whose "text" pieces concatenate to the final text. `image_data`: for a vision-language model,
+        the images of a single prompt (a list of PIL images, bytes, data/http URLs or allowed paths), whose
+        places the prompt marks with the model's image placeholder (see `chat` for the easy way)."""
         if prompt is not None and input_ids is not None:
             raise ValueError("give either prompt or input_ids, not both")
         if prompt is None and input_ids is None:
             raise ValueError("give a prompt or input_ids")
         single = isinstance(prompt, str) or (input_ids is not None and len(input_ids) > 0
                                              and isinstance(input_ids[0], int))
-        if single:
+        mm_inputs = None
+        if image_data is not None:
+            if not (single and isinstance(prompt, str)):
+                raise ValueError("image_data goes with a single text prompt")
+            token_lists, mm_inputs = self._encode_multimodal(prompt, list(image_data))
+        elif single:
             token_lists = [list(input_ids) if input_ids is not None else self._encode(prompt)]
         elif input_ids is not None:
             token_lists = [list(ids) for ids in input_ids]
@@ -91,8 +105,8 @@ class Engine:
         if stream:
             if len(token_lists) != 1 or parsed[0].n != 1:
                 raise ValueError("stream=True takes one prompt with n == 1")
-            return self._stream(*self._submit(token_lists[0], parsed[0], return_logits))
-        groups = [[self._submit(ids, p.nth_sample(i), return_logits) for i in range(p.n)]
+            return self._stream(*self._submit(token_lists[0], parsed[0], return_logits, mm_inputs))
+        groups = [[self._submit(ids, p.nth_sample(i), return_logits, mm_inputs) for i in range(p.n)]
                   for ids, p in zip(token_lists, parsed, strict=True)]
         results = [[self._wait(*sub) for sub in group] for group in groups]
         results = [group[0] if len(group) == 1 else group for group in results]
@@ -100,9 +114,16 @@ class Engine:
 
     def chat(self, messages: list[dict[str, Any]], sampling_params: dict[str, Any] | None = None,
              stream: bool = False, **template_kwargs: Any):
-        """Apply the chat template (with the generation prompt) and generate."""
-        ids = self.apply_chat_template(messages, **template_kwargs)
-        return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream)
+        """Apply the chat template (with the generation prompt) and generate. Content parts of type image_url
+        (url: data/http URL or allowed path) or image (a PIL image) go to the model's processor."""
+        validate_messages(messages)
+        images = [_image_source(part) for m in messages if isinstance(m.get("content"), list)
+                  for part in m["content"] if part.get("type") in ("image_url", "image")]
+        if not images:
+            ids = self.apply_chat_template(messages, **template_kwargs)
+            return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream)
+        text = render_chat(self.tokenizer, messages, self.chat_template, **template_kwargs)
+        return self.generate(text, sampling_params, stream=stream, image_data=images)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         validate_messages(messages)
@@ -135,7 +156,19 @@ class Engine:
             raise ValueError(f"prompt must be a string, got {type(text).__name__}")
         return self.tokenizer.encode(text)
 
-    def _submit(self, ids: list[int], params: SamplingParams, return_logits: bool) -> tuple[RequestState, queue.Queue]:
+    def _encode_multimodal(self, text: str, images: list[Any]) -> tuple[list[list[int]], Any]:
+        if self.processor is None:
+            raise ValueError(f"{self.args.model_path} is a text model: it takes no images")
+        from mmserve.multimodal.media import MediaPolicy, load_image
+
+        policy = MediaPolicy(allowed_local_media_path=self.args.allowed_local_media_path)
+        pil = [load_image(img, policy, f"image {i}") for i, img in enumerate(images)]
+        processed = self.processor(text=[text], images=pil, return_tensors="pt")
+        mm = type(self.core.runner.model).multimodal_inputs(self.model_config.hf_config, processed)
+        return [processed["input_ids"][0].tolist()], mm
+
+    def _submit(self, ids: list[int], params: SamplingParams, return_logits: bool,
+                mm_inputs: Any = None) -> tuple[RequestState, queue.Queue]:
         if self._error is not None or self._stopped.is_set():
             raise RuntimeError("the engine is not running") from self._error
         rid = uuid.uuid4().hex
@@ -143,7 +176,7 @@ class Engine:
         outputs: queue.Queue = queue.Queue()
         with self._lock:
             self._queues[rid] = outputs
-        self._inbox.put(GenerateRequest(rid, ids, params.to_dict(), return_logits=return_logits))
+        self._inbox.put(GenerateRequest(rid, ids, params.to_dict(), return_logits=return_logits, mm_inputs=mm_inputs))
         return state, outputs
 
     def _next(self, state: RequestState, outputs: queue.Queue) -> None:
@@ -204,3 +237,10 @@ class Engine:
                 q = self._queues.get(out.rid) if out.finished_reason is None else self._queues.pop(out.rid, None)
             if q is not None:
                 q.put(out)
+
+
+def _image_source(part: dict[str, Any]) -> Any:
+    if part.get("type") == "image":
+        return part.get("image")
+    url = part.get("image_url")
+    return url.get("url") if isinstance(url, dict) else url

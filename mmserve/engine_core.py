@@ -38,7 +38,12 @@ class EngineCore:
             eos.add(self.tokenizer.eos_token_id)
         self.model_config = ModelConfig.from_hf(hf_config, args, self.device, eos)
         self.runner = ModelRunner(self.model_config, args, checkpoint, self.device)
+        self.checkpoint = checkpoint
         self.scheduler = Scheduler(args, self.model_config, self.runner, self.tokenizer)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return hasattr(type(self.runner.model), "multimodal_inputs")
 
     def handle(self, msg: GenerateRequest | AbortRequest) -> list[TokenOutput]:
         """Take one message; returns outputs only for a refused request."""

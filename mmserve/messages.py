@@ -18,6 +18,7 @@ class GenerateRequest(msgspec.Struct, tag=True):
     # >= 0: also return the log-probs of the prompt tokens from this position on (OpenAI `echo` + `logprobs`)
     logprob_start_len: int = -1
     return_logits: bool = False  # keep full next-token logits in TokenOutput.logits (in-process only)
+    mm_inputs: Any = None  # MultimodalInputs (in-process only for now)
 
 
 class AbortRequest(msgspec.Struct, tag=True):

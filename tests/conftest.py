@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build_tiny_model
+from tiny_models import build_tiny_model, build_tiny_qwen2_vl
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -63,3 +63,8 @@ def tiny_model_dir(tokenizer_dir, tmp_path_factory):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    return build_tiny_qwen2_vl(tokenizer_dir, tmp_path_factory.mktemp("tiny_qwen2_vl"))

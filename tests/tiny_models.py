@@ -52,3 +52,45 @@ def build_tiny_model(family: str, tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
+
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_tiny_qwen2_vl(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer Qwen2-VL (2-block ViT) with SmolLM2's tokenizer plus Qwen's vision tokens, and its processor."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    ids = tok.convert_tokens_to_ids(VISION_TOKENS)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2,
+                                                                 hidden_size=64, patch_size=14, spatial_merge_size=2,
+                                                                 temporal_patch_size=2),
+                           vision_start_token_id=ids[0], vision_end_token_id=ids[1], image_token_id=ids[2],
+                           video_token_id=ids[3], bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(4321)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(out)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 80),
+                                 video_processor=Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 80),
+                                 tokenizer=tok, chat_template=tok.chat_template)
+    processor.save_pretrained(out)
+    return out

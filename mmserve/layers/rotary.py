@@ -119,3 +119,29 @@ class RotaryEmbedding(nn.Module):
             return x * cos + rotate_half(x) * sin
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal rotary (Qwen2-VL): positions are [3, tokens] (temporal, height, width); the frequency bands
+    of the half head dim are split by `mrope_section` and band i takes its angle from position row i % 3.
+    Text tokens carry the same value in all three rows, which makes this the plain 1-D rotary for them."""
+
+    def __init__(self, head_dim: int, max_position: int, params: dict[str, Any], mrope_section: list[int]):
+        super().__init__(head_dim, max_position, params)
+        half = self.rotary_dim // 2
+        assert sum(mrope_section) == half, f"mrope_section {mrope_section} must sum to {half}"
+        # row (0, 1 or 2) that each frequency band reads its position from
+        rows = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)])
+        self.register_buffer("band_rows", rows, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        half = self.rotary_dim // 2
+        # [3, T, half] -> per band, the row it belongs to -> [T, half]
+        index = self.band_rows.view(1, 1, half).expand(1, positions.shape[1], half)
+        cos = self.cos_cache[:, :half][positions].gather(0, index).squeeze(0)
+        sin = self.sin_cache[:, :half][positions].gather(0, index).squeeze(0)
+        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1).to(q.dtype)
+        sin = torch.cat((sin, sin), dim=-1).unsqueeze(1).to(q.dtype)
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)

@@ -20,7 +20,7 @@ from mmserve.layers.linear import QKVParallelLinear, RowParallelLinear, default_
 from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.mlp import GatedMLP
 from mmserve.layers.norm import RMSNorm
-from mmserve.layers.rotary import RotaryEmbedding, rope_parameters
+from mmserve.layers.rotary import MRotaryEmbedding, RotaryEmbedding, rope_parameters
 from mmserve.runner.forward_batch import ForwardBatch
 
 
@@ -55,7 +55,12 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_parameters(config))
+        params = rope_parameters(config)
+        if params.get("mrope_section"):  # Qwen2-VL style 3-D positions
+            self.rotary_emb = MRotaryEmbedding(self.head_dim, config.max_position_embeddings, params,
+                                               params["mrope_section"])
+        else:
+            self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, params)
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_id,
                               sliding_window=sliding_window_of(config, layer_id))
 
@@ -125,7 +130,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if getattr(config, "tie_word_embeddings", False):
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tied:
             self.lm_head.tie_to(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
@@ -137,9 +143,8 @@ class LlamaForCausalLM(nn.Module):
         """Copy checkpoint tensors (HF names) into our parameters; returns the names of parameters loaded."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        tied = getattr(self.config, "tie_word_embeddings", False)
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+            if "rotary_emb.inv_freq" in name or (self.tied and name == "lm_head.weight"):
                 continue
             parts = name.split(".")
             packed = next((p for p in parts if p in self.packed_modules), None)

@@ -27,7 +27,7 @@ class ForwardMode(Enum):
 class ForwardBatch:
     mode: ForwardMode
     input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T], or [3, T] for models with 3-D rotary positions
     out_cache_loc: torch.Tensor  # [T] KV slots that this step's tokens are written to
     req_pool_indices: torch.Tensor  # [B] rows of req_to_token
     seq_lens: torch.Tensor  # [B] KV length of each request after this step
@@ -38,6 +38,7 @@ class ForwardBatch:
     attn_backend: AttentionBackend
     logits_indices: torch.Tensor | None  # rows of the hidden states whose logits are needed (None: all)
     attn_metadata: Any = field(default=None)  # filled by the backend's init_forward_metadata
+    mm_inputs: list[Any] | None = None  # per request: MultimodalInputs or None (EXTEND steps only)
 
     @property
     def batch_size(self) -> int:

@@ -62,7 +62,7 @@ class ModelRunner:
             return _randomize(model, self.args.random_seed).eval()
         loaded = model.load_weights(iterate_weights(checkpoint, self.config.hf_config))
         missing = {name for name, _ in model.named_parameters()} - loaded
-        tied = {"lm_head.weight"} if getattr(self.config.hf_config, "tie_word_embeddings", False) else set()
+        tied = {"lm_head.weight"} if getattr(model, "tied", False) else set()
         if missing - tied:
             raise ValueError(f"checkpoint {checkpoint} lacks weights for {sorted(missing - tied)[:8]}")
         return model.eval()

@@ -28,6 +28,7 @@ class Req:
     max_total_len: int  # the context length: prompt + output never exceed it
     return_logits: bool = False
     logprob_start_len: int = -1  # >= 0: report log-probs of prompt tokens from here on
+    mm: Any = None  # MultimodalInputs; origin_input_ids then hold its pad values at media positions
     output_ids: list[int] = field(default_factory=list)
     status: ReqStatus = ReqStatus.WAITING
     # KV cache: req_to_token[req_pool_idx, :kv_len] are the slots of fill_ids[:kv_len]; the first

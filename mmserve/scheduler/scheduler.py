@@ -77,7 +77,10 @@ class Scheduler:
         if prompt_len == 0:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in request.input_ids):
+        mm = request.mm_inputs
+        input_ids = mm.padded_ids(request.input_ids) if mm is not None else list(request.input_ids)
+        media = {i for item in (mm.items if mm else []) for i in range(item.offset, item.end)}
+        if any(not 0 <= t < vocab for i, t in enumerate(input_ids) if i not in media):
             raise ValueError(f"input_ids must be in [0, {vocab})")
         context = self.model_config.context_len
         if prompt_len >= context:
@@ -91,8 +94,8 @@ class Scheduler:
         eos = set() if params.ignore_eos else set(self.model_config.eos_token_ids)
         if request.logprob_start_len >= prompt_len:
             raise ValueError(f"logprob_start_len {request.logprob_start_len} must be < the prompt length {prompt_len}")
-        req = Req(request.rid, list(request.input_ids), params, eos, context, request.return_logits,
-                  logprob_start_len=request.logprob_start_len)
+        req = Req(request.rid, input_ids, params, eos, context, request.return_logits,
+                  logprob_start_len=request.logprob_start_len, mm=mm)
         if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
             req.penalty = PenaltyState.create(req.origin_input_ids, vocab, self.device)
         if params.stop:
@@ -298,9 +301,14 @@ class Scheduler:
         sample_rows: list[int] = []
         sampled: list[Req] = []
         offset = 0
+        mrope = getattr(self.runner.model, "uses_mrope", False)
         for req, n in batch:
             input_ids.extend(req.fill_ids[req.kv_len : req.kv_len + n])
-            positions.extend(range(req.kv_len, req.kv_len + n))
+            if mrope:
+                positions.append(req.mm.positions(req.kv_len, req.kv_len + n) if req.mm is not None else
+                                 torch.arange(req.kv_len, req.kv_len + n).expand(3, -1))
+            else:
+                positions.extend(range(req.kv_len, req.kv_len + n))
             if mode == ForwardMode.EXTEND and req.wants_input_logprobs:
                 scored = req.input_logprob_rows(req.kv_len, n)
                 prompt_rows.extend(offset + p - req.kv_len for p in scored)
@@ -314,7 +322,8 @@ class Scheduler:
         forward = ForwardBatch(
             mode=mode,
             input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
-            positions=torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True),
+            positions=(torch.cat(positions, dim=1) if mrope else torch.tensor(positions, dtype=torch.int64)).to(
+                device, non_blocking=True),
             out_cache_loc=torch.cat([
                 self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] for req, n in batch
             ]),
@@ -326,6 +335,7 @@ class Scheduler:
             kv_pool=self.kv_pool,
             attn_backend=self.runner.attn_backend,
             logits_indices=torch.tensor(prompt_rows + sample_rows, dtype=torch.int64).to(device, non_blocking=True),
+            mm_inputs=[req.mm for req, _ in batch] if mode == ForwardMode.EXTEND else None,
         )
         logits = self.runner.forward(forward)
         self.stats.steps += 1
@@ -353,6 +363,7 @@ class Scheduler:
             chunk = torch.log_softmax(logits[row : row + len(positions)], dim=-1)
             row += len(positions)
             targets = torch.tensor([req.origin_input_ids[p + 1] for p in positions], device=chunk.device)
+            targets = targets.clamp(max=chunk.shape[1] - 1)  # media pad values score as nothing in particular
             req.input_logprobs.extend(chunk.gather(1, targets[:, None]).squeeze(1).tolist())
             k = req.params.top_logprobs_num
             if not k:

@@ -1,0 +1,43 @@
+"""embed_multimodal: text embeddings with encoder outputs scattered in at the media placeholder positions.
+
+Each model calls it with its own `encode(items) -> list of [length, hidden] tensors`. Only the items that
+overlap this step's tokens are needed; an item already encoded (an earlier chunk, or another request with the
+same media) comes from the EncoderCache and is sliced, never recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mmserve.multimodal.encoder_cache import EncoderCache
+from mmserve.multimodal.inputs import MultimodalItem, is_pad
+from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
+
+
+def embed_multimodal(input_ids: torch.Tensor, batch: ForwardBatch, embed_tokens: nn.Module,
+                     encode: Callable[[list[MultimodalItem]], list[torch.Tensor]],
+                     cache: EncoderCache) -> torch.Tensor:
+    if batch.mode != ForwardMode.EXTEND or not batch.mm_inputs or not any(batch.mm_inputs):
+        return embed_tokens(input_ids)
+    embeds = embed_tokens(input_ids.masked_fill(is_pad(input_ids), 0))
+    # (item, rows in this step's flattened tokens, rows of the item's encoder output)
+    placements: list[tuple[MultimodalItem, slice, slice]] = []
+    offset = 0
+    for mm, n, start in zip(batch.mm_inputs, batch.extend_lens_cpu, batch.prefix_lens_cpu, strict=True):
+        for item in (mm.items if mm else []):
+            lo, hi = max(item.offset, start), min(item.end, start + n)
+            if lo < hi:
+                placements.append((item, slice(offset + lo - start, offset + hi - start),
+                                   slice(lo - item.offset, hi - item.offset)))
+        offset += n
+    missing = list({item.hash: item for item, _, _ in placements if item.hash not in cache}.values())
+    if missing:
+        for item, out in zip(missing, encode(missing), strict=True):
+            assert out.shape[0] == item.length, f"encoder gave {out.shape[0]} rows for {item.length} placeholders"
+            cache.put(item.hash, out)
+    for item, rows, part in placements:
+        embeds[rows] = cache.get(item.hash)[part].to(embeds.dtype)
+    return embeds

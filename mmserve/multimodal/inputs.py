@@ -1,0 +1,83 @@
+"""MultimodalItem and MultimodalInputs: what a request carries besides token ids.
+
+An item is one image or one video: its processor features (pixel values, grid), where its placeholder tokens
+sit in input_ids, and a content hash. Those placeholder positions hold a pad value derived from the hash and
+kept outside the vocabulary, so the radix cache shares a prefix only between requests with the same media.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+# Pad values live above the vocabulary in a 2**40-wide band: far from any real vocabulary size and far from
+# int64 overflow, with a negligible chance that two different media collide.
+_PAD_BASE = 1 << 40
+_PAD_RANGE = 1 << 40
+
+
+def content_hash(*tensors: torch.Tensor) -> int:
+    """A 64-bit hash of tensors' bytes, shapes and dtypes (the processor output identifies the media)."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return int.from_bytes(h.digest(), "little")
+
+
+def pad_value(item_hash: int) -> int:
+    return _PAD_BASE + item_hash % _PAD_RANGE
+
+
+def is_pad(token_ids: torch.Tensor) -> torch.Tensor:
+    return token_ids >= _PAD_BASE
+
+
+@dataclass
+class MultimodalItem:
+    modality: str  # "image" or "video"
+    features: dict[str, torch.Tensor]  # this item's slice of the processor output, e.g. pixel_values, grid_thw
+    offset: int  # first placeholder position in input_ids
+    length: int  # number of placeholder tokens (= rows of the encoder output)
+    hash: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.hash:
+            self.hash = content_hash(*(self.features[k] for k in sorted(self.features)))
+
+    @property
+    def pad_value(self) -> int:
+        return pad_value(self.hash)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass
+class MultimodalInputs:
+    items: list[MultimodalItem] = field(default_factory=list)
+    # Models with 3-D rotary positions (Qwen2-VL family): [3, prompt_len] for the prompt, and the offset that
+    # turns a later token index into its position (index + mrope_delta in all three rows).
+    mrope_positions: torch.Tensor | None = None
+    mrope_delta: int = 0
+
+    def padded_ids(self, input_ids: list[int]) -> list[int]:
+        """input_ids with each item's placeholder tokens replaced by the item's pad value."""
+        ids = list(input_ids)
+        for item in self.items:
+            ids[item.offset : item.end] = [item.pad_value] * item.length
+        return ids
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        """[3, end - start] rotary positions of tokens start..end-1 (prompt or generated)."""
+        assert self.mrope_positions is not None
+        prompt_len = self.mrope_positions.shape[1]
+        head = self.mrope_positions[:, start:min(end, prompt_len)]
+        if end <= prompt_len:
+            return head
+        tail = torch.arange(max(start, prompt_len), end) + self.mrope_delta
+        return torch.cat([head, tail.expand(3, -1)], dim=1)

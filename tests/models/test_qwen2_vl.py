@@ -1,0 +1,102 @@
+"""Qwen2-VL against transformers on a tiny random model (float32, CPU): images one and two at a time, text only,
+chunked prefill that cuts an image, and the prefix cache keyed by image content."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmserve import Engine
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+NEW_TOKENS = 8
+GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+
+
+def picture(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_qwen2_vl_dir):
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2_vl_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_qwen2_vl_dir)
+
+
+def hf_generate(hf, prompt: str, images: list[Image.Image]) -> tuple[list[int], list[torch.Tensor]]:
+    model, processor = hf
+    enc = processor(text=[prompt], images=images or None, return_tensors="pt")
+    out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[0, enc["input_ids"].shape[1]:].tolist(), [lg[0] for lg in out.logits]
+
+
+def assert_same(ours: dict, ref: tuple[list[int], list[torch.Tensor]]) -> None:
+    ids, logits = ref
+    assert ours["output_ids"] == ids
+    for step, (a, b) in enumerate(zip(ours["meta_info"]["logits"], logits, strict=True)):
+        diff = (a - b).abs().max().item()
+        assert diff < 1e-4, f"step {step}: max abs logit diff {diff}"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen2_vl_dir):
+    with Engine(model_path=str(tiny_qwen2_vl_dir), dtype="float32") as e:
+        yield e
+
+
+CASES = {
+    "one image": (f"Describe {IMAGE} briefly.", [picture(150, 100, 0)]),
+    "two images of different sizes": (f"Compare {IMAGE} with {IMAGE} now.", [picture(90, 120, 1), picture(200, 60, 2)]),
+    "text only": ("Just some text without pictures.", []),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_transformers(case, engine, hf):
+    prompt, images = CASES[case]
+    ours = engine.generate(prompt, GREEDY, return_logits=True, image_data=images if images else None)
+    assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def test_chunked_prefill_smaller_than_an_image(tiny_qwen2_vl_dir, hf):
+    prompt, images = CASES["two images of different sizes"]
+    with Engine(model_path=str(tiny_qwen2_vl_dir), dtype="float32", chunked_prefill_size=8,
+                disable_radix_cache=True) as small:
+        ours = small.generate(prompt, GREEDY, return_logits=True, image_data=images)
+        assert small.scheduler.stats.prefill_steps >= 4
+        encoder = small.runner.model.encoder_cache
+        # each image encoded once, then sliced for every chunk that holds some of its tokens
+        assert encoder.stores == 2 and encoder.hits >= 4
+    assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def test_prefix_cache_is_keyed_by_image_content(engine):
+    img, other = picture(150, 100, 5), picture(150, 100, 6)
+    prompt = f"Look: {IMAGE} and tell me."
+    first = engine.generate(prompt, GREEDY, image_data=[img])
+    again = engine.generate(prompt, GREEDY, image_data=[img])
+    changed = engine.generate(prompt, GREEDY, image_data=[other])
+    image_end = prompt.index(IMAGE)  # the text before the image is a handful of tokens
+    assert again["meta_info"]["cached_tokens"] == again["meta_info"]["prompt_tokens"] - 1
+    assert again["output_ids"] == first["output_ids"]
+    assert changed["meta_info"]["cached_tokens"] <= image_end  # only the text before the image is shared
+    with Engine(model_path=engine.args.model_path, dtype="float32", disable_radix_cache=True) as plain:
+        assert plain.generate(prompt, GREEDY, image_data=[other])["output_ids"] == changed["output_ids"]
+
+
+def test_chat_with_an_image_part(tiny_qwen2_vl_dir, hf):
+    img = picture(120, 90, 7)
+    messages = [{"role": "user", "content": [{"type": "image", "image": img},
+                                             {"type": "text", "text": "What is this?"}]}]
+    with Engine(model_path=str(tiny_qwen2_vl_dir), dtype="float32", chat_template="qwen2-vl") as e:
+        ours = e.chat(messages, GREEDY)
+        from mmserve.tokenizer.chat_template import render_chat
+
+        prompt = render_chat(e.tokenizer, messages, e.chat_template)
+    assert IMAGE in prompt
+    assert ours["output_ids"] == hf_generate(hf, prompt, [img])[0]
