@@ -34,7 +34,15 @@ class ServerArgs:
     context_length: int | None = _flag(None, "Maximum prompt + output tokens (default: from the model config).")
     served_model_name: str | None = _flag(None, "Model name reported by the API (default: the model path).")
     chat_template: str | None = _flag(None, "A named chat template or a .jinja file (default: the tokenizer's).")
+    # Multimodal input
     allowed_local_media_path: str | None = _flag(None, "Allow file:// and local paths as media, under this folder.")
+    allow_private_media_urls: bool = _flag(False, "Allow media URLs on loopback and private networks (off: they "
+                                           "are refused, against server-side request forgery).")
+    limit_mm_per_prompt: str | None = _flag(None, 'Most media items per prompt as JSON, e.g. \'{"image": 8, '
+                                            '"video": 1}\' (default: 16 images, 2 videos).')
+    mm_processor_workers: int = _flag(4, "Threads that load media and run the model's processor.")
+    mm_cache_size_mb: int = _flag(512, "Vision-encoder output cache (LRU by media hash), in MiB.")
+    keep_mm_feature_on_device: bool = _flag(False, "Move media features to the GPU when a request arrives.")
     # Memory and scheduling
     mem_fraction_static: float | None = _flag(None, "GPU: fraction of memory for weights + KV cache "
                                               "(default 0.85).")

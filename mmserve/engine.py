@@ -20,6 +20,8 @@ from mmserve.config import ServerArgs
 from mmserve.engine_core import EngineCore
 from mmserve.messages import AbortRequest, GenerateRequest, TokenOutput
 from mmserve.models.loader import split_gguf
+from mmserve.multimodal.inputs import to_wire
+from mmserve.multimodal.processor import media_parts
 from mmserve.sampling_params import SamplingParams
 from mmserve.tokenizer.chat_template import render_chat, resolve_chat_template, validate_messages
 from mmserve.tokenizer.request_state import RequestState
@@ -41,10 +43,11 @@ class Engine:
         self.chat_template = resolve_chat_template(self.args.chat_template, self.tokenizer)
         self.processor = None
         if self.core.is_multimodal:
-            from transformers import AutoProcessor
+            from mmserve.multimodal.processor import MultimodalProcessor
 
             folder, _ = split_gguf(self.core.checkpoint)
-            self.processor = AutoProcessor.from_pretrained(folder, trust_remote_code=self.args.trust_remote_code)
+            self.processor = MultimodalProcessor(self.args, type(self.core.runner.model), self.model_config.hf_config,
+                                                 folder)
         self._inbox: queue.Queue = queue.Queue()
         self._queues: dict[str, queue.Queue] = {}
         self._lock = threading.Lock()
@@ -117,13 +120,14 @@ class Engine:
         """Apply the chat template (with the generation prompt) and generate. Content parts of type image_url
         (url: data/http URL or allowed path) or image (a PIL image) go to the model's processor."""
         validate_messages(messages)
-        images = [_image_source(part) for m in messages if isinstance(m.get("content"), list)
-                  for part in m["content"] if part.get("type") in ("image_url", "image")]
-        if not images:
+        media = media_parts(messages)
+        if not media:
             ids = self.apply_chat_template(messages, **template_kwargs)
             return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream)
         text = render_chat(self.tokenizer, messages, self.chat_template, **template_kwargs)
-        return self.generate(text, sampling_params, stream=stream, image_data=images)
+        if any(modality != "image" for modality, _ in media):
+            raise ValueError("only image parts are supported so far")
+        return self.generate(text, sampling_params, stream=stream, image_data=[src for _, src in media])
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         validate_messages(messages)
@@ -159,13 +163,8 @@ class Engine:
     def _encode_multimodal(self, text: str, images: list[Any]) -> tuple[list[list[int]], Any]:
         if self.processor is None:
             raise ValueError(f"{self.args.model_path} is a text model: it takes no images")
-        from mmserve.multimodal.media import MediaPolicy, load_image
-
-        policy = MediaPolicy(allowed_local_media_path=self.args.allowed_local_media_path)
-        pil = [load_image(img, policy, f"image {i}") for i, img in enumerate(images)]
-        processed = self.processor(text=[text], images=pil, return_tensors="pt")
-        mm = type(self.core.runner.model).multimodal_inputs(self.model_config.hf_config, processed)
-        return [processed["input_ids"][0].tolist()], mm
+        ids, mm = self.processor.process(text, [("image", img) for img in images])
+        return [ids], to_wire(mm)
 
     def _submit(self, ids: list[int], params: SamplingParams, return_logits: bool,
                 mm_inputs: Any = None) -> tuple[RequestState, queue.Queue]:
@@ -238,9 +237,3 @@ class Engine:
             if q is not None:
                 q.put(out)
 
-
-def _image_source(part: dict[str, Any]) -> Any:
-    if part.get("type") == "image":
-        return part.get("image")
-    url = part.get("image_url")
-    return url.get("url") if isinstance(url, dict) else url

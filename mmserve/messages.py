@@ -11,6 +11,28 @@ from typing import Any
 import msgspec
 
 
+class WireTensor(msgspec.Struct):
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class WireItem(msgspec.Struct):
+    modality: str
+    features: dict[str, WireTensor]
+    offset: int
+    length: int
+    hash: int
+
+
+class WireMultimodal(msgspec.Struct):
+    """MultimodalInputs as raw bytes (mmserve.multimodal.inputs.to_wire / from_wire)."""
+
+    items: list[WireItem]
+    mrope_positions: WireTensor | None = None
+    mrope_delta: int = 0
+
+
 class GenerateRequest(msgspec.Struct, tag=True):
     rid: str
     input_ids: list[int]
@@ -18,7 +40,7 @@ class GenerateRequest(msgspec.Struct, tag=True):
     # >= 0: also return the log-probs of the prompt tokens from this position on (OpenAI `echo` + `logprobs`)
     logprob_start_len: int = -1
     return_logits: bool = False  # keep full next-token logits in TokenOutput.logits (in-process only)
-    mm_inputs: Any = None  # MultimodalInputs (in-process only for now)
+    mm_inputs: WireMultimodal | None = None  # media of the prompt; input_ids hold their placeholder tokens
 
 
 class AbortRequest(msgspec.Struct, tag=True):

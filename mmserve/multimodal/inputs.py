@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mmserve.messages import WireMultimodal, WireTensor
 
 # Pad values live above the vocabulary in a 2**40-wide band: far from any real vocabulary size and far from
 # int64 overflow, with a negligible chance that two different media collide.
@@ -81,3 +85,37 @@ class MultimodalInputs:
             return head
         tail = torch.arange(max(start, prompt_len), end) + self.mrope_delta
         return torch.cat([head, tail.expand(3, -1)], dim=1)
+
+
+# ----- wire format: raw bytes with dtype and shape, no pickle (see mmserve.messages) -----
+
+def tensor_to_wire(t: torch.Tensor) -> WireTensor:
+    from mmserve.messages import WireTensor
+
+    t = t.detach().contiguous().cpu()
+    return WireTensor(str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes()
+                      if t.numel() else b"")
+
+
+def tensor_from_wire(w: WireTensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    dtype = getattr(torch, w.dtype)
+    flat = torch.frombuffer(bytearray(w.data), dtype=torch.uint8) if w.data else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(w.shape).to(device)
+
+
+def to_wire(mm: MultimodalInputs) -> WireMultimodal:
+    from mmserve.messages import WireItem, WireMultimodal
+
+    return WireMultimodal(
+        items=[WireItem(it.modality, {k: tensor_to_wire(v) for k, v in it.features.items()}, it.offset, it.length,
+                        it.hash) for it in mm.items],
+        mrope_positions=None if mm.mrope_positions is None else tensor_to_wire(mm.mrope_positions),
+        mrope_delta=mm.mrope_delta,
+    )
+
+
+def from_wire(w: WireMultimodal, device: torch.device | str = "cpu") -> MultimodalInputs:
+    items = [MultimodalItem(it.modality, {k: tensor_from_wire(v, device) for k, v in it.features.items()}, it.offset,
+                            it.length, it.hash) for it in w.items]
+    positions = None if w.mrope_positions is None else tensor_from_wire(w.mrope_positions)
+    return MultimodalInputs(items=items, mrope_positions=positions, mrope_delta=w.mrope_delta)

@@ -67,7 +67,7 @@ class MediaError(ValueError):
 
 @dataclass
 class MediaPolicy:
-    """What media loading may do. One per server (from ServerArgs), passed explicitly."""
+    """What media loading may do: one per server, passed explicitly."""
 
     allowed_local_media_path: str | None = None  # file:// URLs and local paths only under this directory
     allow_private_urls: bool = False  # allow http(s) to loopback/private/link-local/... addresses
@@ -141,23 +141,28 @@ class _PinnedConnection(http.client.HTTPConnection):
         self._ssl_context = ssl_context
 
     def connect(self) -> None:
+        sock = self._connect_any()
+        if self._ssl_context is not None:
+            try:
+                sock = self._ssl_context.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
+
+    def _connect_any(self) -> socket.socket:
+        # In resolver order, moving on after a failure or timeout: a host with an unreachable IPv6 address
+        # and a working IPv4 one is common.
         last_error: OSError | None = None
         for family, sockaddr in self._addresses:
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             try:
                 sock.connect(sockaddr)
-                if self._ssl_context is not None:
-                    sock = self._ssl_context.wrap_socket(sock, server_hostname=self.host)
+                return sock
             except OSError as e:
                 sock.close()
                 last_error = e
-                # A timeout or TLS failure is about the host, not this one address; do not wait again.
-                if isinstance(e, (TimeoutError, ssl.SSLError)):
-                    raise
-                continue
-            self.sock = sock
-            return
         assert last_error is not None
         raise last_error
 
@@ -168,9 +173,13 @@ def _http_get(url: str, policy: MediaPolicy, label: str) -> tuple[int, str | Non
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise MediaError(f"{label}: only http and https URLs can be fetched, got {scheme or 'no'} scheme")
-    host = parts.hostname
-    if not host:
+    if not parts.hostname:
         raise MediaError(f"{label}: URL has no host")
+    try:
+        # The ASCII (IDNA) form serves DNS, the Host header and TLS alike.
+        host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise MediaError(f"{label}: invalid host name in URL") from e
     try:
         explicit_port = parts.port
     except ValueError as e:
@@ -386,7 +395,7 @@ def load_video_frames(source: MediaSource, policy: MediaPolicy, label: str = "vi
     Sources as for `load_image` (except PIL images). At most `max_frames` frames, and at most
     `policy.max_video_pixels` pixels in all, are kept: a longer video keeps every k-th frame (k a power of
     two, doubled whenever the kept frames would overflow, so memory stays bounded whatever the container
-    claims) and fps is divided by k, so T / fps is still the duration. Frames that change size mid-stream are
+    claims) and fps is divided by k, so T / fps still spans the video. Frames that change size mid-stream are
     scaled to the first frame's size."""
     import av  # PyAV loads FFmpeg's libraries; only video needs them
 

@@ -36,6 +36,10 @@ class ModelRunner:
         self.dtype = model_config.dtype
         start = time.perf_counter()
         self.model = self._load_model(checkpoint)
+        if hasattr(self.model, "encoder_cache"):
+            from mmserve.multimodal.encoder_cache import EncoderCache
+
+            self.model.encoder_cache = EncoderCache(args.mm_cache_size_mb << 20)
         self.load_seconds = time.perf_counter() - start
         self.max_running_requests = args.max_running_requests or _DEFAULT_MAX_RUNNING.get(device.type, 256)
         self.max_total_tokens = self._kv_cache_tokens()

@@ -18,6 +18,7 @@ import torch
 from mmserve.cache.radix_cache import RadixCache
 from mmserve.config import ModelConfig, ServerArgs
 from mmserve.messages import GenerateRequest, TokenOutput
+from mmserve.multimodal.inputs import from_wire
 from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
 from mmserve.runner.model_runner import ModelRunner
 from mmserve.runner.sampler import PenaltyState, SamplingBatch
@@ -77,14 +78,18 @@ class Scheduler:
         if prompt_len == 0:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        mm = request.mm_inputs
+        mm = None
+        if request.mm_inputs is not None:
+            device = self.device if self.args.keep_mm_feature_on_device else "cpu"
+            mm = from_wire(request.mm_inputs, device)
         input_ids = mm.padded_ids(request.input_ids) if mm is not None else list(request.input_ids)
         media = {i for item in (mm.items if mm else []) for i in range(item.offset, item.end)}
         if any(not 0 <= t < vocab for i, t in enumerate(input_ids) if i not in media):
             raise ValueError(f"input_ids must be in [0, {vocab})")
         context = self.model_config.context_len
         if prompt_len >= context:
-            raise ValueError(f"the prompt has {prompt_len} tokens, which does not fit the context length of "
+            expanded = " after expanding multimodal tokens" if request.mm_inputs is not None else ""
+            raise ValueError(f"the prompt is too long{expanded}: {prompt_len} tokens, but the context length is "
                              f"{context} tokens (room must remain for at least one output token)")
         max_new = min(params.max_new_tokens, context - prompt_len)
         if prompt_len + max_new > self.kv_pool.size:

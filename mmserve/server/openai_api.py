@@ -11,9 +11,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from mmserve.messages import WireMultimodal
+from mmserve.multimodal.processor import media_parts
 from mmserve.sampling_params import SamplingParams
 from mmserve.server.errors import APIError, error_body
 from mmserve.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequestBody
+from mmserve.tokenizer.chat_template import render_chat, validate_messages
 from mmserve.tokenizer.manager import TokenizerManager
 from mmserve.tokenizer.request_state import RequestState
 
@@ -63,11 +66,13 @@ class OpenAIServing:
             name = str(exc).split(" ", 1)[0]
             raise APIError(400, str(exc), param=name if name in values else None) from exc
 
-    def _budget(self, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str = "prompt") -> int:
+    def _budget(self, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str = "prompt",
+                expanded: bool = False) -> int:
         """max_new_tokens for a prompt; refuses what cannot fit the context with the numbers."""
         context = self.manager.info.context_len
         if prompt_len >= context:
-            raise APIError(400, f"the prompt has {prompt_len} tokens, but the model's context length is {context} "
+            how = "is too long after expanding multimodal tokens: it has" if expanded else "has"
+            raise APIError(400, f"the prompt {how} {prompt_len} tokens, but the model's context length is {context} "
                                 "tokens; shorten the prompt", param=prompt_param, code="context_length_exceeded")
         if max_tokens is None:
             return context - prompt_len
@@ -91,12 +96,13 @@ class OpenAIServing:
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
-    def _submit_all(self, jobs: list[tuple[str, list[int], SamplingParams, int]]) -> list[AsyncIterator[RequestState]]:
+    def _submit_all(self, jobs: list[tuple[str, list[int], SamplingParams, int]],
+                    mm: WireMultimodal | None = None) -> list[AsyncIterator[RequestState]]:
         """Submit every job (all validated beforehand); if one is refused, cancel the ones already sent."""
         gens, sent = [], []
         try:
             for rid, ids, params, start in jobs:
-                gens.append(self.manager.submit(rid, ids, params, logprob_start_len=start))
+                gens.append(self.manager.submit(rid, ids, params, logprob_start_len=start, mm_inputs=mm))
                 sent.append(rid)
         except Exception:
             for rid in sent:
@@ -129,10 +135,21 @@ class OpenAIServing:
         kwargs = dict(body.chat_template_kwargs or {})
         if body.tools:
             kwargs["tools"] = body.tools
+        media = media_parts(body.messages) if isinstance(body.messages, list) else []
+        if media and self.manager.mm_processor is None:
+            raise APIError(400, f"{self.model_name} is a text model: it takes no images or other media",
+                           param="messages")
+        mm = None
         try:
-            ids = self.manager.encode_chat(body.messages, **kwargs)
+            if media:
+                validate_messages(body.messages)
+                text = render_chat(self.tokenizer, body.messages, self.manager.chat_template, **kwargs)
+            else:
+                ids = self.manager.encode_chat(body.messages, **kwargs)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
+        if media:
+            ids, mm = await self.manager.process_media(text, media)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         top = body.top_logprobs or 0
@@ -140,10 +157,11 @@ class OpenAIServing:
             raise APIError(400, f"top_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        params = self._params(body, self._budget(len(ids), max_tokens, param, "messages"), body.logprobs, top)
+        params = self._params(body, self._budget(len(ids), max_tokens, param, "messages", expanded=mm is not None),
+                              body.logprobs, top)
         rid = body.rid or f"chatcmpl-{uuid.uuid4().hex}"
         self.manager.check_capacity(body.n)
-        gens = self._submit_all(self._copies(rid, ids, params, body.n))
+        gens = self._submit_all(self._copies(rid, ids, params, body.n), mm)
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -308,13 +326,20 @@ class OpenAIServing:
             raise APIError(400, "give exactly one of text and input_ids")
         single = isinstance(body.text, str) or (body.input_ids is not None and body.input_ids
                                                 and isinstance(body.input_ids[0], int))
-        if body.text is not None:
+        mm = None
+        if body.image_data is not None:
+            if not isinstance(body.text, str):
+                raise APIError(400, "image_data goes with a single text prompt", param="image_data")
+            images = body.image_data if isinstance(body.image_data, list) else [body.image_data]
+            ids, mm = await self.manager.process_media(body.text, [("image", src) for src in images])
+            prompts = [ids]
+        elif body.text is not None:
             prompts = [self.manager.encode(t) for t in ([body.text] if single else body.text)]
         else:
             prompts = [list(body.input_ids)] if single else [list(p) for p in body.input_ids]
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "the prompt is empty")
-        for p in prompts:
+        for p in prompts if mm is None else []:  # media placeholders may lie outside the text vocabulary
             self._check_ids(p, "input_ids")
             if body.logprob_start_len >= len(p):
                 raise APIError(400, f"logprob_start_len {body.logprob_start_len} must be < the prompt length {len(p)}",
@@ -334,11 +359,11 @@ class OpenAIServing:
         if body.stream:
             if len(prompts) != 1:
                 raise APIError(400, "streaming takes a single prompt")
-            [gen] = self._submit_all([(rid, prompts[0], params, body.logprob_start_len)])
+            [gen] = self._submit_all([(rid, prompts[0], params, body.logprob_start_len)], mm)
             return self._generate_stream((await _primed([gen]))[0])
         self.manager.check_capacity(len(prompts))
         gens = self._submit_all([(rid if single else f"{rid}-{i}", p, params, body.logprob_start_len)
-                                 for i, p in enumerate(prompts)])
+                                 for i, p in enumerate(prompts)], mm)
         results = [s.result() for s in await self._finals(gens)]
         return results[0] if single else results
 

@@ -66,6 +66,7 @@ class CompletionRequest(_SamplingFields):
 
 class GenerateRequestBody(_Body):
     text: str | list[str] | None = None
+    image_data: str | list[str] | None = None  # data/http URLs or allowed paths; the text holds the placeholders
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | None = None
     stream: bool = False

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -22,7 +23,17 @@ import zmq.asyncio
 
 from mmserve.config import ServerArgs
 from mmserve.engine_core import load_tokenizer_for
-from mmserve.messages import AbortRequest, EngineReady, EngineStats, FromEngine, GenerateRequest, OutputBatch
+from mmserve.messages import (
+    AbortRequest,
+    EngineReady,
+    EngineStats,
+    FromEngine,
+    GenerateRequest,
+    OutputBatch,
+    WireMultimodal,
+)
+from mmserve.multimodal.inputs import to_wire
+from mmserve.multimodal.processor import MultimodalProcessor
 from mmserve.sampling_params import SamplingParams
 from mmserve.server.errors import APIError
 from mmserve.tokenizer.chat_template import render_chat, resolve_chat_template, validate_messages
@@ -31,6 +42,20 @@ from mmserve.tokenizer.request_state import RequestState
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 600.0
+
+
+def _multimodal_processor(args: ServerArgs) -> MultimodalProcessor | None:
+    """The model's media processor when its architecture takes media (found without loading the weights)."""
+    from mmserve.config import architectures_of
+    from mmserve.models.loader import load_hf_config, resolve_model_path, split_gguf
+    from mmserve.models.registry import ModelRegistry
+
+    checkpoint = resolve_model_path(args.model_path, args.revision)
+    hf_config = load_hf_config(checkpoint, args.trust_remote_code)
+    model_cls = ModelRegistry.resolve(architectures_of(hf_config))
+    if not hasattr(model_cls, "multimodal_inputs"):
+        return None
+    return MultimodalProcessor(args, model_cls, hf_config, split_gguf(checkpoint)[0])
 
 
 class EngineDead(Exception):
@@ -43,6 +68,8 @@ class TokenizerManager:
         self.metrics = metrics
         self.tokenizer = load_tokenizer_for(args)
         self.chat_template = resolve_chat_template(args.chat_template, self.tokenizer)
+        self.mm_processor = _multimodal_processor(args)
+        self.mm_pool = ThreadPoolExecutor(max(1, args.mm_processor_workers), thread_name_prefix="mmserve-media")
         self.info: EngineReady | None = None
         self.stats: EngineStats | None = None
         self.engine_error: str | None = None
@@ -89,6 +116,7 @@ class TokenizerManager:
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
 
     async def shutdown(self) -> None:
+        self.mm_pool.shutdown(wait=False, cancel_futures=True)
         for task in self._tasks:
             task.cancel()
         if self._proc is not None and self._proc.is_alive():
@@ -155,8 +183,20 @@ class TokenizerManager:
             if len(self._queues) + extra > self.info.max_running_requests + limit:
                 raise APIError(503, "the server is at capacity (the waiting queue is full); retry later")
 
-    def submit(self, rid: str, input_ids: list[int], params: SamplingParams,
-               logprob_start_len: int = -1) -> AsyncIterator[RequestState]:
+    async def process_media(self, text: str, media: list[tuple[str, Any]]) -> tuple[list[int], WireMultimodal]:
+        """Load media and run the model's processor in the worker pool; MediaError/ValueError -> 400."""
+        if self.mm_processor is None:
+            raise APIError(400, f"{self.args.model_path} is a text model: it takes no images or other media",
+                           param="messages")
+        loop = asyncio.get_running_loop()
+        try:
+            ids, mm = await loop.run_in_executor(self.mm_pool, self.mm_processor.process, text, media)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        return ids, to_wire(mm)
+
+    def submit(self, rid: str, input_ids: list[int], params: SamplingParams, logprob_start_len: int = -1,
+               mm_inputs: WireMultimodal | None = None) -> AsyncIterator[RequestState]:
         """Send a request to the engine now; returns an async iterator of its state after every output.
 
         Submission is eager (capacity is counted from this moment); the iterator aborts the request if its
@@ -167,7 +207,8 @@ class TokenizerManager:
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
         self._push.send(self._encoder.encode(
-            GenerateRequest(rid, input_ids, params.to_dict(), logprob_start_len=logprob_start_len)))
+            GenerateRequest(rid, input_ids, params.to_dict(), logprob_start_len=logprob_start_len,
+                            mm_inputs=mm_inputs)))
         return self._follow(RequestState.create(rid, params, input_ids, self.tokenizer), q)
 
     async def _follow(self, state: RequestState, q: asyncio.Queue) -> AsyncIterator[RequestState]:

@@ -1,0 +1,67 @@
+"""MultimodalProcessor: prompt text with media placeholders + media sources -> expanded token ids and the
+request's MultimodalInputs, through the model's Hugging Face processor. Used by the in-process Engine and by
+the API server (in a thread pool, off the event loop)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mmserve.config import ServerArgs
+from mmserve.multimodal.inputs import MultimodalInputs
+from mmserve.multimodal.media import MediaError, MediaPolicy, load_image
+
+_DEFAULT_LIMITS = {"image": 16, "video": 2}
+
+
+def media_parts(messages: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """(modality, source) of every media content part of chat messages, in order."""
+    found = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            kind = part.get("type")
+            if kind == "image":
+                found.append(("image", part.get("image")))
+            elif kind == "image_url":
+                url = part.get("image_url")
+                found.append(("image", url.get("url") if isinstance(url, dict) else url))
+            elif kind in ("video", "video_url", "input_audio", "audio_url"):
+                found.append((kind.removesuffix("_url").removeprefix("input_"), part.get(kind)))
+    return found
+
+
+class MultimodalProcessor:
+    def __init__(self, args: ServerArgs, model_cls: type, hf_config: Any, folder: Path):
+        from transformers import AutoProcessor
+
+        self.model_cls = model_cls
+        self.hf_config = hf_config
+        self.hf = AutoProcessor.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+        self.policy = MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
+                                  allow_private_urls=args.allow_private_media_urls)
+        self.limits = dict(_DEFAULT_LIMITS)
+        if args.limit_mm_per_prompt:
+            try:
+                self.limits.update({str(k): int(v) for k, v in json.loads(args.limit_mm_per_prompt).items()})
+            except (ValueError, AttributeError) as exc:
+                raise ValueError(f"--limit-mm-per-prompt must be a JSON object like '{{\"image\": 8}}', "
+                                 f"got {args.limit_mm_per_prompt!r}") from exc
+
+    def process(self, text: str, media: list[tuple[str, Any]]) -> tuple[list[int], MultimodalInputs]:
+        counts: dict[str, int] = {}
+        for modality, _ in media:
+            counts[modality] = counts.get(modality, 0) + 1
+        for modality, count in counts.items():
+            if modality != "image":
+                raise MediaError(f"{modality} input is not supported for this model yet")
+            if count > self.limits.get(modality, 0):
+                raise MediaError(f"too many {modality}s: {count} in one prompt, the limit is "
+                                 f"{self.limits.get(modality, 0)} (--limit-mm-per-prompt)")
+        images = [load_image(src, self.policy, f"image {i}") for i, (_, src) in enumerate(media)]
+        processed = self.hf(text=[text], images=images or None, return_tensors="pt")
+        mm = self.model_cls.multimodal_inputs(self.hf_config, processed)
+        return processed["input_ids"][0].tolist(), mm

@@ -1,0 +1,151 @@
+"""Images through the HTTP server (tiny Qwen2-VL): data URLs give the in-process engine's answer, the prefix
+cache recognises a repeated image, and every bad media input is a 400 while the server keeps serving: loopback
+URLs (refused by default, allowed by a flag), file://, invalid base64, non-image bytes, a decompression bomb,
+too many images, a prompt too long after expansion, and images sent to a text model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from mmserve import Engine
+
+GREEDY = {"temperature": 0, "max_tokens": 6}
+
+
+def png_bytes(w: int, h: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def bomb_png(w: int = 15000, h: int = 15000) -> bytes:
+    """A valid 1-bit PNG of w x h pixels that compresses to a few KB."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    raw = (b"\x00" + b"\x00" * ((w + 7) // 8)) * h
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def image_message(*urls: str, text: str = "What is in the picture?") -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    """A tiny HTTP server on loopback serving one PNG at /cat.png."""
+    body = png_bytes(64, 48, 3)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/cat.png", body
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vl_server(start_server, tiny_qwen2_vl_dir):
+    return start_server(str(tiny_qwen2_vl_dir), "--chat-template", "qwen2-vl", "--limit-mm-per-prompt",
+                        '{"image": 2}', "--context-length", "160")
+
+
+@pytest.fixture(scope="module")
+def client(vl_server):
+    return openai.OpenAI(base_url=vl_server.base_url, api_key="none", max_retries=0)
+
+
+def bad_request(client, messages, match: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="m", messages=messages, **GREEDY)
+    assert match in info.value.body["message"], info.value.body
+
+
+def test_data_url_image_matches_the_engine(client, tiny_qwen2_vl_dir):
+    url = data_url(png_bytes(150, 100, 0))
+    resp = client.chat.completions.create(model="m", messages=image_message(url), **GREEDY)
+    with Engine(model_path=str(tiny_qwen2_vl_dir), dtype="float32", chat_template="qwen2-vl") as engine:
+        ref = engine.chat(image_message(url), {"temperature": 0, "max_new_tokens": 6})
+    assert resp.choices[0].message.content == ref["text"]
+    assert resp.usage.prompt_tokens == ref["meta_info"]["prompt_tokens"]
+
+
+def test_same_image_twice_hits_the_prefix_cache(client):
+    url = data_url(png_bytes(120, 90, 11))
+    first = client.chat.completions.create(model="m", messages=image_message(url), **GREEDY)
+    second = client.chat.completions.create(model="m", messages=image_message(url), **GREEDY)
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == first.choices[0].message.content
+    other = client.chat.completions.create(model="m", messages=image_message(data_url(png_bytes(120, 90, 12))),
+                                           **GREEDY)
+    assert other.usage.prompt_tokens_details.cached_tokens < 20  # the system prompt, not the image
+
+
+def test_loopback_url_refused_by_default(client, image_host):
+    bad_request(client, image_message(image_host[0]), "image 0")
+
+
+def test_loopback_url_allowed_with_the_flag(start_server, tiny_qwen2_vl_dir, image_host):
+    handle = start_server(str(tiny_qwen2_vl_dir), "--chat-template", "qwen2-vl", "--allow-private-media-urls")
+    allowed = openai.OpenAI(base_url=handle.base_url, api_key="none", max_retries=0)
+    by_url = allowed.chat.completions.create(model="m", messages=image_message(image_host[0]), **GREEDY)
+    by_data = allowed.chat.completions.create(model="m", messages=image_message(data_url(image_host[1])), **GREEDY)
+    assert by_url.choices[0].message.content == by_data.choices[0].message.content
+
+
+def test_bad_media_is_a_400_and_the_server_keeps_serving(client, vl_server, tmp_path):
+    local = tmp_path / "x.png"
+    local.write_bytes(png_bytes(32, 32, 1))
+    bad_request(client, image_message(f"file://{local}"), "image 0")
+    bad_request(client, image_message(str(local)), "image 0")
+    bad_request(client, image_message("data:image/png;base64,%%%not-base64%%%"), "image 0")
+    bad_request(client, image_message(data_url(b"this is not an image")), "image 0")
+    bad_request(client, image_message(data_url(bomb_png())), "pixels")
+    small = data_url(png_bytes(40, 40, 2))
+    bad_request(client, image_message(small, small, small), "too many images")
+    big = data_url(png_bytes(300, 300, 3))
+    bad_request(client, image_message(big, big, text="x " * 100), "after expanding multimodal tokens")
+    ok = client.chat.completions.create(model="m", messages=image_message(small), **GREEDY)
+    assert ok.choices[0].finish_reason in ("stop", "length") and vl_server.proc.poll() is None
+
+
+def test_generate_endpoint_takes_image_data(vl_server):
+    url = data_url(png_bytes(80, 60, 4))
+    text = "Look <|vision_start|><|image_pad|><|vision_end|> here"
+    body = {"text": text, "image_data": [url], "sampling_params": {"temperature": 0, "max_new_tokens": 4}}
+    first = httpx.post(vl_server.url + "/generate", json=body, timeout=60).json()
+    again = httpx.post(vl_server.url + "/generate", json=body, timeout=60).json()
+    assert len(first["output_ids"]) == 4 and again["output_ids"] == first["output_ids"]
+    assert again["meta_info"]["cached_tokens"] == again["meta_info"]["prompt_tokens"] - 1
+
+
+def test_text_model_refuses_images(start_server, tiny_model_dir):
+    handle = start_server(str(tiny_model_dir("qwen2")))
+    text_client = openai.OpenAI(base_url=handle.base_url, api_key="none", max_retries=0)
+    bad_request(text_client, image_message(data_url(png_bytes(32, 32, 0))), "text model")
