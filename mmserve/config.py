@@ -40,6 +40,8 @@ class ServerArgs:
                                            "are refused, against server-side request forgery).")
     limit_mm_per_prompt: str | None = _flag(None, 'Most media items per prompt as JSON, e.g. \'{"image": 8, '
                                             '"video": 1}\' (default: 16 images, 2 videos).')
+    mm_process_config: str | None = _flag(None, 'Media preprocessing as JSON, e.g. \'{"video": {"fps": 1.0, '
+                                          '"min_frames": 4, "max_frames": 64}}\'.')
     mm_processor_workers: int = _flag(4, "Threads that load media and run the model's processor.")
     mm_cache_size_mb: int = _flag(512, "Vision-encoder output cache (LRU by media hash), in MiB.")
     keep_mm_feature_on_device: bool = _flag(False, "Move media features to the GPU when a request arrives.")

@@ -77,13 +77,15 @@ class Engine:
         stream: bool = False,
         return_logits: bool = False,
         image_data: Any = None,
+        video_data: Any = None,
     ) -> dict[str, Any] | list[Any] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict back) or a list of prompts (a list back, in order).
 
         With `n` > 1 a prompt gives a list of n results. With `stream=True` (one prompt, n == 1) an iterator
         of chunks whose "text" pieces concatenate to the final text. `image_data`: for a vision-language model,
         the images of a single prompt (a list of PIL images, bytes, data/http URLs or allowed paths), whose
-        places the prompt marks with the model's image placeholder (see `chat` for the easy way)."""
+        places the prompt marks with the model's image placeholder (see `chat` for the easy way). `video_data`
+        likewise: videos as data/http URLs, allowed paths, bytes, or frame arrays [T, H, W, 3] (used as given)."""
         if prompt is not None and input_ids is not None:
             raise ValueError("give either prompt or input_ids, not both")
         if prompt is None and input_ids is None:
@@ -91,10 +93,11 @@ class Engine:
         single = isinstance(prompt, str) or (input_ids is not None and len(input_ids) > 0
                                              and isinstance(input_ids[0], int))
         mm_inputs = None
-        if image_data is not None:
+        if image_data is not None or video_data is not None:
             if not (single and isinstance(prompt, str)):
-                raise ValueError("image_data goes with a single text prompt")
-            token_lists, mm_inputs = self._encode_multimodal(prompt, list(image_data))
+                raise ValueError("image_data and video_data go with a single text prompt")
+            media = [("image", x) for x in image_data or []] + [("video", x) for x in video_data or []]
+            token_lists, mm_inputs = self._encode_multimodal(prompt, media)
         elif single:
             token_lists = [list(input_ids) if input_ids is not None else self._encode(prompt)]
         elif input_ids is not None:
@@ -125,9 +128,11 @@ class Engine:
             ids = self.apply_chat_template(messages, **template_kwargs)
             return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream)
         text = render_chat(self.tokenizer, messages, self.chat_template, **template_kwargs)
-        if any(modality != "image" for modality, _ in media):
-            raise ValueError("only image parts are supported so far")
-        return self.generate(text, sampling_params, stream=stream, image_data=[src for _, src in media])
+        if any(modality not in ("image", "video") for modality, _ in media):
+            raise ValueError("only image and video parts are supported so far")
+        return self.generate(text, sampling_params, stream=stream,
+                             image_data=[src for kind, src in media if kind == "image"],
+                             video_data=[src for kind, src in media if kind == "video"])
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         validate_messages(messages)
@@ -160,10 +165,10 @@ class Engine:
             raise ValueError(f"prompt must be a string, got {type(text).__name__}")
         return self.tokenizer.encode(text)
 
-    def _encode_multimodal(self, text: str, images: list[Any]) -> tuple[list[list[int]], Any]:
+    def _encode_multimodal(self, text: str, media: list[tuple[str, Any]]) -> tuple[list[list[int]], Any]:
         if self.processor is None:
-            raise ValueError(f"{self.args.model_path} is a text model: it takes no images")
-        ids, mm = self.processor.process(text, [("image", img) for img in images])
+            raise ValueError(f"{self.args.model_path} is a text model: it takes no images or videos")
+        ids, mm = self.processor.process(text, media)
         return [ids], to_wire(mm)
 
     def _submit(self, ids: list[int], params: SamplingParams, return_logits: bool,

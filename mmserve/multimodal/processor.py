@@ -8,11 +8,28 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mmserve.config import ServerArgs
 from mmserve.multimodal.inputs import MultimodalInputs
-from mmserve.multimodal.media import MediaError, MediaPolicy, load_image
+from mmserve.multimodal.media import MediaError, MediaPolicy, load_image, load_video_frames
 
 _DEFAULT_LIMITS = {"image": 16, "video": 2}
+# Qwen's video sampling: 2 frames a second, at least 4 and at most 768 frames, an even count (frame pairs)
+_DEFAULT_VIDEO = {"fps": 2.0, "min_frames": 4, "max_frames": 768}
+
+
+def sample_frames(frames: np.ndarray, fps: float, target_fps: float, min_frames: int, max_frames: int,
+                  multiple: int = 2) -> tuple[np.ndarray, float]:
+    """Evenly spaced frames at about `target_fps`, between min and max frames, a multiple of `multiple`;
+    returns (frames, the sampled rate in frames per second of video)."""
+    total = len(frames)
+    duration = total / fps if fps > 0 else total / target_fps
+    want = round(duration * target_fps)
+    want = max(min_frames, min(max_frames, want, total))
+    want = max(multiple, want - want % multiple)
+    index = np.linspace(0, total - 1, want).round().astype(int)
+    return frames[index], want / duration if duration > 0 else target_fps
 
 
 def media_parts(messages: list[dict[str, Any]]) -> list[tuple[str, Any]]:
@@ -43,6 +60,13 @@ class MultimodalProcessor:
         self.hf = AutoProcessor.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
         self.policy = MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                                   allow_private_urls=args.allow_private_media_urls)
+        self.video = dict(_DEFAULT_VIDEO)
+        if args.mm_process_config:
+            try:
+                self.video.update(json.loads(args.mm_process_config).get("video", {}))
+            except (ValueError, AttributeError) as exc:
+                raise ValueError(f"--mm-process-config must be JSON like '{{\"video\": {{\"fps\": 1}}}}', "
+                                 f"got {args.mm_process_config!r}") from exc
         self.limits = dict(_DEFAULT_LIMITS)
         if args.limit_mm_per_prompt:
             try:
@@ -56,12 +80,28 @@ class MultimodalProcessor:
         for modality, _ in media:
             counts[modality] = counts.get(modality, 0) + 1
         for modality, count in counts.items():
-            if modality != "image":
+            if modality not in ("image", "video"):
                 raise MediaError(f"{modality} input is not supported for this model yet")
             if count > self.limits.get(modality, 0):
                 raise MediaError(f"too many {modality}s: {count} in one prompt, the limit is "
                                  f"{self.limits.get(modality, 0)} (--limit-mm-per-prompt)")
-        images = [load_image(src, self.policy, f"image {i}") for i, (_, src) in enumerate(media)]
-        processed = self.hf(text=[text], images=images or None, return_tensors="pt")
+        images = [load_image(src, self.policy, f"image {i}")
+                  for i, src in enumerate(src for kind, src in media if kind == "image")]
+        videos = [self._video(src, f"video {i}")
+                  for i, src in enumerate(src for kind, src in media if kind == "video")]
+        processed = self.hf(text=[text], images=images or None, videos=videos or None, return_tensors="pt")
         mm = self.model_cls.multimodal_inputs(self.hf_config, processed)
         return processed["input_ids"][0].tolist(), mm
+
+    def _video(self, source: Any, label: str) -> np.ndarray:
+        """Frames [T, H, W, 3] uint8. An array passed in-process is taken as already sampled."""
+        if isinstance(source, np.ndarray):
+            if source.ndim != 4 or source.shape[-1] != 3 or len(source) == 0:
+                raise MediaError(f"{label}: frames must be an array [frames, height, width, 3]")
+            return source
+        if isinstance(source, dict):
+            source = source.get("url")
+        frames, fps = load_video_frames(source, self.policy, label)
+        v = self.video
+        sampled, _ = sample_frames(frames, fps, float(v["fps"]), int(v["min_frames"]), int(v["max_frames"]))
+        return sampled

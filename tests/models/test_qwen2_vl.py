@@ -100,3 +100,66 @@ def test_chat_with_an_image_part(tiny_qwen2_vl_dir, hf):
         prompt = render_chat(e.tokenizer, messages, e.chat_template)
     assert IMAGE in prompt
     assert ours["output_ids"] == hf_generate(hf, prompt, [img])[0]
+
+
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def test_video_matches_transformers(engine, hf):
+    frames = np.random.RandomState(9).randint(0, 255, (8, 60, 80, 3), dtype=np.uint8)
+    prompt = f"Watch {VIDEO} and then {IMAGE} too."
+    image = picture(70, 50, 10)
+    ours = engine.generate(prompt, GREEDY, return_logits=True, image_data=[image], video_data=[frames])
+    model, processor = hf
+    enc = processor(text=[prompt], images=[image], videos=[frames], return_tensors="pt")
+    out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, output_logits=True,
+                         return_dict_in_generate=True)
+    assert_same(ours, (out.sequences[0, enc["input_ids"].shape[1]:].tolist(), [lg[0] for lg in out.logits]))
+
+
+def test_video_frames_are_sampled_like_qwen():
+    from mmserve.multimodal.processor import sample_frames
+
+    frames = np.arange(300).reshape(300, 1, 1, 1).repeat(3, axis=-1).astype(np.uint8)  # 10 s at 30 fps
+    picked, rate = sample_frames(frames, fps=30.0, target_fps=2.0, min_frames=4, max_frames=768)
+    assert len(picked) == 20 and rate == pytest.approx(2.0)
+    assert picked[0, 0, 0, 0] == 0 and picked[-1, 0, 0, 0] == 299 % 256
+    short, _ = sample_frames(frames[:15], fps=30.0, target_fps=2.0, min_frames=4, max_frames=768)
+    assert len(short) == 4  # half a second still gives the minimum
+    capped, _ = sample_frames(frames, fps=30.0, target_fps=2.0, min_frames=4, max_frames=9)
+    assert len(capped) == 8  # the cap, rounded down to whole frame pairs
+
+
+def test_chat_with_a_video_url_decodes_and_samples(tiny_qwen2_vl_dir, tmp_path):
+    import base64
+
+    import av
+
+    from mmserve.multimodal.media import MediaPolicy, load_video_frames
+    from mmserve.multimodal.processor import sample_frames
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w", format="mp4") as out:  # 3 s at 10 fps: Qwen's 2 fps sampling keeps 6 frames
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 80, 60, "yuv420p"
+        for i in range(30):
+            pixels = np.random.RandomState(i).randint(0, 255, (60, 80, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    frames, fps = load_video_frames(url, MediaPolicy())
+    sampled, _ = sample_frames(frames, fps, 2.0, 4, 768)
+    assert len(sampled) == 6
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    with Engine(model_path=str(tiny_qwen2_vl_dir), dtype="float32", chat_template="qwen2-vl") as e:
+        from mmserve.tokenizer.chat_template import render_chat
+
+        by_url = e.chat(messages, GREEDY)
+        prompt = render_chat(e.tokenizer, messages, e.chat_template)
+        assert VIDEO in prompt
+        by_frames = e.generate(prompt, GREEDY, video_data=[sampled])
+    assert by_url["output_ids"] == by_frames["output_ids"]
+    assert by_url["meta_info"]["prompt_tokens"] == by_frames["meta_info"]["prompt_tokens"]
