@@ -149,3 +149,13 @@ def test_text_model_refuses_images(start_server, tiny_model_dir):
     handle = start_server(str(tiny_model_dir("qwen2")))
     text_client = openai.OpenAI(base_url=handle.base_url, api_key="none", max_retries=0)
     bad_request(text_client, image_message(data_url(png_bytes(32, 32, 0))), "text model")
+
+
+def test_serving_benchmark_with_images(vl_server, capsys):
+    from mmserve.bench.serving import main
+
+    metrics = main(["--port", str(vl_server.port), "--dataset", "image", "--image-resolution", "64x48",
+                    "--num-prompts", "4", "--input-len", "5", "--output-len", "3", "--max-concurrency", "2"])
+    assert metrics["completed"] == 4 and metrics["failed"] == 0
+    assert metrics["output_tokens"] == 12 and metrics["mean_ttft_ms"] > 0
+    assert "TTFT mean / median / p99" in capsys.readouterr().out
