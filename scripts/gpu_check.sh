@@ -6,7 +6,7 @@
 # Logs go to $OUT; the last lines printed are the benchmark tables.
 set -uo pipefail
 # The GPU image lacks the server's packages: `../shared/device/wheels.sh openai distro jiter httpx2 httpcore2
-# annotated-doc opentelemetry-api truststore anyio` fetches them into .whl/, carried along with .gpu.
+# annotated-doc opentelemetry-api truststore anyio av` fetches them into .whl/, carried along with .gpu.
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
@@ -16,7 +16,8 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cacheprovider \
-  tests/models/test_text_models.py tests/scheduler tests/layers tests/cache tests/runner tests/server/test_openai_api.py \
+  tests/models/test_text_models.py tests/models/test_qwen2_vl.py tests/scheduler tests/layers tests/cache tests/runner \
+  tests/multimodal tests/server/test_openai_api.py tests/server/test_multimodal_api.py \
   tests/server/test_errors.py 2>&1 | tee "$OUT/tests.log" | tail -15
 for preset in ${PRESETS-qwen2.5-0.5b llama-3.1-8b}; do  # PRESETS="" runs the tests only
   python3 -m mmserve.bench.offline --preset "$preset" --tokenizer-dir .gpu/tokenizer \

@@ -68,3 +68,17 @@ def tiny_model_dir(tokenizer_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl_dir(tokenizer_dir, tmp_path_factory) -> Path:
     return build_tiny_qwen2_vl(tokenizer_dir, tmp_path_factory.mktemp("tiny_qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tokenizer_dir, tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tokenizer_dir, tmp_path_factory.mktemp("tiny_qwen3_vl"))

@@ -94,3 +94,92 @@ def build_tiny_qwen2_vl(tokenizer_dir: Path, out: Path) -> Path:
                                  tokenizer=tok, chat_template=tok.chat_template)
     processor.save_pretrained(out)
     return out
+
+
+def build_tiny_qwen2_5_vl(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer Qwen2.5-VL with a 4-block ViT whose windows (56 px = 2x2 LLM tokens) are smaller than the test
+    images, blocks 1 and 3 attending over whole frames; SmolLM2's tokenizer plus Qwen's vision tokens."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    ids = tok.convert_tokens_to_ids(VISION_TOKENS)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
+                  tokens_per_second=2)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vision_start_token_id=ids[0],
+                              vision_end_token_id=ids[1], image_token_id=ids[2], video_token_id=ids[3],
+                              bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(5432)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(out)
+    pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 96)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
+                                    video_processor=Qwen2VLVideoProcessor(**pixels),
+                                    tokenizer=tok, chat_template=tok.chat_template)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_qwen3_vl(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer Qwen3-VL (head_dim 16, interleaved M-RoPE over [4, 2, 2] bands) with a 3-block ViT over 16 px
+    patches, an 8x8 learned position table that test images are both larger and smaller than, and DeepStack from
+    blocks 0 and 2; SmolLM2's tokenizer plus Qwen's vision tokens, and the Qwen3-VL processor."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    ids = tok.convert_tokens_to_ids(VISION_TOKENS)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]})
+    vision = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 2])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, vision_start_token_id=ids[0],
+                           vision_end_token_id=ids[1], image_token_id=ids[2], video_token_id=ids[3],
+                           tie_word_embeddings=False)
+    torch.manual_seed(6543)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(out)
+    # 32 px = one LLM token per side; at most 80 LLM tokens per image or frame pair
+    size = {"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 80}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=tok, chat_template=tok.chat_template)
+    processor.save_pretrained(out)
+    return out

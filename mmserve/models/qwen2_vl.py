@@ -133,12 +133,13 @@ class Qwen2VisionTransformer(nn.Module):
 class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     qkv_bias = True
     uses_mrope = True
+    vision_tower: type[nn.Module] = Qwen2VisionTransformer  # Qwen2.5-VL swaps in its windowed ViT
 
     def __init__(self, config: PretrainedConfig):
         nn.Module.__init__(self)
         self.config = config
         text = config.text_config
-        self.visual = Qwen2VisionTransformer(config.vision_config)
+        self.visual = self.vision_tower(config.vision_config)
         self.model = LlamaModel(text, qkv_bias=True)
         self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
         self.tied = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
@@ -181,14 +182,21 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
             sizes = grid_thw.prod(-1).tolist()
             if len(runs) != len(sizes):
                 raise ValueError(f"the prompt has {len(runs)} {modality} placeholders for {len(sizes)} {modality}s")
-            for (start, length), pixels, grid in zip(runs, processed[pixels_key].split(sizes), grid_thw, strict=True):
+            for index, ((start, length), pixels, grid) in enumerate(
+                    zip(runs, processed[pixels_key].split(sizes), grid_thw, strict=True)):
                 items.append(MultimodalItem(modality, {"pixel_values": pixels, "grid_thw": grid[None]}, start, length))
                 t, h, w = grid.tolist()
                 grids.append((t, h // merge, w // merge))
-                intervals.append(1.0)
+                intervals.append(cls.time_interval(hf_config, processed, modality, index))
         positions, delta = mrope_positions(len(ids), items, grids, intervals)
         return MultimodalInputs(items=sorted(items, key=lambda it: it.offset), mrope_positions=positions,
                                 mrope_delta=delta)
+
+    @classmethod
+    def time_interval(cls, hf_config: PretrainedConfig, processed: dict[str, Any], modality: str, index: int) -> float:
+        """M-RoPE temporal step between consecutive frame pairs of the `index`-th `modality` item: one position
+        here; Qwen2.5-VL scales it by the video's frame timing."""
+        return 1.0
 
     # ----- weights -----
 

@@ -1,0 +1,163 @@
+"""Qwen2.5-VL against transformers on a tiny random model (float32, CPU): images one and two at a time, text only,
+chunked prefill that cuts an image; at the model level, a video through the windowed ViT, video M-RoPE positions
+with real frame timing, and the original checkpoint layout.
+
+The tiny ViT's windows are 56 px (2x2 LLM tokens) and the images are chosen so that every image has several
+windows and the grids are not multiples of the window, so edge windows are smaller."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmserve import Engine
+from mmserve.models.loader import iterate_weights
+from mmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, window_order
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+NEW_TOKENS = 8
+GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+
+
+def picture(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_qwen2_5_vl_dir):
+    from transformers import AutoProcessor
+    from transformers import Qwen2_5_VLForConditionalGeneration as HFQwen2_5_VL
+
+    model = HFQwen2_5_VL.from_pretrained(tiny_qwen2_5_vl_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_qwen2_5_vl_dir)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_qwen2_5_vl_dir, hf) -> Qwen2_5_VLForConditionalGeneration:
+    """Our model on its own (no engine), for the parts the engine does not take yet (video)."""
+    config = hf[0].config
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.load_weights(iterate_weights(tiny_qwen2_5_vl_dir, config))
+    return model
+
+
+def hf_generate(hf, prompt: str, images: list[Image.Image]) -> tuple[list[int], list[torch.Tensor]]:
+    model, processor = hf
+    enc = processor(text=[prompt], images=images or None, return_tensors="pt")
+    out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[0, enc["input_ids"].shape[1]:].tolist(), [lg[0] for lg in out.logits]
+
+
+def assert_same(ours: dict, ref: tuple[list[int], list[torch.Tensor]]) -> None:
+    ids, logits = ref
+    assert ours["output_ids"] == ids
+    for step, (a, b) in enumerate(zip(ours["meta_info"]["logits"], logits, strict=True)):
+        diff = (a - b).abs().max().item()
+        assert diff < 1e-4, f"step {step}: max abs logit diff {diff}"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen2_5_vl_dir):
+    with Engine(model_path=str(tiny_qwen2_5_vl_dir), dtype="float32") as e:
+        yield e
+
+
+# LLM grids (after 2x2 merging): 7x11, then 4x3 and 2x7; windows are 2x2 LLM tokens
+CASES = {
+    "one image": (f"Describe {IMAGE} briefly.", [picture(300, 200, 0)]),
+    "two images of different sizes": (f"Compare {IMAGE} with {IMAGE} now.", [picture(90, 120, 1), picture(200, 60, 2)]),
+    "text only": ("Just some text without pictures.", []),
+}
+
+
+def test_test_images_have_several_windows_some_partial(hf):
+    """The premise of the comparisons below: window attention really cuts these images."""
+    model, processor = hf
+    vc = model.config.vision_config
+    window = vc.window_size // vc.spatial_merge_size // vc.patch_size
+    full = window * window * vc.spatial_merge_size**2
+    for case in ("one image", "two images of different sizes"):
+        prompt, images = CASES[case]
+        grids = processor(text=[prompt], images=images, return_tensors="pt")["image_grid_thw"]
+        for grid in grids:
+            _, lengths = window_order(grid[None], vc.spatial_merge_size, window)
+            assert len(lengths) >= 4 and min(lengths) < full, (case, grid.tolist(), lengths)
+            assert sum(lengths) == int(grid.prod())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_transformers(case, engine, hf):
+    prompt, images = CASES[case]
+    ours = engine.generate(prompt, GREEDY, return_logits=True, image_data=images if images else None)
+    assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def test_chunked_prefill_smaller_than_an_image(tiny_qwen2_5_vl_dir, hf):
+    prompt, images = CASES["two images of different sizes"]
+    with Engine(model_path=str(tiny_qwen2_5_vl_dir), dtype="float32", chunked_prefill_size=8,
+                disable_radix_cache=True) as small:
+        ours = small.generate(prompt, GREEDY, return_logits=True, image_data=images)
+        assert small.scheduler.stats.prefill_steps >= 4
+        encoder = small.runner.model.encoder_cache
+        # each image encoded once, then sliced for every chunk that holds some of its tokens
+        assert encoder.stores == 2 and encoder.hits >= 4
+    assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def video_inputs(hf) -> dict:
+    """A 4-frame-pair video (LLM grid 4x5x7) and an image in one prompt, through the HF processor."""
+    _, processor = hf
+    frames = np.random.RandomState(3).randint(0, 255, (8, 150, 200, 3), dtype=np.uint8)
+    enc = processor(text=[f"A clip {VIDEO} and a still {IMAGE} to compare."], videos=[frames],
+                    images=[picture(90, 120, 4)], return_tensors="pt")
+    assert enc["video_grid_thw"].tolist() == [[4, 10, 14]]
+    return enc
+
+
+def test_video_through_the_vision_tower(ours, hf):
+    """Several frame pairs: windows and full attention stay within each frame pair."""
+    enc = video_inputs(hf)
+    with torch.no_grad():
+        ref = hf[0].model.visual(enc["pixel_values_videos"], grid_thw=enc["video_grid_thw"]).pooler_output
+        got = ours.visual(enc["pixel_values_videos"], enc["video_grid_thw"])
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("seconds", [None, 1.3])
+def test_video_mrope_positions_use_frame_timing(ours, hf, seconds):
+    enc = video_inputs(hf)
+    if seconds is None:
+        del enc["second_per_grid_ts"]  # the reference then takes one second per frame pair
+    else:
+        enc["second_per_grid_ts"] = torch.tensor([seconds])  # as if sampled at 2 / 1.3 fps
+    mm = Qwen2_5_VLForConditionalGeneration.multimodal_inputs(hf[0].config, enc)
+    positions, deltas = hf[0].model.get_rope_index(
+        enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"], image_grid_thw=enc["image_grid_thw"],
+        video_grid_thw=enc["video_grid_thw"], second_per_grid_ts=enc.get("second_per_grid_ts"))
+    assert torch.equal(mm.mrope_positions, positions[:, 0])
+    assert mm.mrope_delta == int(deltas[0, 0])
+    # the video's temporal row really advances by more than one position per frame pair
+    video = next(it for it in mm.items if it.modality == "video")
+    starts = mm.mrope_positions[0, video.offset:video.end:35].tolist()
+    assert len(starts) == 4 and all(b - a >= 2 for a, b in zip(starts[:-1], starts[1:], strict=True))
+
+
+def test_original_checkpoint_layout(tiny_qwen2_5_vl_dir, ours, hf):
+    """Checkpoints saved before transformers 5 name the tower "visual." and the LLM "model."."""
+    def original(name: str) -> str:
+        if name.startswith("model.visual."):
+            return name.removeprefix("model.")
+        if name.startswith("model.language_model."):
+            return "model." + name.removeprefix("model.language_model.")
+        return name
+
+    model = Qwen2_5_VLForConditionalGeneration(hf[0].config).eval()
+    loaded = model.load_weights((original(n), t) for n, t in iterate_weights(tiny_qwen2_5_vl_dir, hf[0].config))
+    assert loaded == {n for n, _ in model.named_parameters()}
+    expected = ours.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
