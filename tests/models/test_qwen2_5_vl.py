@@ -37,7 +37,7 @@ def hf(tiny_qwen2_5_vl_dir):
 
 @pytest.fixture(scope="module")
 def ours(tiny_qwen2_5_vl_dir, hf) -> Qwen2_5_VLForConditionalGeneration:
-    """Our model on its own (no engine), for the parts the engine does not take yet (video)."""
+    """Our model on its own (no engine), to compare the vision tower and positions directly."""
     config = hf[0].config
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.load_weights(iterate_weights(tiny_qwen2_5_vl_dir, config))
@@ -161,3 +161,17 @@ def test_original_checkpoint_layout(tiny_qwen2_5_vl_dir, ours, hf):
     expected = ours.state_dict()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_video_and_image_through_the_engine_match_transformers(engine, hf):
+    """Video time steps come from the processor's second_per_grid_ts, through the whole engine."""
+    frames = np.random.RandomState(9).randint(0, 255, (8, 60, 80, 3), dtype=np.uint8)
+    prompt = f"Watch <|vision_start|><|video_pad|><|vision_end|> and {IMAGE}."
+    image = picture(70, 50, 10)
+    ours_out = engine.generate(prompt, GREEDY, return_logits=True, image_data=[image], video_data=[frames])
+    model, processor = hf
+    enc = processor(text=[prompt], images=[image], videos=[frames], return_tensors="pt")
+    assert "second_per_grid_ts" in enc
+    out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, output_logits=True,
+                         return_dict_in_generate=True)
+    assert_same(ours_out, (out.sequences[0, enc["input_ids"].shape[1]:].tolist(), [lg[0] for lg in out.logits]))
