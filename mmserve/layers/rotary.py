@@ -124,14 +124,24 @@ class RotaryEmbedding(nn.Module):
 class MRotaryEmbedding(RotaryEmbedding):
     """Multimodal rotary (Qwen2-VL): positions are [3, tokens] (temporal, height, width); the frequency bands
     of the half head dim are split by `mrope_section` and band i takes its angle from position row i % 3.
-    Text tokens carry the same value in all three rows, which makes this the plain 1-D rotary for them."""
+    Text tokens carry the same value in all three rows, which makes this the plain 1-D rotary for them.
 
-    def __init__(self, head_dim: int, max_position: int, params: dict[str, Any], mrope_section: list[int]):
+    `interleaved` (Qwen3-VL) deals the bands out in turn instead of in contiguous sections: band j reads row 1
+    when j % 3 == 1 and j < 3 * mrope_section[1], row 2 when j % 3 == 2 and j < 3 * mrope_section[2], else row 0,
+    so every axis gets both high and low frequencies."""
+
+    def __init__(self, head_dim: int, max_position: int, params: dict[str, Any], mrope_section: list[int],
+                 interleaved: bool = False):
         super().__init__(head_dim, max_position, params)
         half = self.rotary_dim // 2
         assert sum(mrope_section) == half, f"mrope_section {mrope_section} must sum to {half}"
         # row (0, 1 or 2) that each frequency band reads its position from
-        rows = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)])
+        if interleaved:
+            rows = torch.zeros(half, dtype=torch.int64)
+            for row in (1, 2):
+                rows[row : 3 * mrope_section[row] : 3] = row
+        else:
+            rows = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)])
         self.register_buffer("band_rows", rows, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

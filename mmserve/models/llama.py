@@ -37,8 +37,19 @@ def sliding_window_of(config: PretrainedConfig, layer_id: int) -> int | None:
     return window
 
 
+def build_rotary(config: PretrainedConfig, head_dim: int) -> RotaryEmbedding:
+    """The model's rotary table. Built once per model and shared by every layer: a table per layer would cost
+    layers x max_position x head_dim x 8 bytes (about 4 GB for Llama-3.1-8B's 131072 positions)."""
+    params = rope_parameters(config)
+    if params.get("mrope_section"):  # Qwen2-VL style 3-D positions
+        return MRotaryEmbedding(head_dim, config.max_position_embeddings, params, params["mrope_section"],
+                                bool(params.get("mrope_interleaved")))
+    return RotaryEmbedding(head_dim, config.max_position_embeddings, params)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_id: int, qkv_bias: bool = False, qk_norm: bool = False):
+    def __init__(self, config: PretrainedConfig, layer_id: int, qkv_bias: bool = False, qk_norm: bool = False,
+                 rotary_emb: RotaryEmbedding | None = None):
         super().__init__()
         tp = get_tp_size()
         self.head_dim = head_dim_of(config)
@@ -55,12 +66,8 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
-        params = rope_parameters(config)
-        if params.get("mrope_section"):  # Qwen2-VL style 3-D positions
-            self.rotary_emb = MRotaryEmbedding(self.head_dim, config.max_position_embeddings, params,
-                                               params["mrope_section"])
-        else:
-            self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, params)
+        # one table for the whole model (see build_rotary); built here only when a layer is used on its own
+        self.rotary_emb = rotary_emb if rotary_emb is not None else build_rotary(config, self.head_dim)
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_id,
                               sliding_window=sliding_window_of(config, layer_id))
 
@@ -75,9 +82,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_id: int, qkv_bias: bool = False, qk_norm: bool = False):
+    def __init__(self, config: PretrainedConfig, layer_id: int, qkv_bias: bool = False, qk_norm: bool = False,
+                 rotary_emb: RotaryEmbedding | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, qkv_bias=qkv_bias, qk_norm=qk_norm)
+        self.self_attn = LlamaAttention(config, layer_id, qkv_bias=qkv_bias, qk_norm=qk_norm, rotary_emb=rotary_emb)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
                             bias=getattr(config, "mlp_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -98,8 +106,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, qkv_bias: bool = False, qk_norm: bool = False):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        rotary = build_rotary(config, head_dim_of(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias=qkv_bias, qk_norm=qk_norm) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, qkv_bias=qkv_bias, qk_norm=qk_norm, rotary_emb=rotary)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

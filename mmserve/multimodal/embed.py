@@ -3,6 +3,10 @@
 Each model calls it with its own `encode(items) -> list of [length, hidden] tensors`. Only the items that
 overlap this step's tokens are needed; an item already encoded (an earlier chunk, or another request with the
 same media) comes from the EncoderCache and is sliced, never recomputed.
+
+`embed_tokens` is any callable ids -> [tokens, width] whose width matches the encoder outputs: a model whose
+encoder rows carry extra columns for later layers (Qwen3-VL's DeepStack features) passes one that pads text
+embeddings with zeros, and gets those columns sliced and placed with the rest.
 """
 
 from __future__ import annotations
@@ -10,14 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalItem, is_pad
 from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
 
 
-def embed_multimodal(input_ids: torch.Tensor, batch: ForwardBatch, embed_tokens: nn.Module,
+def embed_multimodal(input_ids: torch.Tensor, batch: ForwardBatch,
+                     embed_tokens: Callable[[torch.Tensor], torch.Tensor],
                      encode: Callable[[list[MultimodalItem]], list[torch.Tensor]],
                      cache: EncoderCache) -> torch.Tensor:
     if batch.mode != ForwardMode.EXTEND or not batch.mm_inputs or not any(batch.mm_inputs):

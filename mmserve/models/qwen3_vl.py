@@ -1,0 +1,202 @@
+"""Qwen3-VL (dense): a ViT over 16x16 patches with learned absolute position embeddings, DeepStack, and the Qwen3
+decoder with interleaved M-RoPE.
+
+What differs from `qwen2_vl.py`, and all this file holds:
+- ViT: the patch projection has a bias; a learned square table of `num_position_embeddings` absolute positions is
+  resampled (bilinear, corners aligned) to each image's patch grid and added before the blocks, on top of the 2-D
+  rotary inside attention; blocks use LayerNorm and a plain (non-gated) MLP;
+- DeepStack: the outputs of the blocks in `deepstack_visual_indexes` go through their own patch mergers (with the
+  LayerNorm after the 2x2 concatenation) and are added to the decoder's hidden states at the media positions after
+  the first len(deepstack_visual_indexes) decoder layers. The encoder output of an item is one tensor
+  [tokens, hidden * (1 + levels)], main features first, so the encoder cache and chunked prefill slice all levels
+  together; the forward splits this step's rows into input embeddings and per-level additions (zero on text rows);
+- decoder: Qwen3 (per-head q/k RMSNorm, no q/k/v bias) whose M-RoPE deals the frequency bands out to t/h/w in turn
+  (`MRotaryEmbedding(interleaved=True)`) instead of in contiguous sections;
+- video: the processor writes every frame (temporal patch) as its own placeholder run after a "<t seconds>" text
+  timestamp, and the reference gives each run the positions of a one-frame image; the ViT attends within a frame
+  anyway, so each frame is its own item with grid (1, h, w).
+
+The processor cutting, encode, the rotary helpers and weight-name handling are Qwen2-VL's.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from mmserve.layers.activation import get_act_fn
+from mmserve.layers.embedding import ParallelLMHead
+from mmserve.layers.logits import LogitsProcessor
+from mmserve.layers.rotary import rope_parameters
+from mmserve.models.llama import LlamaModel
+from mmserve.models.qwen2_vl import (
+    _ENCODER_CACHE_BYTES,
+    Qwen2VLForConditionalGeneration,
+    VisionAttention,
+    VisionRotary,
+    patch_positions,
+)
+from mmserve.multimodal.embed import embed_multimodal
+from mmserve.multimodal.encoder_cache import EncoderCache
+from mmserve.multimodal.inputs import MultimodalInputs
+from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
+
+
+class VisionBlock(nn.Module):
+    """Pre-LayerNorm attention and a two-layer MLP, each with a residual."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = VisionAttention(dim, num_heads)
+        self.mlp = nn.ModuleDict({"linear_fc1": nn.Linear(dim, mlp_dim), "linear_fc2": nn.Linear(mlp_dim, dim)})
+        self.act = get_act_fn(act)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, seqlens)
+        return x + self.mlp["linear_fc2"](self.act(self.mlp["linear_fc1"](self.norm2(x))))
+
+
+class PatchMerger(nn.Module):
+    """Concatenates each merge x merge block of patch features and projects it to the LLM width. The main merger
+    normalizes each patch before the concatenation; the DeepStack mergers normalize the concatenated block."""
+
+    def __init__(self, dim: int, out_dim: int, merge: int, norm_after_shuffle: bool):
+        super().__init__()
+        self.in_dim = dim * merge * merge
+        self.norm_after_shuffle = norm_after_shuffle
+        self.norm = nn.LayerNorm(self.in_dim if norm_after_shuffle else dim, eps=1e-6)
+        self.linear_fc1 = nn.Linear(self.in_dim, self.in_dim)
+        self.linear_fc2 = nn.Linear(self.in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x.view(-1, self.in_dim)) if self.norm_after_shuffle else self.norm(x).view(-1, self.in_dim)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
+class Qwen3VisionTransformer(nn.Module):
+    def __init__(self, vc: PretrainedConfig):
+        super().__init__()
+        self.merge = vc.spatial_merge_size
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        # the reference's Conv3d with stride = kernel is a matmul over each flattened patch
+        self.patch_embed = nn.ModuleDict({"proj": nn.Linear(patch_dim, vc.hidden_size, bias=True)})
+        self.pos_embed = nn.Embedding(vc.num_position_embeddings, vc.hidden_size)
+        self.side = int(vc.num_position_embeddings**0.5)
+        theta = (getattr(vc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        self.rotary = VisionRotary(vc.hidden_size // vc.num_heads, theta)
+        self.blocks = nn.ModuleList(
+            VisionBlock(vc.hidden_size, vc.num_heads, vc.intermediate_size, vc.hidden_act) for _ in range(vc.depth))
+        self.merger = PatchMerger(vc.hidden_size, vc.out_hidden_size, self.merge, norm_after_shuffle=False)
+        self.deepstack_visual_indexes = list(vc.deepstack_visual_indexes)
+        self.deepstack_merger_list = nn.ModuleList(
+            PatchMerger(vc.hidden_size, vc.out_hidden_size, self.merge, norm_after_shuffle=True)
+            for _ in self.deepstack_visual_indexes)
+
+    def position_embeddings(self, grid_thw: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+        """[patches, hidden] in float32: the side x side table resampled bilinearly, corners aligned, to each item's
+        (h, w) patch grid, at the (row, column) `hw` of every patch."""
+        sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid_thw.tolist()])
+        side = self.side
+        # corners aligned: patch 0 samples table row 0 and patch h - 1 samples table row side - 1
+        src = hw.float() * (side - 1) / (sizes.to(hw.device) - 1).clamp(min=1)
+        lo = src.floor()
+        frac = src - lo
+        lo = lo.long()
+        hi = (lo + 1).clamp(max=side - 1)
+        table = self.pos_embed.weight
+        out = 0
+        for rows, row_w in ((lo[:, 0], 1 - frac[:, 0]), (hi[:, 0], frac[:, 0])):
+            for cols, col_w in ((lo[:, 1], 1 - frac[:, 1]), (hi[:, 1], frac[:, 1])):
+                out = out + table[rows * side + cols] * (row_w * col_w)[:, None]
+        return out
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """[merged tokens, out_hidden * (1 + DeepStack levels)]: the main merger's output, then each level's."""
+        x = self.patch_embed["proj"](pixel_values.to(self.patch_embed["proj"].weight.dtype))
+        hw = patch_positions(grid_thw, self.merge).to(x.device)
+        x = x + self.position_embeddings(grid_thw, hw).to(x.dtype)
+        cos, sin = self.rotary(hw)
+        # attention runs within each frame (pair) of each item
+        seqlens = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+        levels = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, seqlens)
+            if i in self.deepstack_visual_indexes:
+                levels.append(self.deepstack_merger_list[self.deepstack_visual_indexes.index(i)](x))
+        return torch.cat([self.merger(x), *levels], dim=-1)
+
+
+class Qwen3VLTextModel(LlamaModel):
+    """The Llama/Qwen3 decoder with DeepStack: `deepstack` [tokens, levels, hidden] is added to the hidden states
+    after each of the first `levels` layers."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
+                input_embeds: torch.Tensor | None = None, deepstack: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        residual = None
+        for i, layer in enumerate(self.layers):
+            hidden_states, residual = layer(positions, hidden_states, residual, batch)
+            if deepstack is not None and i < deepstack.shape[1]:
+                # the reference adds to the layer's full output (residual + update); folding the residual here
+                # keeps its order of additions, and the next layer starts from a fresh residual
+                hidden_states, residual = residual + hidden_states + deepstack[:, i], None
+        return self.norm(hidden_states) if residual is None else self.norm(hidden_states, residual)[0]
+
+
+class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    qkv_bias = False
+    qk_norm = True
+
+    def __init__(self, config: PretrainedConfig):
+        nn.Module.__init__(self)
+        self.config = config
+        # The reference always interleaves the M-RoPE bands, whether or not the config says `mrope_interleaved`.
+        text = copy.deepcopy(config.text_config)
+        text.rope_parameters = {**rope_parameters(text), "mrope_interleaved": True}
+        self.hidden_size = text.hidden_size
+        self.visual = Qwen3VisionTransformer(config.vision_config)
+        self.deepstack_levels = len(self.visual.deepstack_visual_indexes)
+        self.model = Qwen3VLTextModel(text, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
+        self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
+        self.tied = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+        if self.tied:
+            self.lm_head.tie_to(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(text.vocab_size)
+        self.encoder_cache = EncoderCache(_ENCODER_CACHE_BYTES)
+
+    def _wide_embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text embeddings padded with zeros to the encoder output's width: text rows get no DeepStack addition."""
+        return F.pad(self.model.embed_tokens(input_ids), (0, self.hidden_size * self.deepstack_levels))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        deepstack = None
+        if self.deepstack_levels and batch.mode == ForwardMode.EXTEND and any(batch.mm_inputs or ()):
+            wide = embed_multimodal(input_ids, batch, self._wide_embed, self.encode, self.encoder_cache)
+            embeds = wide[:, : self.hidden_size]
+            deepstack = wide[:, self.hidden_size :].unflatten(-1, (self.deepstack_levels, self.hidden_size))
+        else:
+            embeds = embed_multimodal(input_ids, batch, self.model.embed_tokens, self.encode, self.encoder_cache)
+        hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds, deepstack=deepstack)
+        return self.logits_processor(hidden_states, self.lm_head, batch)
+
+    @classmethod
+    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
+        """Qwen2-VL's cutting, with every video frame (temporal patch) its own item: the processor separates frames
+        by timestamp text, so each is a placeholder run of its own with one-frame positions."""
+        grid = processed.get("video_grid_thw")
+        if grid is not None:
+            frames = grid.repeat_interleave(grid[:, 0], dim=0)
+            frames[:, 0] = 1
+            # pixel_values_videos is frame-major within each video, so per-frame sizes split it as they are
+            processed = {**processed, "video_grid_thw": frames}
+        return super().multimodal_inputs(hf_config, processed)
+
+
+EntryClass = [Qwen3VLForConditionalGeneration]

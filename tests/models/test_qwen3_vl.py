@@ -1,0 +1,139 @@
+"""Qwen3-VL (dense) against transformers on a tiny random model (float32, CPU): images one and two at a time, text
+only, chunked prefill that cuts an image (so DeepStack rows are sliced across chunks), a video (one item per frame
+between timestamps), the prefix cache keyed by image content, the interleaved M-RoPE layout and both weight-name
+layouts."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmserve import Engine
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+NEW_TOKENS = 8
+GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+
+
+def picture(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_qwen3_vl_dir):
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_qwen3_vl_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_qwen3_vl_dir)
+
+
+def hf_generate(hf, prompt: str, images: list[Image.Image], videos: list[np.ndarray] | None = None,
+                ) -> tuple[list[int], list[torch.Tensor]]:
+    model, processor = hf
+    enc = processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt")
+    out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[0, enc["input_ids"].shape[1]:].tolist(), [lg[0] for lg in out.logits]
+
+
+def assert_same(ours: dict, ref: tuple[list[int], list[torch.Tensor]]) -> None:
+    ids, logits = ref
+    assert ours["output_ids"] == ids
+    for step, (a, b) in enumerate(zip(ours["meta_info"]["logits"], logits, strict=True)):
+        diff = (a - b).abs().max().item()
+        assert diff < 1e-4, f"step {step}: max abs logit diff {diff}"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3_vl_dir):
+    with Engine(model_path=str(tiny_qwen3_vl_dir), dtype="float32") as e:
+        yield e
+
+
+# 16 px patches merged 2x2: 150x100 -> 10x6 patches, 90x120 -> 6x8, 200x60 -> 12x4, against an 8x8 position table
+CASES = {
+    "one image": (f"Describe {IMAGE} briefly.", [picture(150, 100, 0)]),
+    "two images of different sizes": (f"Compare {IMAGE} with {IMAGE} now.", [picture(90, 120, 1), picture(200, 60, 2)]),
+    "text only": ("Just some text without pictures.", []),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_transformers(case, engine, hf):
+    prompt, images = CASES[case]
+    ours = engine.generate(prompt, GREEDY, return_logits=True, image_data=images if images else None)
+    assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def test_chunked_prefill_smaller_than_an_image(tiny_qwen3_vl_dir, hf):
+    prompt, images = CASES["two images of different sizes"]
+    with Engine(model_path=str(tiny_qwen3_vl_dir), dtype="float32", chunked_prefill_size=8,
+                disable_radix_cache=True) as small:
+        ours = small.generate(prompt, GREEDY, return_logits=True, image_data=images)
+        assert small.scheduler.stats.prefill_steps >= 4
+        encoder = small.runner.model.encoder_cache
+        # each image encoded once (main and DeepStack features together), then sliced for every chunk
+        assert encoder.stores == 2 and encoder.hits >= 4
+    assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def test_video_matches_transformers(engine, hf):
+    frames = np.random.RandomState(9).randint(0, 255, (8, 60, 80, 3), dtype=np.uint8)
+    prompt = f"Watch {VIDEO} and then {IMAGE} too."
+    image = picture(70, 50, 10)
+    ours = engine.generate(prompt, GREEDY, return_logits=True, image_data=[image], video_data=[frames])
+    assert_same(ours, hf_generate(hf, prompt, [image], [frames]))
+
+
+def test_prefix_cache_is_keyed_by_image_content(engine):
+    img, other = picture(150, 100, 5), picture(150, 100, 6)
+    prompt = f"Look: {IMAGE} and tell me."
+    first = engine.generate(prompt, GREEDY, image_data=[img])
+    again = engine.generate(prompt, GREEDY, image_data=[img])
+    changed = engine.generate(prompt, GREEDY, image_data=[other])
+    assert again["meta_info"]["cached_tokens"] == again["meta_info"]["prompt_tokens"] - 1
+    assert again["output_ids"] == first["output_ids"]
+    assert changed["meta_info"]["cached_tokens"] <= prompt.index(IMAGE)
+    with Engine(model_path=engine.args.model_path, dtype="float32", disable_radix_cache=True) as plain:
+        assert plain.generate(prompt, GREEDY, image_data=[other])["output_ids"] == changed["output_ids"]
+
+
+def test_interleaved_mrope_matches_transformers(hf):
+    """Our band layout against the reference's rotary on positions whose three rows all differ."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    from mmserve.layers.rotary import MRotaryEmbedding
+
+    text = copy.deepcopy(hf[0].config.text_config)
+    for section in ([4, 2, 2], [2, 3, 3]):  # the second gives row 2 fewer bands than its section says
+        text.rope_parameters["mrope_section"] = section
+        ref = Qwen3VLTextRotaryEmbedding(text)
+        ours = MRotaryEmbedding(16, 64, {"rope_type": "default", "rope_theta": 10000.0}, section, interleaved=True)
+        positions = torch.stack([torch.arange(10), torch.arange(10) * 3 % 7, torch.arange(10) * 5 % 11])
+        cos, sin = ref(torch.zeros(1, dtype=torch.float32), positions[:, None])
+        q = torch.randn(10, 1, 16)
+        expected = q * cos[0, :, None] + torch.cat((-q[..., 8:], q[..., :8]), -1) * sin[0, :, None]
+        torch.testing.assert_close(ours(positions, q, q)[0], expected)
+
+
+def test_loads_both_weight_layouts(tiny_qwen3_vl_dir, hf):
+    """transformers 5 names ("model.visual.", "model.language_model.") and the original ones ("visual.", "model.")
+    fill every parameter with the same values."""
+    from mmserve.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+    state = hf[0].state_dict()
+    original = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+                for k, v in state.items()}
+    models = []
+    for weights in (state, original):
+        model = Qwen3VLForConditionalGeneration(hf[0].config)
+        loaded = model.load_weights(weights.items())
+        assert loaded == {name for name, _ in model.named_parameters()}
+        models.append(model)
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
+        assert torch.equal(a, b), name
