@@ -80,17 +80,21 @@ class VisionAttention(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str):
+    """Pre-LayerNorm attention and a two-layer MLP, each with a residual. `mlp_names` are the checkpoint's names
+    of the MLP's two linears (Qwen2-VL: fc1/fc2; Qwen3-VL: linear_fc1/linear_fc2)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str, mlp_names: tuple[str, str] = ("fc1", "fc2")):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = VisionAttention(dim, num_heads)
-        self.mlp = nn.ModuleDict({"fc1": nn.Linear(dim, mlp_dim), "fc2": nn.Linear(mlp_dim, dim)})
+        self.up_name, self.down_name = mlp_names
+        self.mlp = nn.ModuleDict({self.up_name: nn.Linear(dim, mlp_dim), self.down_name: nn.Linear(mlp_dim, dim)})
         self.act = get_act_fn(act)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, seqlens)
-        return x + self.mlp["fc2"](self.act(self.mlp["fc1"](self.norm2(x))))
+        return x + self.mlp[self.down_name](self.act(self.mlp[self.up_name](self.norm2(x))))
 
 
 class PatchMerger(nn.Module):

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from mmserve.layers.activation import get_act_fn
 from mmserve.layers.embedding import ParallelLMHead
 from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.rotary import rope_parameters
@@ -37,7 +36,7 @@ from mmserve.models.llama import LlamaModel
 from mmserve.models.qwen2_vl import (
     _ENCODER_CACHE_BYTES,
     Qwen2VLForConditionalGeneration,
-    VisionAttention,
+    VisionBlock,
     VisionRotary,
     patch_positions,
 )
@@ -45,22 +44,6 @@ from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalInputs
 from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
-
-
-class VisionBlock(nn.Module):
-    """Pre-LayerNorm attention and a two-layer MLP, each with a residual."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = VisionAttention(dim, num_heads)
-        self.mlp = nn.ModuleDict({"linear_fc1": nn.Linear(dim, mlp_dim), "linear_fc2": nn.Linear(mlp_dim, dim)})
-        self.act = get_act_fn(act)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, seqlens)
-        return x + self.mlp["linear_fc2"](self.act(self.mlp["linear_fc1"](self.norm2(x))))
 
 
 class PatchMerger(nn.Module):
@@ -92,7 +75,8 @@ class Qwen3VisionTransformer(nn.Module):
         theta = (getattr(vc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
         self.rotary = VisionRotary(vc.hidden_size // vc.num_heads, theta)
         self.blocks = nn.ModuleList(
-            VisionBlock(vc.hidden_size, vc.num_heads, vc.intermediate_size, vc.hidden_act) for _ in range(vc.depth))
+            VisionBlock(vc.hidden_size, vc.num_heads, vc.intermediate_size, vc.hidden_act,
+                        mlp_names=("linear_fc1", "linear_fc2")) for _ in range(vc.depth))
         self.merger = PatchMerger(vc.hidden_size, vc.out_hidden_size, self.merge, norm_after_shuffle=False)
         self.deepstack_visual_indexes = list(vc.deepstack_visual_indexes)
         self.deepstack_merger_list = nn.ModuleList(
