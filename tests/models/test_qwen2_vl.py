@@ -6,17 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from vl_helpers import GREEDY, IMAGE, NEW_TOKENS, VIDEO, assert_same, hf_generate, picture
 
 from mmserve import Engine
-
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-NEW_TOKENS = 8
-GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
-
-
-def picture(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -25,22 +17,6 @@ def hf(tiny_qwen2_vl_dir):
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2_vl_dir, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(tiny_qwen2_vl_dir)
-
-
-def hf_generate(hf, prompt: str, images: list[Image.Image]) -> tuple[list[int], list[torch.Tensor]]:
-    model, processor = hf
-    enc = processor(text=[prompt], images=images or None, return_tensors="pt")
-    out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, output_logits=True,
-                         return_dict_in_generate=True)
-    return out.sequences[0, enc["input_ids"].shape[1]:].tolist(), [lg[0] for lg in out.logits]
-
-
-def assert_same(ours: dict, ref: tuple[list[int], list[torch.Tensor]]) -> None:
-    ids, logits = ref
-    assert ours["output_ids"] == ids
-    for step, (a, b) in enumerate(zip(ours["meta_info"]["logits"], logits, strict=True)):
-        diff = (a - b).abs().max().item()
-        assert diff < 1e-4, f"step {step}: max abs logit diff {diff}"
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +76,6 @@ def test_chat_with_an_image_part(tiny_qwen2_vl_dir, hf):
         prompt = render_chat(e.tokenizer, messages, e.chat_template)
     assert IMAGE in prompt
     assert ours["output_ids"] == hf_generate(hf, prompt, [img])[0]
-
-
-VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
 def test_video_matches_transformers(engine, hf):

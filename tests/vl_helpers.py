@@ -1,0 +1,36 @@
+"""Helpers shared by the vision-language model tests: random pictures, transformers' greedy reference, and the
+token-and-logits comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+NEW_TOKENS = 8
+GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def picture(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def hf_generate(hf, prompt: str, images: list[Image.Image], videos: list[np.ndarray] | None = None,
+                ) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy tokens and raw next-token logits; hf = (model, processor)."""
+    model, processor = hf
+    enc = processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt")
+    out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[0, enc["input_ids"].shape[1]:].tolist(), [lg[0] for lg in out.logits]
+
+
+def assert_same(ours: dict, ref: tuple[list[int], list[torch.Tensor]]) -> None:
+    """Same greedy tokens, and every step's logits within 1e-4 (ours from generate(..., return_logits=True))."""
+    ids, logits = ref
+    assert ours["output_ids"] == ids
+    for step, (a, b) in enumerate(zip(ours["meta_info"]["logits"], logits, strict=True)):
+        diff = (a - b).abs().max().item()
+        assert diff < 1e-4, f"step {step}: max abs logit diff {diff}"
