@@ -228,6 +228,8 @@ def test_full_queue_answers_503(start_server, model_path):
         assert server_info(handle)["in_flight"] == 1
         second = httpx.post(handle.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
         assert second.status_code == 503 and "capacity" in second.json()["error"]["message"]
+    # the disconnect reaches the server asynchronously; once it has aborted the stream, there is room again
+    assert wait_idle(handle)["in_flight"] == 0
     ok = httpx.post(handle.url + "/v1/chat/completions", json={"messages": MSGS, "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
 
