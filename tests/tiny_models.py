@@ -57,31 +57,28 @@ def build_tiny_model(family: str, tokenizer_dir: Path, out: Path) -> Path:
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_tiny_qwen2_vl(tokenizer_dir: Path, out: Path) -> Path:
-    """A 2-layer Qwen2-VL (2-block ViT) with SmolLM2's tokenizer plus Qwen's vision tokens, and its processor."""
-    from transformers import (
-        AutoTokenizer,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def vision_tokenizer(tokenizer_dir: Path):
+    """SmolLM2's tokenizer plus Qwen's vision tokens; returns it and the tokens' ids (start, end, image, video)."""
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    ids = tok.convert_tokens_to_ids(VISION_TOKENS)
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    return tok, tok.convert_tokens_to_ids(VISION_TOKENS)
+
+
+def vl_text_config(vocab_size: int, mrope_section: list[int], **extra) -> dict:
+    """The 2-layer, hidden-64 text model the tiny VL models share, with M-RoPE bands `mrope_section`."""
+    return dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                 bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2,
-                                                                 hidden_size=64, patch_size=14, spatial_merge_size=2,
-                                                                 temporal_patch_size=2),
-                           vision_start_token_id=ids[0], vision_end_token_id=ids[1], image_token_id=ids[2],
-                           video_token_id=ids[3], bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(4321)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+                **extra)
+
+
+def save_random_vl(model_cls, config, seed: int, out: Path) -> None:
+    """Build `model_cls(config)` with large random weights (norms near one), so greedy choices are clear-cut."""
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln_q" in name:
@@ -89,6 +86,26 @@ def build_tiny_qwen2_vl(tokenizer_dir: Path, out: Path) -> Path:
             else:
                 p.normal_(0.0, 0.2)
     model.save_pretrained(out)
+
+
+def build_tiny_qwen2_vl(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer Qwen2-VL (2-block ViT) with SmolLM2's tokenizer plus Qwen's vision tokens, and its processor."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok, ids = vision_tokenizer(tokenizer_dir)
+    text = vl_text_config(len(tok), mrope_section=[2, 3, 3])
+    config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2,
+                                                                 hidden_size=64, patch_size=14, spatial_merge_size=2,
+                                                                 temporal_patch_size=2),
+                           vision_start_token_id=ids[0], vision_end_token_id=ids[1], image_token_id=ids[2],
+                           video_token_id=ids[3], bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    save_random_vl(Qwen2VLForConditionalGeneration, config, 4321, out)
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 80),
                                  video_processor=Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 80),
                                  tokenizer=tok, chat_template=tok.chat_template)
@@ -100,7 +117,6 @@ def build_tiny_qwen2_5_vl(tokenizer_dir: Path, out: Path) -> Path:
     """A 2-layer Qwen2.5-VL with a 4-block ViT whose windows (56 px = 2x2 LLM tokens) are smaller than the test
     images, blocks 1 and 3 attending over whole frames; SmolLM2's tokenizer plus Qwen's vision tokens."""
     from transformers import (
-        AutoTokenizer,
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
@@ -108,28 +124,15 @@ def build_tiny_qwen2_5_vl(tokenizer_dir: Path, out: Path) -> Path:
         Qwen2VLVideoProcessor,
     )
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    ids = tok.convert_tokens_to_ids(VISION_TOKENS)
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    tok, ids = vision_tokenizer(tokenizer_dir)
+    text = vl_text_config(len(tok), mrope_section=[2, 3, 3])
     vision = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
                   tokens_per_second=2)
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vision_start_token_id=ids[0],
                               vision_end_token_id=ids[1], image_token_id=ids[2], video_token_id=ids[3],
                               bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(5432)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(out)
+    save_random_vl(Qwen2_5_VLForConditionalGeneration, config, 5432, out)
     pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 96)
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
                                     video_processor=Qwen2VLVideoProcessor(**pixels),
@@ -143,7 +146,6 @@ def build_tiny_qwen3_vl(tokenizer_dir: Path, out: Path) -> Path:
     patches, an 8x8 learned position table that test images are both larger and smaller than, and DeepStack from
     blocks 0 and 2; SmolLM2's tokenizer plus Qwen's vision tokens, and the Qwen3-VL processor."""
     from transformers import (
-        AutoTokenizer,
         Qwen2VLImageProcessor,
         Qwen3VLConfig,
         Qwen3VLForConditionalGeneration,
@@ -151,28 +153,15 @@ def build_tiny_qwen3_vl(tokenizer_dir: Path, out: Path) -> Path:
         Qwen3VLVideoProcessor,
     )
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    ids = tok.convert_tokens_to_ids(VISION_TOKENS)
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]})
+    tok, ids = vision_tokenizer(tokenizer_dir)
+    text = vl_text_config(len(tok), mrope_section=[4, 2, 2], head_dim=16)
     vision = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, patch_size=16,
                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0, 2])
     config = Qwen3VLConfig(text_config=text, vision_config=vision, vision_start_token_id=ids[0],
                            vision_end_token_id=ids[1], image_token_id=ids[2], video_token_id=ids[3],
                            tie_word_embeddings=False)
-    torch.manual_seed(6543)
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(out)
+    save_random_vl(Qwen3VLForConditionalGeneration, config, 6543, out)
     # 32 px = one LLM token per side; at most 80 LLM tokens per image or frame pair
     size = {"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 80}
     processor = Qwen3VLProcessor(

@@ -145,6 +145,11 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         text = config.text_config
         self.visual = self.vision_tower(config.vision_config)
         self.model = LlamaModel(text, qkv_bias=True)
+        self._build_head(config, text)
+
+    def _build_head(self, config: PretrainedConfig, text: PretrainedConfig) -> None:
+        """LM head (tied to the embedding when either config says so), logits, and the encoder cache; needs
+        self.model built first."""
         self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
         self.tied = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
         if self.tied:

@@ -29,19 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from mmserve.layers.embedding import ParallelLMHead
-from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.rotary import rope_parameters
 from mmserve.models.llama import LlamaModel
 from mmserve.models.qwen2_vl import (
-    _ENCODER_CACHE_BYTES,
     Qwen2VLForConditionalGeneration,
     VisionBlock,
     VisionRotary,
     patch_positions,
 )
 from mmserve.multimodal.embed import embed_multimodal
-from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalInputs
 from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
 
@@ -148,12 +144,7 @@ class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         self.visual = Qwen3VisionTransformer(config.vision_config)
         self.deepstack_levels = len(self.visual.deepstack_visual_indexes)
         self.model = Qwen3VLTextModel(text, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
-        self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
-        self.tied = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
-        if self.tied:
-            self.lm_head.tie_to(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(text.vocab_size)
-        self.encoder_cache = EncoderCache(_ENCODER_CACHE_BYTES)
+        self._build_head(config, text)
 
     def _wide_embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Text embeddings padded with zeros to the encoder output's width: text rows get no DeepStack addition."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from vl_helpers import GREEDY, IMAGE, NEW_TOKENS, VIDEO, assert_same, hf_generate, picture
+from vl_helpers import GREEDY, IMAGE, NEW_TOKENS, VIDEO, assert_same, check_chunked_prefill, hf_generate, picture
 
 from mmserve import Engine
 from mmserve.models.loader import iterate_weights
@@ -73,14 +73,7 @@ def test_matches_transformers(case, engine, hf):
 
 def test_chunked_prefill_smaller_than_an_image(tiny_qwen2_5_vl_dir, hf):
     prompt, images = CASES["two images of different sizes"]
-    with Engine(model_path=str(tiny_qwen2_5_vl_dir), dtype="float32", chunked_prefill_size=8,
-                disable_radix_cache=True) as small:
-        ours = small.generate(prompt, GREEDY, return_logits=True, image_data=images)
-        assert small.scheduler.stats.prefill_steps >= 4
-        encoder = small.runner.model.encoder_cache
-        # each image encoded once, then sliced for every chunk that holds some of its tokens
-        assert encoder.stores == 2 and encoder.hits >= 4
-    assert_same(ours, hf_generate(hf, prompt, images))
+    check_chunked_prefill(tiny_qwen2_5_vl_dir, hf, prompt, images)
 
 
 def video_inputs(hf) -> dict:

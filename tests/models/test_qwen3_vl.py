@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from vl_helpers import GREEDY, IMAGE, VIDEO, assert_same, hf_generate, picture
+from vl_helpers import GREEDY, IMAGE, VIDEO, assert_same, check_chunked_prefill, hf_generate, picture
 
 from mmserve import Engine
 
@@ -46,14 +46,7 @@ def test_matches_transformers(case, engine, hf):
 
 def test_chunked_prefill_smaller_than_an_image(tiny_qwen3_vl_dir, hf):
     prompt, images = CASES["two images of different sizes"]
-    with Engine(model_path=str(tiny_qwen3_vl_dir), dtype="float32", chunked_prefill_size=8,
-                disable_radix_cache=True) as small:
-        ours = small.generate(prompt, GREEDY, return_logits=True, image_data=images)
-        assert small.scheduler.stats.prefill_steps >= 4
-        encoder = small.runner.model.encoder_cache
-        # each image encoded once (main and DeepStack features together), then sliced for every chunk
-        assert encoder.stores == 2 and encoder.hits >= 4
-    assert_same(ours, hf_generate(hf, prompt, images))
+    check_chunked_prefill(tiny_qwen3_vl_dir, hf, prompt, images)
 
 
 def test_video_matches_transformers(engine, hf):
