@@ -83,27 +83,35 @@ class Engine:
 
         With `n` > 1 a prompt gives a list of n results. With `stream=True` (one prompt, n == 1) an iterator
         of chunks whose "text" pieces concatenate to the final text. `image_data`: for a vision-language model,
-        the images of a single prompt (a list of PIL images, bytes, data/http URLs or allowed paths), whose
-        places the prompt marks with the model's image placeholder (see `chat` for the easy way). `video_data`
-        likewise: videos as data/http URLs, allowed paths, bytes, or frame arrays [T, H, W, 3] (used as given)."""
+        the images of a single prompt (one, or a list of PIL images, bytes, data/http URLs or allowed paths), whose
+        places the prompt marks with the model's image placeholder (see `chat` for the easy way); for a list of
+        prompts, a list with each prompt's images (None, one or a list). `video_data` likewise: videos as data/http
+        URLs, allowed paths, bytes, or frame arrays [T, H, W, 3] (used as given)."""
         if prompt is not None and input_ids is not None:
             raise ValueError("give either prompt or input_ids, not both")
         if prompt is None and input_ids is None:
             raise ValueError("give a prompt or input_ids")
         single = isinstance(prompt, str) or (input_ids is not None and len(input_ids) > 0
                                              and isinstance(input_ids[0], int))
-        mm_inputs = None
         if image_data is not None or video_data is not None:
-            if not (single and isinstance(prompt, str)):
-                raise ValueError("image_data and video_data go with a single text prompt")
-            media = [("image", x) for x in image_data or []] + [("video", x) for x in video_data or []]
-            token_lists, mm_inputs = self._encode_multimodal(prompt, media)
+            prompts = [prompt] if single else prompt
+            if prompts is None or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("image_data and video_data go with text prompts")
+            token_lists, mm_list = [], []
+            for text, images, videos in zip(prompts, _per_prompt(image_data, prompts, single, "image"),
+                                            _per_prompt(video_data, prompts, single, "video"), strict=True):
+                media = [("image", x) for x in images] + [("video", x) for x in videos]
+                ids, mm = self._encode_multimodal(text, media) if media else (self._encode(text), None)
+                token_lists.append(ids)
+                mm_list.append(mm)
         elif single:
             token_lists = [list(input_ids) if input_ids is not None else self._encode(prompt)]
         elif input_ids is not None:
             token_lists = [list(ids) for ids in input_ids]
         else:
             token_lists = [self._encode(p) for p in prompt]
+        if image_data is None and video_data is None:
+            mm_list = [None] * len(token_lists)
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
         if len(params_list) != len(token_lists):
             raise ValueError(f"got {len(params_list)} sampling_params for {len(token_lists)} prompts")
@@ -111,9 +119,9 @@ class Engine:
         if stream:
             if len(token_lists) != 1 or parsed[0].n != 1:
                 raise ValueError("stream=True takes one prompt with n == 1")
-            return self._stream(*self._submit(token_lists[0], parsed[0], return_logits, mm_inputs))
-        groups = [[self._submit(ids, p.nth_sample(i), return_logits, mm_inputs) for i in range(p.n)]
-                  for ids, p in zip(token_lists, parsed, strict=True)]
+            return self._stream(*self._submit(token_lists[0], parsed[0], return_logits, mm_list[0]))
+        groups = [[self._submit(ids, p.nth_sample(i), return_logits, mm) for i in range(p.n)]
+                  for ids, p, mm in zip(token_lists, parsed, mm_list, strict=True)]
         results = [[self._wait(*sub) for sub in group] for group in groups]
         results = [group[0] if len(group) == 1 else group for group in results]
         return results[0] if single else results
@@ -165,11 +173,11 @@ class Engine:
             raise ValueError(f"prompt must be a string, got {type(text).__name__}")
         return self.tokenizer.encode(text)
 
-    def _encode_multimodal(self, text: str, media: list[tuple[str, Any]]) -> tuple[list[list[int]], Any]:
+    def _encode_multimodal(self, text: str, media: list[tuple[str, Any]]) -> tuple[list[int], Any]:
         if self.processor is None:
             raise ValueError(f"{self.args.model_path} is a text model: it takes no images or videos")
         ids, mm = self.processor.process(text, media)
-        return [ids], to_wire(mm)
+        return ids, to_wire(mm)
 
     def _submit(self, ids: list[int], params: SamplingParams, return_logits: bool,
                 mm_inputs: Any = None) -> tuple[RequestState, queue.Queue]:
@@ -242,3 +250,18 @@ class Engine:
             if q is not None:
                 q.put(out)
 
+
+def _per_prompt(data: Any, prompts: list[str], single: bool, kind: str) -> list[list[Any]]:
+    """Each prompt's list of `kind` items from the user's image_data / video_data: for one prompt, one item or a
+    list; for several, a list with one entry per prompt (None, one item or a list)."""
+    def as_list(entry: Any) -> list[Any]:
+        return [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
+
+    if single:
+        return [as_list(data)]
+    if data is None:
+        return [[] for _ in prompts]
+    if not isinstance(data, (list, tuple)) or len(data) != len(prompts):
+        raise ValueError(f"{kind}_data for {len(prompts)} prompts must be a list of {len(prompts)} entries "
+                         f"(each None, one {kind} or a list)")
+    return [as_list(entry) for entry in data]

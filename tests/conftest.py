@@ -82,3 +82,10 @@ def tiny_qwen3_vl_dir(tokenizer_dir, tmp_path_factory) -> Path:
     from tiny_models import build_tiny_qwen3_vl
 
     return build_tiny_qwen3_vl(tokenizer_dir, tmp_path_factory.mktemp("tiny_qwen3_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_moe_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tokenizer_dir, tmp_path_factory.mktemp("tiny_qwen3_vl_moe"), moe=True)

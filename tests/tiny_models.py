@@ -9,7 +9,7 @@ import torch
 
 
 def _tiny_configs():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -25,10 +25,15 @@ def _tiny_configs():
         "qwen2": lambda: Qwen2Config(**common, tie_word_embeddings=True),
         # per-head q/k norms and a head_dim different from hidden / heads
         "qwen3": lambda: Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),
+        # experts in layer 0, a dense MLP in layer 1; top-2 of 8 experts without renormalising the weights
+        "qwen3_moe": lambda: Qwen3MoeConfig(**common, tie_word_embeddings=False, **TINY_MOE, norm_topk_prob=False,
+                                            mlp_only_layers=[1]),
     }
 
 
-TINY_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+# expert width 48: neither it nor 2 x 48 equals hidden 64, so the two layouts of fused expert tensors differ
+TINY_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1)
+TINY_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe"]
 
 
 def build_tiny_model(family: str, tokenizer_dir: Path, out: Path) -> Path:
@@ -141,27 +146,32 @@ def build_tiny_qwen2_5_vl(tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
-def build_tiny_qwen3_vl(tokenizer_dir: Path, out: Path) -> Path:
+def build_tiny_qwen3_vl(tokenizer_dir: Path, out: Path, moe: bool = False) -> Path:
     """A 2-layer Qwen3-VL (head_dim 16, interleaved M-RoPE over [4, 2, 2] bands) with a 3-block ViT over 16 px
     patches, an 8x8 learned position table that test images are both larger and smaller than, and DeepStack from
-    blocks 0 and 2; SmolLM2's tokenizer plus Qwen's vision tokens, and the Qwen3-VL processor."""
+    blocks 0 and 2; SmolLM2's tokenizer plus Qwen's vision tokens, and the Qwen3-VL processor. `moe`: the
+    Qwen3-VL-MoE variant, experts (TINY_MOE) in both decoder layers."""
     from transformers import (
         Qwen2VLImageProcessor,
         Qwen3VLConfig,
         Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
         Qwen3VLProcessor,
         Qwen3VLVideoProcessor,
     )
 
     tok, ids = vision_tokenizer(tokenizer_dir)
-    text = vl_text_config(len(tok), mrope_section=[4, 2, 2], head_dim=16)
+    text = vl_text_config(len(tok), mrope_section=[4, 2, 2], head_dim=16, **(TINY_MOE if moe else {}))
     vision = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, patch_size=16,
                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0, 2])
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, vision_start_token_id=ids[0],
-                           vision_end_token_id=ids[1], image_token_id=ids[2], video_token_id=ids[3],
-                           tie_word_embeddings=False)
-    save_random_vl(Qwen3VLForConditionalGeneration, config, 6543, out)
+    config_cls, model_cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe
+                             else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    config = config_cls(text_config=text, vision_config=vision, vision_start_token_id=ids[0],
+                        vision_end_token_id=ids[1], image_token_id=ids[2], video_token_id=ids[3],
+                        tie_word_embeddings=False)
+    save_random_vl(model_cls, config, 6543 + moe, out)
     # 32 px = one LLM token per side; at most 80 LLM tokens per image or frame pair
     size = {"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 80}
     processor = Qwen3VLProcessor(

@@ -7,7 +7,7 @@ k before rotary (Qwen3).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from mmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from mmserve.layers.linear import QKVParallelLinear, RowParallelLinear, default_weight_loader
 from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.mlp import GatedMLP
+from mmserve.layers.moe import expert_weight_target
 from mmserve.layers.norm import RMSNorm
 from mmserve.layers.rotary import MRotaryEmbedding, RotaryEmbedding, rope_parameters
 from mmserve.runner.forward_batch import ForwardBatch
@@ -35,6 +36,14 @@ def sliding_window_of(config: PretrainedConfig, layer_id: int) -> int | None:
     if layer_types is not None:
         return window if layer_types[layer_id] == "sliding_attention" else None
     return window
+
+
+MLPFactory = Callable[[PretrainedConfig, int], nn.Module]
+
+
+def dense_mlp(config: PretrainedConfig, layer_id: int) -> nn.Module:
+    return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                    bias=getattr(config, "mlp_bias", False))
 
 
 def build_rotary(config: PretrainedConfig, head_dim: int) -> RotaryEmbedding:
@@ -82,12 +91,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """`mlp_factory` builds the layer's feed-forward block from (config, layer_id): the gated MLP by default, a
+    mixture of experts in MoE models."""
+
     def __init__(self, config: PretrainedConfig, layer_id: int, qkv_bias: bool = False, qk_norm: bool = False,
-                 rotary_emb: RotaryEmbedding | None = None):
+                 rotary_emb: RotaryEmbedding | None = None, mlp_factory: MLPFactory = dense_mlp):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id, qkv_bias=qkv_bias, qk_norm=qk_norm, rotary_emb=rotary_emb)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                            bias=getattr(config, "mlp_bias", False))
+        self.mlp = mlp_factory(config, layer_id)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -103,12 +114,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, qkv_bias: bool = False, qk_norm: bool = False):
+    def __init__(self, config: PretrainedConfig, qkv_bias: bool = False, qk_norm: bool = False,
+                 mlp_factory: MLPFactory = dense_mlp):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary = build_rotary(config, head_dim_of(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias=qkv_bias, qk_norm=qk_norm, rotary_emb=rotary)
+            LlamaDecoderLayer(config, i, qkv_bias=qkv_bias, qk_norm=qk_norm, rotary_emb=rotary, mlp_factory=mlp_factory)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -126,6 +138,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
+    mlp_factory: MLPFactory = staticmethod(dense_mlp)  # MoE families swap in their block
     # HF checkpoint name -> (our merged parameter, shard id)
     packed_modules = {
         "q_proj": ("qkv_proj", "q"),
@@ -138,7 +151,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
+        self.model = LlamaModel(config, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, mlp_factory=self.mlp_factory)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if self.tied:
@@ -158,7 +171,12 @@ class LlamaForCausalLM(nn.Module):
                 continue
             parts = name.split(".")
             packed = next((p for p in parts if p in self.packed_modules), None)
-            if packed is not None:
+            expert = expert_weight_target(name)
+            if expert is not None:  # one expert's matrix, copied into the fused expert tensors
+                target, shard_id = expert
+                param = params[target]
+                param.weight_loader(param, tensor, shard_id)
+            elif packed is not None:
                 merged, shard_id = self.packed_modules[packed]
                 target = ".".join(merged if p == packed else p for p in parts)
                 param = params[target]

@@ -1,5 +1,5 @@
-"""Qwen3-VL (dense): a ViT over 16x16 patches with learned absolute position embeddings, DeepStack, and the Qwen3
-decoder with interleaved M-RoPE.
+"""Qwen3-VL, dense and MoE: a ViT over 16x16 patches with learned absolute position embeddings, DeepStack, and the
+Qwen3 decoder with interleaved M-RoPE (Qwen3-VL-MoE: the Qwen3-MoE decoder, `models/qwen3_moe.py`).
 
 What differs from `qwen2_vl.py`, and all this file holds:
 - ViT: the patch projection has a bias; a learned square table of `num_position_embeddings` absolute positions is
@@ -22,6 +22,7 @@ The processor cutting, encode, the rotary helpers and weight-name handling are Q
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from mmserve.models.qwen2_vl import (
     VisionRotary,
     patch_positions,
 )
+from mmserve.models.qwen3_moe import qwen_moe_mlp
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.inputs import MultimodalInputs
 from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
@@ -143,7 +145,8 @@ class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         self.hidden_size = text.hidden_size
         self.visual = Qwen3VisionTransformer(config.vision_config)
         self.deepstack_levels = len(self.visual.deepstack_visual_indexes)
-        self.model = Qwen3VLTextModel(text, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
+        self.model = Qwen3VLTextModel(text, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm,
+                                      mlp_factory=self.mlp_factory)
         self._build_head(config, text)
 
     def _wide_embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -174,4 +177,10 @@ class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         return super().multimodal_inputs(hf_config, processed)
 
 
-EntryClass = [Qwen3VLForConditionalGeneration]
+class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """Qwen3-VL with the Qwen3-MoE decoder; its router always renormalises the top-k weights."""
+
+    mlp_factory = staticmethod(functools.partial(qwen_moe_mlp, norm_topk_prob=True))
+
+
+EntryClass = [Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration]
