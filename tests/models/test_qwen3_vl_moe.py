@@ -55,6 +55,8 @@ def test_batched_requests_match_transformers(engine, hf):
     outs = engine.generate(prompts, GREEDY, return_logits=True, image_data=[CASES["one image"][1], None])
     assert_same(outs[0], hf_generate(hf, prompts[0], CASES["one image"][1]))
     assert_same(outs[1], hf_generate(hf, prompts[1], []))
+    with pytest.raises(ValueError, match="image_data for 2 prompts must be a list of 2 entries"):
+        engine.generate(prompts, GREEDY, image_data=[CASES["one image"][1][0]])
 
 
 def test_video_matches_transformers(engine, hf):
