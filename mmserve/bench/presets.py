@@ -30,6 +30,15 @@ PRESETS: dict[str, dict] = {
                          "original_max_position_embeddings": 8192},
         "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
     },
+    # mixture of experts: 128 experts of width 768, 8 per token (about 3B of 30B parameters active)
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936, "tie_word_embeddings": False,
+        "hidden_act": "silu", "torch_dtype": "bfloat16",
+    },
 }
 
 

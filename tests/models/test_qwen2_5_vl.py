@@ -95,6 +95,12 @@ def test_video_through_the_vision_tower(ours, hf):
     assert (got - ref).abs().max().item() < 1e-4
 
 
+def reference_rope_index(hf, enc: dict, seconds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return hf[0].model.get_rope_index(
+        enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"], image_grid_thw=enc["image_grid_thw"],
+        video_grid_thw=enc["video_grid_thw"], second_per_grid_ts=seconds)
+
+
 @pytest.mark.parametrize("seconds", [None, 1.3])
 def test_video_mrope_positions_use_frame_timing(ours, hf, seconds):
     enc = video_inputs(hf)
@@ -103,13 +109,19 @@ def test_video_mrope_positions_use_frame_timing(ours, hf, seconds):
     else:
         enc["second_per_grid_ts"] = torch.tensor([seconds])  # as if sampled at 2 / 1.3 fps
     mm = Qwen2_5_VLForConditionalGeneration.multimodal_inputs(hf[0].config, enc)
-    positions, deltas = hf[0].model.get_rope_index(
-        enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"], image_grid_thw=enc["image_grid_thw"],
-        video_grid_thw=enc["video_grid_thw"], second_per_grid_ts=enc.get("second_per_grid_ts"))
-    assert torch.equal(mm.mrope_positions, positions[:, 0])
+    positions, deltas = reference_rope_index(hf, enc, enc.get("second_per_grid_ts"))
+    expected = positions[:, 0].clone()
+    video = next(it for it in mm.items if it.modality == "video")
+    if seconds is not None and torch.equal(positions, reference_rope_index(hf, enc, torch.tensor([1.0]))[0]):
+        # transformers before huggingface/transformers#48669 (5.17 among them) cut the seconds to whole ones before
+        # scaling, so 1.3 s counted as 1 s; we keep the fraction, as the fix does. Only the video's temporal row
+        # differs: frame pair i sits at start + int(i * 1.3 * tokens_per_second).
+        rows = slice(video.offset, video.end)
+        steps = (torch.arange(4) * seconds * hf[0].config.vision_config.tokens_per_second).long()
+        expected[0, rows] = expected[0, video.offset] + steps.repeat_interleave(video.length // 4)
+    assert torch.equal(mm.mrope_positions, expected)
     assert mm.mrope_delta == int(deltas[0, 0])
     # the video's temporal row really advances by more than one position per frame pair
-    video = next(it for it in mm.items if it.modality == "video")
     starts = mm.mrope_positions[0, video.offset:video.end:35].tolist()
     assert len(starts) == 4 and all(b - a >= 2 for a, b in zip(starts[:-1], starts[1:], strict=True))
 
