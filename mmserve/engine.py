@@ -7,6 +7,7 @@ turns prompts into text with the same front-end logic as the server (mmserve.tok
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -155,8 +156,10 @@ class Engine:
             return
         self._stopped.set()
         self._thread.join(timeout=30)
-        # Drop the model and the KV cache now rather than whenever the Engine object is collected.
+        # Drop the model and the KV cache now rather than whenever the Engine object is collected. The model's
+        # parameters hold their layers' weight_loader methods, a reference cycle that only the collector frees.
         del self.core
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -38,8 +38,12 @@ def run_mmserve(args: argparse.Namespace, server_args: ServerArgs) -> dict[str, 
         elapsed = time.perf_counter() - start
         vocab = engine.model_config.vocab_size
     generated = sum(len(o["output_ids"]) for o in outs)
-    return {"seconds": elapsed, "output_tok_s": generated / elapsed,
-            "total_tok_s": (generated + args.num_prompts * args.input_len) / elapsed, "vocab": vocab}
+    result = {"seconds": elapsed, "output_tok_s": generated / elapsed,
+              "total_tok_s": (generated + args.num_prompts * args.input_len) / elapsed, "vocab": vocab}
+    # printed now too, so the figure survives a reference run that fails (e.g. out of memory)
+    left = f", {torch.cuda.memory_allocated() / 2**30:.1f} GiB still allocated" if torch.cuda.is_available() else ""
+    print(f"mmserve: {elapsed:.2f} s, {result['output_tok_s']:.1f} output tok/s{left}", flush=True)
+    return result
 
 
 def run_hf(args: argparse.Namespace, server_args: ServerArgs, vocab: int) -> dict[str, float]:

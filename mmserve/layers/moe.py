@@ -9,12 +9,16 @@ same transposed ([E, H, 2I] and [E, I, H], the original Qwen3-VL-MoE files), or 
 weight at a time (Qwen3-MoE files: `experts.{e}.gate_proj.weight`). Tensor parallelism splits the intermediate
 size, as a column-parallel gate/up and a row-parallel down; the block's output is all-reduced.
 
-The forward is the reference implementation for every device: tokens sorted by expert, one gate/up and one down
-matmul per expert that received tokens, then a scatter-add weighted by the router.
+The forward sorts the (token, expert) pairs by expert, runs every expert's gate/up and down projections over its
+rows, and scatter-adds the outputs weighted by the router. Where torch's grouped GEMM works for the device and dtype
+(checked once by a probe), each projection is one grouped matmul with no host sync; elsewhere a loop runs one matmul
+per expert that received rows (the reference, also used where the grouped kernel lacks the dtype).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 
 import torch
@@ -24,6 +28,8 @@ from torch import nn
 from mmserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 from mmserve.layers.activation import get_act_fn
 from mmserve.layers.linear import ReplicatedLinear, divide
+
+logger = logging.getLogger(__name__)
 
 _EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<part>gate|up|down)_proj\.weight$")
 
@@ -86,17 +92,50 @@ class FusedExperts(nn.Module):
         # stable: within an expert, rows keep token order, and the scatter-add below sums experts in index order
         order = flat.argsort(stable=True)
         token_of = order // k
-        rows = x[token_of]
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        mlp = self.grouped if grouped_mm_works(x.device, x.dtype) else self.looped
+        out = mlp(x[token_of], counts) * topk_weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+    def grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts' gated MLP over rows sorted by expert (`counts` rows each): two grouped matmuls."""
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = _GROUPED_MM(rows, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        return _GROUPED_MM(self.act(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+
+    def looped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The same as `grouped`, one expert at a time (one host sync for the counts)."""
         out = torch.empty_like(rows)
         start = 0
-        for expert, count in enumerate(torch.bincount(flat, minlength=self.num_experts).tolist()):
+        for expert, count in enumerate(counts.tolist()):
             if count:
                 seg = slice(start, start + count)
                 gate, up = F.linear(rows[seg], self.gate_up_proj[expert]).chunk(2, dim=-1)
                 out[seg] = F.linear(self.act(gate) * up, self.down_proj[expert])
                 start += count
-        out = out * topk_weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+        return out
+
+
+# torch >= 2.10 names it in torch.nn.functional; earlier releases have the private op
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@functools.cache
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped matmul runs on this device and dtype and agrees with plain matmuls (some builds lack
+    a CPU kernel or a dtype); probed once on a small problem with an empty group."""
+    if _GROUPED_MM is None:
+        return False
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(24, 16, device=device, dtype=dtype, generator=gen)
+    w = torch.randn(3, 32, 16, device=device, dtype=dtype, generator=gen)
+    try:
+        got = _GROUPED_MM(x, w.transpose(1, 2), offs=torch.tensor([8, 8, 24], dtype=torch.int32, device=device))
+    except (RuntimeError, NotImplementedError) as e:
+        logger.info("grouped matmul unavailable on %s for %s (%s): experts run one at a time", device, dtype, e)
+        return False
+    want = torch.cat([F.linear(x[:8], w[0]), F.linear(x[8:], w[2])])
+    return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
 
 
 class SparseMoeBlock(nn.Module):

@@ -3,6 +3,7 @@ n/seeds, penalties against transformers, logprobs, limits and errors."""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -181,3 +182,20 @@ def test_chunked_prompt_beside_other_requests_in_a_small_pool(model_path, engine
 def test_context_length_beyond_the_model_is_refused(model_path):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         Engine(model_path=model_path, context_length=10**6)
+
+
+def test_shutdown_frees_the_model(model_path):
+    """The weights go when the engine stops, not when the collector next runs (parameters and their layers'
+    weight_loader methods form reference cycles): a second engine must not find the first one's on the GPU."""
+    import weakref
+
+    engine = Engine(model_path=model_path, dtype="float32")
+    weight = weakref.ref(engine.runner.model.model.layers[0].self_attn.qkv_proj.weight)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # so only the engine's own cleanup can free the cycles
+    try:
+        engine.shutdown()
+        assert weight() is None
+    finally:
+        if gc_was_enabled:
+            gc.enable()
