@@ -1,7 +1,8 @@
-"""Qwen3-VL (dense) against transformers on a tiny random model (float32, CPU): images one and two at a time, text
-only, chunked prefill that cuts an image (so DeepStack rows are sliced across chunks), a video (one item per frame
-between timestamps), the prefix cache keyed by image content, the interleaved M-RoPE layout and both weight-name
-layouts."""
+"""Qwen3-VL, dense and MoE, against transformers on tiny random models (float32, CPU): images one and two at a time,
+text only, several requests in one batch, chunked prefill that cuts an image (so DeepStack rows are sliced across
+chunks), a video (one item per frame between timestamps), the prefix cache keyed by image content, the interleaved
+M-RoPE layout, and both checkpoint layouts (weight names, and for MoE the fused expert tensors transposed as the
+original files store them). The MoE variant has experts in every decoder layer."""
 
 from __future__ import annotations
 
@@ -13,19 +14,40 @@ import torch
 from vl_helpers import GREEDY, IMAGE, VIDEO, assert_same, check_chunked_prefill, hf_generate, picture
 
 from mmserve import Engine
+from mmserve.layers.mlp import GatedMLP
+from mmserve.layers.moe import SparseMoeBlock
+from mmserve.models.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+# variant -> (fixture building the tiny checkpoint, transformers class name, our class)
+VARIANTS = {
+    "dense": ("tiny_qwen3_vl_dir", "Qwen3VLForConditionalGeneration", Qwen3VLForConditionalGeneration),
+    "moe": ("tiny_qwen3_vl_moe_dir", "Qwen3VLMoeForConditionalGeneration", Qwen3VLMoeForConditionalGeneration),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_qwen3_vl_dir):
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
-
-    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_qwen3_vl_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(tiny_qwen3_vl_dir)
+def model_dir(request, variant):
+    return request.getfixturevalue(VARIANTS[variant][0])
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_qwen3_vl_dir):
-    with Engine(model_path=str(tiny_qwen3_vl_dir), dtype="float32") as e:
+def hf(model_dir, variant):
+    import transformers
+    from transformers import AutoProcessor
+
+    model_cls = getattr(transformers, VARIANTS[variant][1])
+    model = model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    with Engine(model_path=str(model_dir), dtype="float32") as e:
         yield e
 
 
@@ -33,8 +55,16 @@ def engine(tiny_qwen3_vl_dir):
 CASES = {
     "one image": (f"Describe {IMAGE} briefly.", [picture(150, 100, 0)]),
     "two images of different sizes": (f"Compare {IMAGE} with {IMAGE} now.", [picture(90, 120, 1), picture(200, 60, 2)]),
-    "text only": ("Just some text without pictures.", []),
+    "text only": ("Just some text without pictures, long enough that many experts get tokens.", []),
 }
+
+
+def test_decoder_mlps(engine, variant):
+    mlps = [layer.mlp for layer in engine.runner.model.model.layers]
+    if variant == "dense":
+        assert all(isinstance(mlp, GatedMLP) for mlp in mlps)
+    else:  # experts in every layer, and the VL-MoE router always renormalises the top-k weights
+        assert all(isinstance(mlp, SparseMoeBlock) and mlp.norm_topk_prob for mlp in mlps)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -44,9 +74,20 @@ def test_matches_transformers(case, engine, hf):
     assert_same(ours, hf_generate(hf, prompt, images))
 
 
-def test_chunked_prefill_smaller_than_an_image(tiny_qwen3_vl_dir, hf):
+def test_batched_requests_match_transformers(engine, hf):
+    """An image prompt and a text prompt in one batch (their rows mixed in every layer), each image list given
+    per prompt."""
+    prompts = [CASES["one image"][0], CASES["text only"][0]]
+    outs = engine.generate(prompts, GREEDY, return_logits=True, image_data=[CASES["one image"][1], None])
+    assert_same(outs[0], hf_generate(hf, prompts[0], CASES["one image"][1]))
+    assert_same(outs[1], hf_generate(hf, prompts[1], []))
+    with pytest.raises(ValueError, match="image_data for 2 prompts must be a list of 2 entries"):
+        engine.generate(prompts, GREEDY, image_data=[CASES["one image"][1][0]])
+
+
+def test_chunked_prefill_smaller_than_an_image(model_dir, hf):
     prompt, images = CASES["two images of different sizes"]
-    check_chunked_prefill(tiny_qwen3_vl_dir, hf, prompt, images)
+    check_chunked_prefill(model_dir, hf, prompt, images)
 
 
 def test_video_matches_transformers(engine, hf):
@@ -70,13 +111,14 @@ def test_prefix_cache_is_keyed_by_image_content(engine):
         assert plain.generate(prompt, GREEDY, image_data=[other])["output_ids"] == changed["output_ids"]
 
 
-def test_interleaved_mrope_matches_transformers(hf):
+def test_interleaved_mrope_matches_transformers(tiny_qwen3_vl_dir):
     """Our band layout against the reference's rotary on positions whose three rows all differ."""
+    from transformers import AutoConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
 
     from mmserve.layers.rotary import MRotaryEmbedding
 
-    text = copy.deepcopy(hf[0].config.text_config)
+    text = copy.deepcopy(AutoConfig.from_pretrained(tiny_qwen3_vl_dir).text_config)
     for section in ([4, 2, 2], [2, 3, 3]):  # the second gives row 2 fewer bands than its section says
         text.rope_parameters["mrope_section"] = section
         ref = Qwen3VLTextRotaryEmbedding(text)
@@ -88,19 +130,21 @@ def test_interleaved_mrope_matches_transformers(hf):
         torch.testing.assert_close(ours(positions, q, q)[0], expected)
 
 
-def test_loads_both_weight_layouts(tiny_qwen3_vl_dir, hf):
-    """transformers 5 names ("model.visual.", "model.language_model.") and the original ones ("visual.", "model.")
-    fill every parameter with the same values."""
-    from mmserve.models.qwen3_vl import Qwen3VLForConditionalGeneration
-
+def test_loads_both_checkpoint_layouts(hf, variant):
+    """transformers 5's layout ("model.visual.", "model.language_model.", experts [E, 2I, H] and [E, H, I]) and the
+    original files' ("visual.", "model.", experts transposed) fill every parameter with the same values."""
     state = hf[0].state_dict()
-    original = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
-                for k, v in state.items()}
+    original = {}
+    for name, tensor in state.items():
+        name = name.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        expert = name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        original[name] = tensor.transpose(1, 2) if expert else tensor
+    if variant == "moe":
+        assert original["model.layers.0.mlp.experts.gate_up_proj"].shape == (8, 64, 96)
     models = []
     for weights in (state, original):
-        model = Qwen3VLForConditionalGeneration(hf[0].config)
-        loaded = model.load_weights(weights.items())
-        assert loaded == {name for name, _ in model.named_parameters()}
+        model = VARIANTS[variant][2](hf[0].config)
+        assert model.load_weights(weights.items()) == {name for name, _ in model.named_parameters()}
         models.append(model)
     for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
         assert torch.equal(a, b), name
