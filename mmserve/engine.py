@@ -105,13 +105,13 @@ class Engine:
                 ids, mm = self._encode_multimodal(text, media) if media else (self._encode(text), None)
                 token_lists.append(ids)
                 mm_list.append(mm)
-        elif single:
-            token_lists = [list(input_ids) if input_ids is not None else self._encode(prompt)]
-        elif input_ids is not None:
-            token_lists = [list(ids) for ids in input_ids]
         else:
-            token_lists = [self._encode(p) for p in prompt]
-        if image_data is None and video_data is None:
+            if single:
+                token_lists = [list(input_ids) if input_ids is not None else self._encode(prompt)]
+            elif input_ids is not None:
+                token_lists = [list(ids) for ids in input_ids]
+            else:
+                token_lists = [self._encode(p) for p in prompt]
             mm_list = [None] * len(token_lists)
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
         if len(params_list) != len(token_lists):

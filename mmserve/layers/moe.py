@@ -45,6 +45,8 @@ def expert_weight_target(name: str) -> tuple[str, tuple[int, str]] | None:
 
 
 class FusedExperts(nn.Module):
+    """E gated MLPs of width I (this rank's share of it) as two 3-D parameters; see the module docstring."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu"):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
