@@ -17,11 +17,40 @@ def picture(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
+def video_data_url(path, frames: int, fps: int, size: tuple[int, int] = (80, 60)) -> str:
+    """An H.264 MP4 of `frames` random frames at `fps`, written to `path`, as a data URL."""
+    import base64
+
+    import av
+
+    width, height = size
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            pixels = np.random.RandomState(i).randint(0, 255, (height, width, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def sampled_at(fps: float, frames: np.ndarray) -> dict:
+    """Video metadata for frames taken as they are, `fps` a second: what mmserve assumes of frame arrays (2 fps)."""
+    return {"fps": fps, "total_num_frames": len(frames), "frames_indices": list(range(len(frames)))}
+
+
 def hf_generate(hf, prompt: str, images: list[Image.Image], videos: list[np.ndarray] | None = None,
-                ) -> tuple[list[int], list[torch.Tensor]]:
-    """transformers' greedy tokens and raw next-token logits; hf = (model, processor)."""
+                video_metadata: list[dict] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy tokens and raw next-token logits; hf = (model, processor). Videos are frames already
+    sampled, at 2 fps unless `video_metadata` says otherwise."""
     model, processor = hf
-    enc = processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt")
+    video_kwargs = {}
+    if videos:
+        video_kwargs = {"video_metadata": video_metadata or [sampled_at(2.0, v) for v in videos],
+                        "do_sample_frames": False}
+    enc = processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt", **video_kwargs)
     out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, output_logits=True,
                          return_dict_in_generate=True)
     return out.sequences[0, enc["input_ids"].shape[1]:].tolist(), [lg[0] for lg in out.logits]

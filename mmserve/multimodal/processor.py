@@ -19,17 +19,23 @@ _DEFAULT_LIMITS = {"image": 16, "video": 2}
 _DEFAULT_VIDEO = {"fps": 2.0, "min_frames": 4, "max_frames": 768}
 
 
-def sample_frames(frames: np.ndarray, fps: float, target_fps: float, min_frames: int, max_frames: int,
-                  multiple: int = 2) -> tuple[np.ndarray, float]:
-    """Evenly spaced frames at about `target_fps`, between min and max frames, a multiple of `multiple`;
-    returns (frames, the sampled rate in frames per second of video)."""
-    total = len(frames)
+def sample_frame_indices(total: int, fps: float, target_fps: float, min_frames: int, max_frames: int,
+                         multiple: int = 2) -> np.ndarray:
+    """Indices of evenly spaced frames at about `target_fps` out of `total` frames shot at `fps`, between min and max
+    frames and a multiple of `multiple` (Qwen's frame pairs)."""
     duration = total / fps if fps > 0 else total / target_fps
     want = round(duration * target_fps)
     want = max(min_frames, min(max_frames, want, total))
     want = max(multiple, want - want % multiple)
-    index = np.linspace(0, total - 1, want).round().astype(int)
-    return frames[index], want / duration if duration > 0 else target_fps
+    return np.linspace(0, total - 1, want).round().astype(int)
+
+
+def sample_frames(frames: np.ndarray, fps: float, target_fps: float, min_frames: int, max_frames: int,
+                  multiple: int = 2) -> tuple[np.ndarray, float]:
+    """The frames `sample_frame_indices` picks, and the sampled rate in frames per second of video."""
+    index = sample_frame_indices(len(frames), fps, target_fps, min_frames, max_frames, multiple)
+    duration = len(frames) / fps if fps > 0 else len(frames) / target_fps
+    return frames[index], len(index) / duration if duration > 0 else target_fps
 
 
 def media_parts(messages: list[dict[str, Any]]) -> list[tuple[str, Any]]:
@@ -89,19 +95,31 @@ class MultimodalProcessor:
                   for i, src in enumerate(src for kind, src in media if kind == "image")]
         videos = [self._video(src, f"video {i}")
                   for i, src in enumerate(src for kind, src in media if kind == "video")]
-        processed = self.hf(text=[text], images=images or None, videos=videos or None, return_tensors="pt")
+        # The frames are sampled already; the metadata tells the processor when each was shot, which Qwen2.5-VL turns
+        # into M-RoPE time steps and Qwen3-VL into "<t seconds>" text (without it they assume 24 fps, and Qwen3-VL
+        # would sample again).
+        video_kwargs = ({"video_metadata": [meta for _, meta in videos], "do_sample_frames": False} if videos
+                        else {})
+        processed = self.hf(text=[text], images=images or None, videos=[frames for frames, _ in videos] or None,
+                            return_tensors="pt", **video_kwargs)
         mm = self.model_cls.multimodal_inputs(self.hf_config, processed)
         return processed["input_ids"][0].tolist(), mm
 
-    def _video(self, source: Any, label: str) -> np.ndarray:
-        """Frames [T, H, W, 3] uint8. An array passed in-process is taken as already sampled."""
+    def _video(self, source: Any, label: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """Frames [T, H, W, 3] uint8 and their metadata (the video's fps, its frame count, the frames' indices). An
+        array passed in-process is taken as already sampled at the configured rate (`fps`, 2 by default)."""
         if isinstance(source, np.ndarray):
             if source.ndim != 4 or source.shape[-1] != 3 or len(source) == 0:
                 raise MediaError(f"{label}: frames must be an array [frames, height, width, 3]")
-            return source
+            return source, video_metadata(float(self.video["fps"]), len(source), range(len(source)))
         if isinstance(source, dict):
             source = source.get("url")
         frames, fps = load_video_frames(source, self.policy, label)
         v = self.video
-        sampled, _ = sample_frames(frames, fps, float(v["fps"]), int(v["min_frames"]), int(v["max_frames"]))
-        return sampled
+        index = sample_frame_indices(len(frames), fps, float(v["fps"]), int(v["min_frames"]), int(v["max_frames"]))
+        return frames[index], video_metadata(fps, len(frames), index)
+
+
+def video_metadata(fps: float, total_frames: int, indices: Any) -> dict[str, Any]:
+    """The Hugging Face video processors' metadata for frames `indices` of a video of `total_frames` at `fps`."""
+    return {"fps": fps, "total_num_frames": total_frames, "frames_indices": [int(i) for i in indices]}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from vl_helpers import GREEDY, IMAGE, NEW_TOKENS, VIDEO, assert_same, check_chunked_prefill, hf_generate, picture
+from vl_helpers import GREEDY, IMAGE, VIDEO, assert_same, check_chunked_prefill, hf_generate, picture
 
 from mmserve import Engine
 from mmserve.models.loader import iterate_weights
@@ -144,14 +144,10 @@ def test_original_checkpoint_layout(tiny_qwen2_5_vl_dir, ours, hf):
 
 
 def test_video_and_image_through_the_engine_match_transformers(engine, hf):
-    """Video time steps come from the processor's second_per_grid_ts, through the whole engine."""
+    """Video time steps come from the processor's second_per_grid_ts, through the whole engine: frames given as an
+    array count as sampled at 2 fps, one second per frame pair, which M-RoPE spaces tokens_per_second (2) apart."""
     frames = np.random.RandomState(9).randint(0, 255, (8, 60, 80, 3), dtype=np.uint8)
     prompt = f"Watch <|vision_start|><|video_pad|><|vision_end|> and {IMAGE}."
     image = picture(70, 50, 10)
     ours_out = engine.generate(prompt, GREEDY, return_logits=True, image_data=[image], video_data=[frames])
-    model, processor = hf
-    enc = processor(text=[prompt], images=[image], videos=[frames], return_tensors="pt")
-    assert "second_per_grid_ts" in enc
-    out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, output_logits=True,
-                         return_dict_in_generate=True)
-    assert_same(ours_out, (out.sequences[0, enc["input_ids"].shape[1]:].tolist(), [lg[0] for lg in out.logits]))
+    assert_same(ours_out, hf_generate(hf, prompt, [image], [frames]))

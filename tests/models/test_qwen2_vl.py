@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from vl_helpers import GREEDY, IMAGE, NEW_TOKENS, VIDEO, assert_same, check_chunked_prefill, hf_generate, picture
+from vl_helpers import GREEDY, IMAGE, VIDEO, assert_same, check_chunked_prefill, hf_generate, picture, video_data_url
 
 from mmserve import Engine
 
@@ -76,11 +76,7 @@ def test_video_matches_transformers(engine, hf):
     prompt = f"Watch {VIDEO} and then {IMAGE} too."
     image = picture(70, 50, 10)
     ours = engine.generate(prompt, GREEDY, return_logits=True, image_data=[image], video_data=[frames])
-    model, processor = hf
-    enc = processor(text=[prompt], images=[image], videos=[frames], return_tensors="pt")
-    out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, output_logits=True,
-                         return_dict_in_generate=True)
-    assert_same(ours, (out.sequences[0, enc["input_ids"].shape[1]:].tolist(), [lg[0] for lg in out.logits]))
+    assert_same(ours, hf_generate(hf, prompt, [image], [frames]))
 
 
 def test_video_frames_are_sampled_like_qwen():
@@ -97,24 +93,10 @@ def test_video_frames_are_sampled_like_qwen():
 
 
 def test_chat_with_a_video_url_decodes_and_samples(tiny_qwen2_vl_dir, tmp_path):
-    import base64
-
-    import av
-
     from mmserve.multimodal.media import MediaPolicy, load_video_frames
     from mmserve.multimodal.processor import sample_frames
 
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w", format="mp4") as out:  # 3 s at 10 fps: Qwen's 2 fps sampling keeps 6 frames
-        stream = out.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 80, 60, "yuv420p"
-        for i in range(30):
-            pixels = np.random.RandomState(i).randint(0, 255, (60, 80, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    url = video_data_url(tmp_path / "clip.mp4", frames=30, fps=10)  # 3 s: Qwen's 2 fps sampling keeps 6 frames
     frames, fps = load_video_frames(url, MediaPolicy())
     sampled, _ = sample_frames(frames, fps, 2.0, 4, 768)
     assert len(sampled) == 6

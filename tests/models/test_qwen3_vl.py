@@ -11,7 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from vl_helpers import GREEDY, IMAGE, VIDEO, assert_same, check_chunked_prefill, hf_generate, picture
+from vl_helpers import GREEDY, IMAGE, VIDEO, assert_same, check_chunked_prefill, hf_generate, picture, video_data_url
 
 from mmserve import Engine
 from mmserve.layers.mlp import GatedMLP
@@ -96,6 +96,22 @@ def test_video_matches_transformers(engine, hf):
     image = picture(70, 50, 10)
     ours = engine.generate(prompt, GREEDY, return_logits=True, image_data=[image], video_data=[frames])
     assert_same(ours, hf_generate(hf, prompt, [image], [frames]))
+
+
+def test_video_url_matches_transformers_with_its_timing(engine, hf, tmp_path):
+    """A 3 s, 10 fps clip by URL: the engine samples frames 0, 6, 12, 17, 23, 29 and the prompt's timestamps come from
+    those indices at 10 fps, as transformers makes them from the same frames and metadata."""
+    from mmserve.multimodal.media import MediaPolicy, load_video_frames
+    from mmserve.multimodal.processor import sample_frame_indices
+
+    url = video_data_url(tmp_path / "clip.mp4", frames=30, fps=10)
+    prompt = f"Watch {VIDEO} now."
+    ours = engine.generate(prompt, GREEDY, return_logits=True, video_data=[url])
+    frames, fps = load_video_frames(url, MediaPolicy())
+    index = sample_frame_indices(len(frames), fps, 2.0, 4, 768)
+    assert index.tolist() == [0, 6, 12, 17, 23, 29]
+    metadata = {"fps": fps, "total_num_frames": len(frames), "frames_indices": index.tolist()}
+    assert_same(ours, hf_generate(hf, prompt, [], [frames[index]], [metadata]))
 
 
 def test_prefix_cache_is_keyed_by_image_content(engine):

@@ -1,4 +1,4 @@
-"""Images through the HTTP server (tiny Qwen2-VL): data URLs give the in-process engine's answer, the prefix
+"""Images and video through the HTTP server (tiny Qwen2-VL): data URLs give the in-process engine's answer, the prefix
 cache recognises a repeated image, and every bad media input is a 400 while the server keeps serving: loopback
 URLs (refused by default, allowed by a flag), file://, invalid base64, non-image bytes, a decompression bomb,
 too many images, a prompt too long after expansion, and images sent to a text model."""
@@ -94,6 +94,19 @@ def test_data_url_image_matches_the_engine(client, tiny_qwen2_vl_dir):
         ref = engine.chat(image_message(url), {"temperature": 0, "max_new_tokens": 6})
     assert resp.choices[0].message.content == ref["text"]
     assert resp.usage.prompt_tokens == ref["meta_info"]["prompt_tokens"]
+
+
+def test_video_url_matches_the_engine(client, tiny_qwen2_vl_dir, tmp_path):
+    from vl_helpers import video_data_url
+
+    url = video_data_url(tmp_path / "clip.mp4", frames=30, fps=10)
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    resp = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+    with Engine(model_path=str(tiny_qwen2_vl_dir), dtype="float32", chat_template="qwen2-vl") as engine:
+        ref = engine.chat(messages, {"temperature": 0, "max_new_tokens": 6})
+    assert resp.choices[0].message.content == ref["text"]
+    assert resp.usage.prompt_tokens == ref["meta_info"]["prompt_tokens"] > 18  # three frame pairs of 6 tokens
 
 
 def test_same_image_twice_hits_the_prefix_cache(client):
