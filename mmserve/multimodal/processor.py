@@ -30,14 +30,6 @@ def sample_frame_indices(total: int, fps: float, target_fps: float, min_frames: 
     return np.linspace(0, total - 1, want).round().astype(int)
 
 
-def sample_frames(frames: np.ndarray, fps: float, target_fps: float, min_frames: int, max_frames: int,
-                  multiple: int = 2) -> tuple[np.ndarray, float]:
-    """The frames `sample_frame_indices` picks, and the sampled rate in frames per second of video."""
-    index = sample_frame_indices(len(frames), fps, target_fps, min_frames, max_frames, multiple)
-    duration = len(frames) / fps if fps > 0 else len(frames) / target_fps
-    return frames[index], len(index) / duration if duration > 0 else target_fps
-
-
 def media_parts(messages: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     """(modality, source) of every media content part of chat messages, in order."""
     found = []

@@ -80,25 +80,22 @@ def test_video_matches_transformers(engine, hf):
 
 
 def test_video_frames_are_sampled_like_qwen():
-    from mmserve.multimodal.processor import sample_frames
+    from mmserve.multimodal.processor import sample_frame_indices
 
-    frames = np.arange(300).reshape(300, 1, 1, 1).repeat(3, axis=-1).astype(np.uint8)  # 10 s at 30 fps
-    picked, rate = sample_frames(frames, fps=30.0, target_fps=2.0, min_frames=4, max_frames=768)
-    assert len(picked) == 20 and rate == pytest.approx(2.0)
-    assert picked[0, 0, 0, 0] == 0 and picked[-1, 0, 0, 0] == 299 % 256
-    short, _ = sample_frames(frames[:15], fps=30.0, target_fps=2.0, min_frames=4, max_frames=768)
-    assert len(short) == 4  # half a second still gives the minimum
-    capped, _ = sample_frames(frames, fps=30.0, target_fps=2.0, min_frames=4, max_frames=9)
-    assert len(capped) == 8  # the cap, rounded down to whole frame pairs
+    picked = sample_frame_indices(300, fps=30.0, target_fps=2.0, min_frames=4, max_frames=768)  # 10 s at 30 fps
+    assert len(picked) == 20 and picked[0] == 0 and picked[-1] == 299
+    assert np.all(np.diff(picked) >= 15)  # evenly spread, about half a second apart
+    assert len(sample_frame_indices(15, 30.0, 2.0, 4, 768)) == 4  # half a second still gives the minimum
+    assert len(sample_frame_indices(300, 30.0, 2.0, 4, 9)) == 8  # the cap, rounded down to whole frame pairs
 
 
 def test_chat_with_a_video_url_decodes_and_samples(tiny_qwen2_vl_dir, tmp_path):
     from mmserve.multimodal.media import MediaPolicy, load_video_frames
-    from mmserve.multimodal.processor import sample_frames
+    from mmserve.multimodal.processor import sample_frame_indices
 
     url = video_data_url(tmp_path / "clip.mp4", frames=30, fps=10)  # 3 s: Qwen's 2 fps sampling keeps 6 frames
     frames, fps = load_video_frames(url, MediaPolicy())
-    sampled, _ = sample_frames(frames, fps, 2.0, 4, 768)
+    sampled = frames[sample_frame_indices(len(frames), fps, 2.0, 4, 768)]
     assert len(sampled) == 6
     messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
                                              {"type": "text", "text": "What happens?"}]}]
