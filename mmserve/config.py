@@ -43,6 +43,14 @@ class ServerArgs:
     mm_process_config: str | None = _flag(None, 'Media preprocessing as JSON, e.g. \'{"video": {"fps": 1.0, '
                                           '"min_frames": 4, "max_frames": 64}}\'.')
     mm_processor_workers: int = _flag(4, "Threads that load media and run the model's processor.")
+    media_fetch_timeout: float = _flag(30.0, "Seconds one media URL may take to download, redirects included "
+                                       "(a slower server is cut off; see also --media-min-bytes-per-s).")
+    media_min_bytes_per_s: int = _flag(16 * 1024, "After the first 5 s, a media download slower than this on "
+                                       "average is cut off.")
+    video_decode_timeout: float = _flag(30.0, "Seconds one video may take to demux and decode.")
+    max_mm_bytes_per_request: int = _flag(768, "Decoded media (RGB bytes) one request may hold, in MiB.")
+    max_mm_bytes_in_flight: int = _flag(3072, "Decoded media (RGB bytes) all requests together may hold, in MiB; "
+                                        "requests past it wait for room.")
     mm_cache_size_mb: int = _flag(512, "Vision-encoder output cache (LRU by media hash), in MiB.")
     keep_mm_feature_on_device: bool = _flag(False, "Move media features to the GPU when a request arrives.")
     # Memory and scheduling
@@ -66,6 +74,11 @@ class ServerArgs:
     api_key: str | None = _flag(None, "Require `Authorization: Bearer KEY` on every route but /health.")
     log_level: str = _flag("info", "Logging level.", choices=["debug", "info", "warning", "error"])
     enable_metrics: bool = _flag(False, "Serve Prometheus metrics on /metrics.")
+    max_request_body_mb: int = _flag(128, "Largest HTTP request body in MiB; larger ones get 413.")
+    request_read_timeout: float = _flag(60.0, "Seconds a client may take to send a request's headers and body.")
+    max_logprobs: int = _flag(20, "Most top log-probs per token a request may ask for (top_logprobs_num).")
+    max_engine_restarts: int = _flag(3, "Times the server restarts a crashed engine process (within 10 "
+                                     "minutes) before exiting with an error.")
 
     def __post_init__(self) -> None:
         if self.model_path is None:
@@ -135,6 +148,7 @@ class ModelConfig:
     head_dim: int
     vocab_size: int
     eos_token_ids: set[int] = field(default_factory=set)
+    max_position: int = 0  # rotary positions the model has tables for (M-RoPE positions may outrun the context)
 
     @classmethod
     def from_hf(cls, hf_config: Any, args: ServerArgs, device: torch.device,
@@ -154,6 +168,7 @@ class ModelConfig:
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
             vocab_size=text.vocab_size,
             eos_token_ids=set(eos_token_ids or ()),
+            max_position=max_pos,
         )
 
 

@@ -203,8 +203,9 @@ class Engine:
             except queue.Empty:
                 if self._error is not None:
                     raise RuntimeError(f"the engine stopped: {self._error!r}") from self._error
-        if out.error_status is not None:
-            raise ValueError(out.finished_reason["message"])
+        if out.error_status is not None:  # refused (4xx: the caller's input) or failed in the engine (5xx)
+            error = ValueError if out.error_status < 500 else RuntimeError
+            raise error(out.finished_reason["message"])
         state.absorb(out)
 
     def _wait(self, state: RequestState, outputs: queue.Queue) -> dict[str, Any]:

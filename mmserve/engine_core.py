@@ -1,8 +1,10 @@
 """EngineCore: the model, its KV cache and the scheduler for one device, driven by messages.
 
 Transport-agnostic: the in-process `Engine` calls it from a thread, the server's engine process from a ZMQ
-loop. A refused request (bad input) becomes a TokenOutput with `error_status` 400, never an exception that
-would stop the loop.
+loop. A refused request (bad input) becomes a TokenOutput with `error_status` 400, and a request whose admission
+or step fails unexpectedly one with 500 (see `Scheduler._fail_batch`), never an exception that would stop the
+loop. What still raises out of `step()` cannot be pinned on a request: the engine process then exits and the
+server restarts it.
 """
 
 from __future__ import annotations
@@ -46,16 +48,18 @@ class EngineCore:
         return hasattr(type(self.runner.model), "multimodal_inputs")
 
     def handle(self, msg: GenerateRequest | AbortRequest) -> list[TokenOutput]:
-        """Take one message; returns outputs only for a refused request."""
+        """Take one message; returns outputs only for a refused request. Nothing a request carries can raise out
+        of here: bad input is a 400, an unexpected failure while admitting it a 500 for that request alone."""
         if isinstance(msg, AbortRequest):
             self.scheduler.abort(msg.rid)
             return []
         try:
             self.scheduler.add_request(msg)
         except ValueError as exc:
-            return [TokenOutput(rid=msg.rid, new_token_ids=[], finished_reason={"type": "abort", "message": str(exc)},
-                                prompt_tokens=len(msg.input_ids), completion_tokens=0, cached_tokens=0,
-                                error_status=400)]
+            return [_refusal(msg, str(exc), 400)]
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("admitting request %s failed", msg.rid)
+            return [_refusal(msg, f"internal error while admitting this request ({type(exc).__name__}: {exc})", 500)]
         return []
 
     def has_work(self) -> bool:
@@ -87,6 +91,11 @@ class EngineCore:
             cached_tokens=sched.stats.cached_tokens,
             generated_tokens=sched.stats.generated_tokens,
         )
+
+
+def _refusal(msg: GenerateRequest, message: str, status: int) -> TokenOutput:
+    return TokenOutput(rid=msg.rid, new_token_ids=[], finished_reason={"type": "abort", "message": message},
+                       prompt_tokens=len(msg.input_ids), completion_tokens=0, cached_tokens=0, error_status=status)
 
 
 def _config_eos(hf_config: Any) -> set[int]:

@@ -1,7 +1,9 @@
 """The engine process: an EngineCore behind two ZMQ sockets (requests in, output batches out, msgpack).
 
 Started by the API server's TokenizerManager with the `spawn` method. It exits when told to, when its parent
-dies, or on SIGTERM; an exception in the loop is logged and ends the process, which the server reports.
+dies, or on SIGTERM. A request's own failures never reach this loop (EngineCore answers them with an error output);
+an exception that does is one no request can be blamed for: it is logged and ends the process, and the server
+fails the requests in flight and starts a new engine.
 """
 
 from __future__ import annotations
@@ -9,16 +11,28 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 import msgspec
 import zmq
 
 from mmserve.config import ServerArgs
-from mmserve.messages import OutputBatch, ToEngine
+from mmserve.messages import OutputBatch, ToEngine, TokenOutput
 
 logger = logging.getLogger("mmserve.engine")
 
 _IDLE_POLL_MS = 50
+
+
+def handle_frame(core: Any, decoder: msgspec.msgpack.Decoder, frame: bytes) -> list[TokenOutput]:
+    """One inbound frame to the core. Only the API process writes to this socket; still, a malformed frame is
+    logged and dropped rather than allowed to end the loop."""
+    try:
+        msg = decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        logger.error("dropped a malformed message (%d bytes): %s", len(frame), exc)
+        return []
+    return core.handle(msg)
 
 
 def run_engine_process(args_json: str, to_engine: str, from_engine: str, parent_pid: int) -> None:
@@ -43,7 +57,7 @@ def run_engine_process(args_json: str, to_engine: str, from_engine: str, parent_
                 continue
             outputs = []
             while pull.poll(0):
-                outputs.extend(core.handle(decoder.decode(pull.recv())))
+                outputs.extend(handle_frame(core, decoder, pull.recv()))
             if core.has_work():
                 outputs.extend(core.step())
             if outputs or busy:

@@ -37,6 +37,10 @@ def run_server(args: ServerArgs) -> None:
     server.run()
     if not server.started:
         sys.exit(1)
+    fatal = app.state.manager.fatal_error
+    if fatal:  # the engine kept dying: exit non-zero so a supervisor restarts the whole server
+        print(f"mmserve: {fatal}", file=sys.stderr)
+        sys.exit(1)
 
 
 def parse_args(argv: list[str] | None, positional_model: bool = False, prog: str | None = None) -> ServerArgs:

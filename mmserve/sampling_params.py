@@ -130,9 +130,19 @@ _FIELD_KINDS: dict[str, str] = {
 assert set(_FIELD_KINDS) == {f.name for f in dataclasses.fields(SamplingParams)}
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _is_int(value: Any) -> bool:
     # bool is an int subclass, but `"top_k": true` is a client bug, not a 1.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int64(name: str, value: int) -> int:
+    # Python ints are unbounded; everything past this point (msgpack, torch) takes 64-bit integers.
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"{name} is out of range: {value} does not fit a 64-bit integer")
+    return value
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -140,11 +150,11 @@ def _coerce(name: str, value: Any) -> Any:
     if kind == "int":
         if not _is_int(value):
             raise ValueError(f"{name} must be an integer, got {value!r}")
-        return value
+        return _check_int64(name, value)
     if kind == "opt_int":
         if value is not None and not _is_int(value):
             raise ValueError(f"{name} must be an integer or null, got {value!r}")
-        return value
+        return value if value is None else _check_int64(name, value)
     if kind == "float":
         if not (_is_int(value) or isinstance(value, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
@@ -166,5 +176,5 @@ def _coerce(name: str, value: Any) -> Any:
             return []
         if not isinstance(value, (list, tuple)) or not all(_is_int(t) for t in value):
             raise ValueError(f"{name} must be a list of integers, got {value!r}")
-        return list(value)
+        return [_check_int64(name, t) for t in value]
     raise AssertionError(kind)

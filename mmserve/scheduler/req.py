@@ -40,6 +40,7 @@ class Req:
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
     admitted: bool = False
     finished_reason: dict[str, Any] | None = None
+    error_status: int | None = None  # set when the engine failed the request (HTTP status for the client)
     penalty: PenaltyState | None = None
     stop_detokenizer: IncrementalDetokenizer | None = None
     # produced since the last report to the front end

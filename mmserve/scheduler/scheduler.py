@@ -18,7 +18,7 @@ import torch
 from mmserve.cache.radix_cache import RadixCache
 from mmserve.config import ModelConfig, ServerArgs
 from mmserve.messages import GenerateRequest, TokenOutput
-from mmserve.multimodal.inputs import from_wire
+from mmserve.multimodal.inputs import MultimodalInputs, from_wire
 from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
 from mmserve.runner.model_runner import ModelRunner
 from mmserve.runner.sampler import PenaltyState, SamplingBatch
@@ -66,6 +66,7 @@ class Scheduler:
         self.reqs: dict[str, Req] = {}
         self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
         self.stats = SchedulerStats()
+        self._step_committed = True  # False while a step's placed slots hold no computed KV yet
 
     # ----- requests in and out -----
 
@@ -78,6 +79,7 @@ class Scheduler:
         if prompt_len == 0:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
+        self._check_params(params, vocab)
         mm = None
         if request.mm_inputs is not None:
             device = self.device if self.args.keep_mm_feature_on_device else "cpu"
@@ -91,28 +93,56 @@ class Scheduler:
             expanded = " after expanding multimodal tokens" if request.mm_inputs is not None else ""
             raise ValueError(f"the prompt is too long{expanded}: {prompt_len} tokens, but the context length is "
                              f"{context} tokens (room must remain for at least one output token)")
-        max_new = min(params.max_new_tokens, context - prompt_len)
+        max_new = min(params.max_new_tokens, context - prompt_len, self._position_room(mm, prompt_len))
         if prompt_len + max_new > self.kv_pool.size:
             raise ValueError(f"the request needs {prompt_len + max_new} tokens of KV cache ({prompt_len} prompt + "
                              f"{max_new} max_new_tokens) but the cache holds {self.kv_pool.size}; "
                              "lower max_new_tokens or raise --max-total-tokens")
         eos = set() if params.ignore_eos else set(self.model_config.eos_token_ids)
-        if request.logprob_start_len >= prompt_len:
-            raise ValueError(f"logprob_start_len {request.logprob_start_len} must be < the prompt length {prompt_len}")
+        if not -1 <= request.logprob_start_len < prompt_len:
+            raise ValueError(f"logprob_start_len {request.logprob_start_len} must be -1 (none) or in [0, the prompt "
+                             f"length {prompt_len})")
         req = Req(request.rid, input_ids, params, eos, context, request.return_logits,
                   logprob_start_len=request.logprob_start_len, mm=mm)
-        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
-            req.penalty = PenaltyState.create(req.origin_input_ids, vocab, self.device)
+        # Penalties and stop strings look at the prompt as the client wrote it: media placeholders are the model's
+        # own tokens there (as transformers' input_ids have them), not the pad values that stand for their content.
+        if params.needs_penalty_state:
+            req.penalty = PenaltyState.create(list(request.input_ids), vocab, self.device)
         if params.stop:
             if self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer")
             req.stop_detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
                                                           params.spaces_between_special_tokens,
-                                                          prompt_ids=req.origin_input_ids)
+                                                          prompt_ids=list(request.input_ids))
         if max_new == 0 and req.logprob_start_len < 0:  # with prompt log-probs, the prompt still runs
             req.finished_reason = {"type": "length", "length": 0}
         self.reqs[req.rid] = req
         self.waiting.append(req)
+
+    def _check_params(self, params: SamplingParams, vocab: int) -> None:
+        """Limits that depend on the server or the model (SamplingParams checks the rest)."""
+        if params.top_logprobs_num > self.args.max_logprobs:
+            raise ValueError(f"top_logprobs_num must be <= {self.args.max_logprobs} (the server's --max-logprobs), "
+                             f"got {params.top_logprobs_num}")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad}")
+
+    def _position_room(self, mm: MultimodalInputs | None, prompt_len: int) -> int:
+        """How many tokens may follow the prompt before a rotary position passes the model's table.
+
+        Plain prompts use positions 0..len-1, which the context check bounds. M-RoPE positions of media can run
+        far ahead of the token count (a video's time axis grows with its duration, not its frames), so they are
+        checked by value."""
+        if mm is None or mm.mrope_positions is None or not self.model_config.max_position:
+            return self.model_config.context_len
+        last = int(mm.mrope_positions.max())
+        room = self.model_config.max_position - 1 - last
+        if room < 1:
+            raise ValueError(f"the media in this prompt span rotary positions up to {last}, past the model's "
+                             f"{self.model_config.max_position} positions (a video too long, or declared at a "
+                             "very low frame rate); send a shorter video or fewer frames")
+        return room
 
     def abort(self, rid: str) -> None:
         req = self.reqs.get(rid)
@@ -136,8 +166,33 @@ class Scheduler:
         if not batch:
             batch, mode = self._schedule_decode(), ForwardMode.DECODE
         if batch:
-            self._run(batch, mode)
+            self._step_committed = False
+            try:
+                self._run(batch, mode)
+            except Exception as exc:  # noqa: BLE001 - one batch's failure must not end the engine
+                self._fail_batch(batch, exc)
         return self._collect_outputs()
+
+    def _fail_batch(self, batch: list[tuple[Req, int]], exc: Exception) -> None:
+        """A step raised: end the requests it ran with a 500 and free everything they held, so the engine goes on.
+
+        The step's placed slots (past kv_len) hold no valid KV when the forward failed; they are freed, and the
+        computed prefix goes to the radix cache as on any finish. Requests outside the batch are untouched."""
+        logger.exception("a step of %d request(s) failed; aborting them: %s", len(batch),
+                         ", ".join(req.rid for req, _ in batch))
+        message = (f"internal error while running this request ({type(exc).__name__}: {exc}); the request was "
+                   "aborted and the server keeps serving")
+        for req, n in batch:
+            if req.req_pool_idx is not None and not self._step_committed:
+                placed = self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n]
+                self.kv_pool.free(placed.clone())
+            req.abort(message)
+            req.error_status = 500
+            if req in self.running:
+                self.running.remove(req)
+            if self.chunked is req:
+                self.chunked = None
+            self._release(req)
 
     def _drop_finished_before_running(self) -> None:
         """Requests aborted (or with nothing to generate) while waiting or running leave now."""
@@ -352,6 +407,7 @@ class Scheduler:
             self._record_input_logprobs(prompt_scored, logits[: len(prompt_rows)])
         for req, n in batch:
             req.kv_len += n
+        self._step_committed = True
         if sampled:
             self._sample_and_append(sampled, logits[len(prompt_rows) :])
         self._after_step(batch, mode, set(sampled))
@@ -374,7 +430,7 @@ class Scheduler:
             if not k:
                 req.input_top.extend([] for _ in positions)
                 continue
-            top = chunk.topk(k, dim=-1)
+            top = chunk.topk(min(k, chunk.shape[1]), dim=-1)
             for ids, vals in zip(top.indices.tolist(), top.values.tolist(), strict=True):
                 req.input_top.append(list(zip(ids, vals, strict=True)))
 
@@ -443,6 +499,7 @@ class Scheduler:
                 token_logprobs=req.pending_logprobs if (req.params.logprobs or req.params.top_logprobs_num) else None,
                 top_logprobs=req.pending_top if req.params.top_logprobs_num else None,
                 logits=req.pending_logits if req.return_logits else None,
+                error_status=req.error_status,
                 **self._input_logprobs_once(req),
             ))
             req.pending_ids, req.pending_logprobs, req.pending_top, req.pending_logits = [], [], [], []

@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +43,7 @@ from mmserve.tokenizer.request_state import RequestState
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 600.0
+_RESTART_WINDOW_S = 600
 
 
 def _multimodal_processor(args: ServerArgs) -> MultimodalProcessor | None:
@@ -77,6 +79,10 @@ class TokenizerManager:
         self._dir = tempfile.mkdtemp(prefix="mmserve-")
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task] = []
+        self._receiver: asyncio.Task | None = None
+        self._generation = 0  # engine processes started so far; each gets its own sockets
+        self._restarts: list[float] = []  # monotonic times of recent engine restarts
+        self.fatal_error: str | None = None  # set when the server must exit (the engine keeps dying)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(FromEngine)
 
@@ -85,16 +91,24 @@ class TokenizerManager:
     async def start(self) -> None:
         """Start the engine process and wait until it has loaded the model."""
         self._ctx = zmq.asyncio.Context()
-        to_engine, from_engine = f"ipc://{self._dir}/to_engine", f"ipc://{self._dir}/from_engine"
+        # The engine process reads the tokenizer from a plain folder: converting it again (e.g. from GGUF)
+        # would double the start-up time.
+        self._tok_dir = os.path.join(self._dir, "tokenizer")
+        self.tokenizer.save_pretrained(self._tok_dir)
+        await self._launch()
+        self._tasks = [asyncio.create_task(self._watch())]
+
+    async def _launch(self) -> None:
+        """Start an engine process on a fresh pair of sockets (nothing queued for a dead engine reaches the next
+        one) and wait for its EngineReady."""
+        self._generation += 1
+        to_engine = f"ipc://{self._dir}/to_engine_{self._generation}"
+        from_engine = f"ipc://{self._dir}/from_engine_{self._generation}"
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.bind(to_engine)
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.bind(from_engine)
-        # The engine process reads the tokenizer from a plain folder: converting it again (e.g. from GGUF)
-        # would double the start-up time.
-        tok_dir = os.path.join(self._dir, "tokenizer")
-        self.tokenizer.save_pretrained(tok_dir)
-        engine_args = dataclasses.replace(self.args, tokenizer_path=tok_dir)
+        engine_args = dataclasses.replace(self.args, tokenizer_path=self._tok_dir)
         spawn = multiprocessing.get_context("spawn")
         from mmserve.engine_process import run_engine_process
 
@@ -103,33 +117,42 @@ class TokenizerManager:
                                          to_engine, from_engine, os.getpid()))
         self._proc.start()
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while self.info is None:
+        ready = None
+        while ready is None:
             if not self._proc.is_alive():
                 raise RuntimeError(f"the engine process exited during start-up (code {self._proc.exitcode}); "
                                    "see the log above")
             if time.monotonic() > deadline:
                 raise RuntimeError("the engine process did not become ready in time")
             if await self._pull.poll(500):
-                msg = self._decoder.decode(await self._pull.recv())
+                msg = self._decode(await self._pull.recv())
                 if isinstance(msg, EngineReady):
-                    self.info = msg
-        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+                    ready = msg
+        self.info, self.stats = ready, None  # a new engine holds nothing yet
+        self.engine_error = None
+        self._receiver = asyncio.create_task(self._receive(self._pull))
 
     async def shutdown(self) -> None:
         self.mm_pool.shutdown(wait=False, cancel_futures=True)
-        for task in self._tasks:
-            task.cancel()
+        for task in [*self._tasks, self._receiver]:
+            if task is not None:
+                task.cancel()
+        self._stop_engine()
+        if getattr(self, "_ctx", None) is not None:
+            self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _stop_engine(self) -> None:
+        """Stop the engine process (if alive) and close its sockets."""
         if self._proc is not None and self._proc.is_alive():
             self._proc.terminate()
             self._proc.join(timeout=10)
             if self._proc.is_alive():
                 self._proc.kill()
+                self._proc.join(timeout=5)
         for sock in (getattr(self, "_push", None), getattr(self, "_pull", None)):
             if sock is not None:
                 sock.close(linger=0)
-        if getattr(self, "_ctx", None) is not None:
-            self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
     def engine_pid(self) -> int | None:
@@ -137,33 +160,85 @@ class TokenizerManager:
 
     @property
     def healthy(self) -> bool:
-        return self.engine_error is None and self.info is not None
+        """Whether requests can be served: an engine is up and outputs are being received."""
+        receiving = self._receiver is not None and not self._receiver.done()
+        return self.engine_error is None and self.info is not None and receiving
 
     # ----- engine traffic -----
 
-    async def _receive(self) -> None:
+    def _decode(self, frame: bytes) -> Any:
+        try:
+            return self._decoder.decode(frame)
+        except msgspec.DecodeError as exc:  # one bad frame is dropped; the loop that reads them must live on
+            logger.error("dropped a malformed message from the engine (%d bytes): %s", len(frame), exc)
+            return None
+
+    async def _receive(self, pull: zmq.asyncio.Socket) -> None:
         while True:
-            msg = self._decoder.decode(await self._pull.recv())
+            msg = self._decode(await pull.recv())
             if not isinstance(msg, OutputBatch):
                 continue
-            self.stats = msg.stats
-            if self.metrics is not None:
-                self.metrics.observe_stats(msg.stats)
-            for out in msg.outputs:
-                # The last output removes the request: in-flight counts stay right even if nobody reads it.
-                q = self._queues.get(out.rid) if out.finished_reason is None else self._queues.pop(out.rid, None)
-                if q is not None:
-                    q.put_nowait(out)
+            try:
+                self._dispatch(msg)
+            except Exception:  # noqa: BLE001 - a bug here must not silence every later output
+                logger.exception("could not dispatch an output batch from the engine")
+
+    def _dispatch(self, batch: OutputBatch) -> None:
+        self.stats = batch.stats
+        if self.metrics is not None:
+            self.metrics.observe_stats(batch.stats)
+        for out in batch.outputs:
+            # The last output removes the request: in-flight counts stay right even if nobody reads it.
+            q = self._queues.get(out.rid) if out.finished_reason is None else self._queues.pop(out.rid, None)
+            if q is not None:
+                q.put_nowait(out)
 
     async def _watch(self) -> None:
+        """Notice a dead engine (or a dead receive loop), fail the requests in flight, and start a new engine;
+        after `max_engine_restarts` restarts within ten minutes, ask the server to exit with an error instead."""
         while True:
             await asyncio.sleep(0.5)
-            if self._proc is not None and not self._proc.is_alive():
+            proc_alive = self._proc is not None and self._proc.is_alive()
+            if proc_alive and self._receiver is not None and not self._receiver.done():
+                continue
+            if proc_alive:
+                self.engine_error = "the engine's output receiver stopped"
+                logger.error("%s: %r", self.engine_error, self._receiver.exception() if self._receiver else None)
+            else:
                 self.engine_error = f"the engine process exited (code {self._proc.exitcode})"
                 logger.error("%s; failing %d in-flight requests", self.engine_error, len(self._queues))
-                for q in self._queues.values():
-                    q.put_nowait(EngineDead(self.engine_error))
+            self._fail_in_flight(self.engine_error)
+            if self._receiver is not None:
+                self._receiver.cancel()
+            self._stop_engine()
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW_S]
+            if len(self._restarts) >= self.args.max_engine_restarts:
+                self._give_up(f"{self.engine_error}, after {len(self._restarts)} restarts in the last "
+                              f"{_RESTART_WINDOW_S // 60} minutes")
                 return
+            self._restarts.append(now)
+            self.engine_error = "the engine is restarting after a failure"
+            logger.warning("starting a new engine process (restart %d of at most %d in %d minutes)",
+                           len(self._restarts), self.args.max_engine_restarts, _RESTART_WINDOW_S // 60)
+            try:
+                await self._launch()
+            except Exception as exc:  # noqa: BLE001
+                self._give_up(f"the engine could not be restarted: {exc}")
+                return
+            logger.warning("the engine is back")
+
+    def _fail_in_flight(self, reason: str) -> None:
+        queues, self._queues = self._queues, {}
+        for q in queues.values():
+            q.put_nowait(EngineDead(reason))
+
+    def _give_up(self, reason: str) -> None:
+        """The engine cannot be kept alive: stop the server (SIGTERM to this process) with `fatal_error` set, so it
+        exits non-zero and a supervisor restarts it; /health answers 503 meanwhile."""
+        self.fatal_error = self.engine_error = reason
+        logger.critical("%s; the server exits", reason)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     # ----- requests -----
 
@@ -200,16 +275,24 @@ class TokenizerManager:
         """Send a request to the engine now; returns an async iterator of its state after every output.
 
         Submission is eager (capacity is counted from this moment); the iterator aborts the request if its
-        consumer stops early."""
+        consumer stops early. Nothing stays registered when submission fails."""
         self.check_capacity()
         if rid in self._queues:
             raise APIError(400, f"duplicate request id {rid!r}")
+        try:
+            frame = self._encoder.encode(GenerateRequest(rid, input_ids, params.to_dict(),
+                                                         logprob_start_len=logprob_start_len, mm_inputs=mm_inputs))
+        except (OverflowError, TypeError, msgspec.EncodeError) as exc:  # e.g. an integer past 64 bits
+            raise APIError(400, f"the request holds a value out of range: {exc}") from exc
+        state = RequestState.create(rid, params, input_ids, self.tokenizer)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
-        self._push.send(self._encoder.encode(
-            GenerateRequest(rid, input_ids, params.to_dict(), logprob_start_len=logprob_start_len,
-                            mm_inputs=mm_inputs)))
-        return self._follow(RequestState.create(rid, params, input_ids, self.tokenizer), q)
+        try:
+            self._push.send(frame)
+        except BaseException:
+            self._queues.pop(rid, None)
+            raise
+        return self._follow(state, q)
 
     async def _follow(self, state: RequestState, q: asyncio.Queue) -> AsyncIterator[RequestState]:
         start = last = time.perf_counter()

@@ -108,3 +108,20 @@ def test_chat_with_a_video_url_decodes_and_samples(tiny_qwen2_vl_dir, tmp_path):
         by_frames = e.generate(prompt, GREEDY, video_data=[sampled])
     assert by_url["output_ids"] == by_frames["output_ids"]
     assert by_url["meta_info"]["prompt_tokens"] == by_frames["meta_info"]["prompt_tokens"]
+
+
+def test_repetition_penalty_with_an_image_matches_transformers(engine, hf):
+    """The penalty sees the prompt as transformers does: the image placeholder token, not the pad values that carry
+    the image's identity in the cache."""
+    prompt, images = f"Describe {IMAGE} briefly.", [picture(150, 100, 0)]
+    ours = engine.generate(prompt, {**GREEDY, "repetition_penalty": 1.5}, image_data=images)
+    model, processor = hf
+    enc = processor(text=[prompt], images=images, return_tensors="pt")
+    ref = model.generate(**enc, do_sample=False, max_new_tokens=GREEDY["max_new_tokens"], eos_token_id=None,
+                         repetition_penalty=1.5)
+    assert ours["output_ids"] == ref[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_stop_string_after_a_prompt_ending_in_an_image(engine):
+    out = engine.generate(f"Describe {IMAGE}", {**GREEDY, "stop": ["zz"]}, image_data=[picture(64, 64, 1)])
+    assert out["meta_info"]["completion_tokens"] >= 1
