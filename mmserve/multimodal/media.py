@@ -12,9 +12,17 @@ caller's label ("image 2: ..."). The limits live in `MediaPolicy`:
   address. TLS still uses the URL's host for SNI and certificate verification. Redirects are followed by
   hand, each hop vetted the same way; the body is streamed and cut at `max_bytes`. Environment proxies are
   not used (a proxy would do the resolving, out of our sight).
+- **No slow downloads.** One download (every redirect hop included) has an overall deadline and, after a
+  grace period, a minimum average rate. Both are enforced on every socket operation (`_Transfer`): each
+  connect, handshake and read may block only as long as the limits leave, so a server that trickles a byte
+  now and then, in the headers or the body, is cut off on time.
 - **Local files** only under `allowed_local_media_path`, after resolving symlinks and `..`.
 - **Decompression bombs.** An image's size is read from its header and checked before any pixel is decoded;
   video frame sizes are checked before decoding and the frames kept are bounded by `max_video_pixels`.
+  `open_image` and `VideoReader` tell what decoding will cost (`decode_bytes`, `kept_bytes`) before it
+  happens, so a caller can budget decoded memory; `MediaMemory` is the budget shared by all requests.
+- **Bounded video work.** A video is sampled by seeking to the frames wanted, so decoding follows the number
+  of frames kept rather than the video's length, within a time budget and a cap on frames decoded.
 - **Decoder surface.** Images decode only as PNG, JPEG, WebP, GIF or BMP; videos only through the MP4/MOV,
   Matroska/WebM and AVI demuxers, chosen from the file's magic bytes (FFmpeg's probing would also accept
   playlists and other formats that open further URLs or files).
@@ -27,12 +35,19 @@ import binascii
 import http.client
 import io
 import ipaddress
+import math
 import os
 import re
 import socket
 import ssl
 import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import numpy as np
@@ -57,12 +72,17 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _READ_CHUNK = 64 * 1024
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+_MIB = 1024 * 1024
 
 MediaSource = str | bytes | bytearray | memoryview | os.PathLike | Image.Image
 
 
 class MediaError(ValueError):
     """A client's media was refused or could not be decoded; the message names the part."""
+
+
+class MediaBusy(RuntimeError):
+    """The media memory shared by all requests stayed full for too long: the server is busy (a 503, retry)."""
 
 
 @dataclass
@@ -73,11 +93,82 @@ class MediaPolicy:
     allow_private_urls: bool = False  # allow http(s) to loopback/private/link-local/... addresses
     max_image_pixels: int = 8192 * 8192  # per image and per video frame, checked before decoding
     max_bytes: int = 64 * 1024 * 1024  # cap on a download, a data URL payload or a local file
-    timeout_s: float = 10.0  # http(s): connect timeout and timeout of each read
+    timeout_s: float = 10.0  # http(s): the longest any one connect or read may block
+    fetch_timeout_s: float = 30.0  # http(s): one download in all (resolving, connecting, reading, redirects)
+    min_bytes_per_s: float = 16 * 1024  # http(s): average rate a download must keep after `rate_grace_s`
+    rate_grace_s: float = 5.0
     max_redirects: int = 5
     # Decoded frames kept from one video (frames x height x width): 768 frames of 1280x720, about 2 GiB of RGB.
-    # Longer videos are thinned uniformly to fit (see load_video_frames) rather than refused.
+    # Longer videos are thinned uniformly to fit (see VideoReader.read_all) rather than refused.
     max_video_pixels: int = 768 * 1280 * 720
+    video_decode_timeout_s: float = 30.0  # one video's demuxing and decoding, seeks and fallbacks included
+    # Frames one video may decode in all: sampling by seeking decodes at most about a keyframe interval per frame
+    # kept; a video whose keyframes are too sparse for that (or that cannot seek) stops here.
+    max_decoded_frames: int = 200_000
+    # Decoded RGB bytes (width x height x 3, from the headers, before decoding): what one request may hold,
+    # what all requests together may hold (`MediaMemory`), and how long a request waits for room in the latter.
+    max_bytes_per_request: int = 768 * _MIB
+    max_bytes_in_flight: int = 3072 * _MIB
+    in_flight_wait_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "fetch_timeout_s", "video_decode_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_bytes_per_request", "max_bytes_in_flight", "max_decoded_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.min_bytes_per_s < 0 or self.rate_grace_s < 0 or self.in_flight_wait_s < 0:
+            raise ValueError("min_bytes_per_s, rate_grace_s and in_flight_wait_s must not be negative")
+
+
+def mib(nbytes: int) -> str:
+    """Bytes as MiB for messages: '768 MiB', '0.4 MiB'."""
+    value = nbytes / _MIB
+    return f"{value:.0f} MiB" if value >= 10 or value == int(value) else f"{value:.1f} MiB"
+
+
+class MediaMemory:
+    """Decoded media that all requests together may hold: a byte semaphore.
+
+    A request takes all its bytes at once, before decoding anything, and gives them back when its processing is
+    done, so two requests can never each hold part of the room while waiting for the rest. Waiters are served in
+    arrival order (a large request is not overtaken forever by small ones), each for at most `wait_s`."""
+
+    def __init__(self, capacity: int, wait_s: float):
+        self.capacity = capacity
+        self.wait_s = wait_s
+        self.held = 0
+        self._changed = threading.Condition()
+        self._waiting: deque[object] = deque()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        """Hold `nbytes` for the duration of the block; MediaError if it can never fit, MediaBusy after waiting."""
+        if nbytes > self.capacity:
+            raise MediaError(f"the request's media need {mib(nbytes)} decoded, more than the {mib(self.capacity)} "
+                             "the server holds for all requests together (--max-mm-bytes-in-flight)")
+        if nbytes <= 0:
+            yield
+            return
+        ticket = object()
+        with self._changed:
+            self._waiting.append(ticket)
+            try:
+                if not self._changed.wait_for(
+                        lambda: self._waiting[0] is ticket and self.held + nbytes <= self.capacity, self.wait_s):
+                    raise MediaBusy(f"the server is busy decoding other requests' media (this one needs "
+                                    f"{mib(nbytes)}; waited {self.wait_s:g} s for room); retry later")
+                self.held += nbytes
+            finally:
+                self._waiting.remove(ticket)
+                self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= nbytes
+                self._changed.notify_all()
 
 
 # ----------------------------------------------------------------------------------------------- addresses
@@ -130,24 +221,107 @@ def _vetted_addresses(host: str, port: int, policy: MediaPolicy, label: str) -> 
 # ----------------------------------------------------------------------------------------------- http(s)
 
 
+class _Transfer:
+    """The clock of one download, shared by all its hops: an overall deadline, and a minimum average rate once
+    the grace period is over. `operation_timeout` is how long the next socket operation may block."""
+
+    def __init__(self, policy: MediaPolicy, label: str):
+        self.policy, self.label = policy, label
+        self.start = time.monotonic()
+        self.received = 0  # bytes off the wire so far, headers included
+        self.host = ""  # of the current hop, for messages
+
+    def time_left(self) -> float:
+        elapsed = time.monotonic() - self.start
+        left = self.policy.fetch_timeout_s - elapsed
+        if self.policy.min_bytes_per_s > 0:
+            # With `received` bytes so far the average stays above the minimum until received / rate seconds,
+            # and never binds before the grace period ends.
+            left = min(left, max(self.policy.rate_grace_s, self.received / self.policy.min_bytes_per_s) - elapsed)
+        return left
+
+    def operation_timeout(self) -> float:
+        """The per-operation timeout, shrunk to what the download has left; MediaError when nothing is left."""
+        left = self.time_left()
+        if left <= 0:
+            raise self.expired()
+        return min(self.policy.timeout_s, left)
+
+    def expired(self) -> MediaError:
+        elapsed = time.monotonic() - self.start
+        if elapsed >= self.policy.fetch_timeout_s:
+            limit = float(self.policy.fetch_timeout_s)
+            return MediaError(f"{self.label}: download from {self.host} exceeded {limit} s")
+        return MediaError(f"{self.label}: download from {self.host} is too slow ({self.received} bytes in "
+                          f"{elapsed:.1f} s; at least {self.policy.min_bytes_per_s:g} bytes/s are needed after the "
+                          f"first {self.policy.rate_grace_s:g} s)")
+
+
+class _TimedSocketMixin:
+    """Every blocking operation bounded by the download's clock. http.client reads through `recv_into` (its
+    buffered file calls it once per raw read), so a trickle cannot stretch one `read(n)` or `readline()`."""
+
+    transfer: _Transfer
+
+    def _timed(self, operation: Callable[..., Any], *args: Any) -> Any:
+        timeout = self.transfer.operation_timeout()
+        self.settimeout(timeout)  # type: ignore[attr-defined]
+        try:
+            return operation(*args)
+        except TimeoutError:
+            if timeout < self.transfer.policy.timeout_s:  # the download's own limit fired, not the per-read one
+                raise self.transfer.expired() from None
+            raise
+
+    def connect(self, *args: Any) -> None:
+        self._timed(super().connect, *args)  # type: ignore[misc]
+
+    def recv_into(self, *args: Any) -> int:
+        count = self._timed(super().recv_into, *args)  # type: ignore[misc]
+        self.transfer.received += count
+        return count
+
+    def sendall(self, *args: Any) -> None:
+        self._timed(super().sendall, *args)  # type: ignore[misc]
+
+
+class _TimedSocket(_TimedSocketMixin, socket.socket):
+    pass
+
+
+class _TimedSSLSocket(_TimedSocketMixin, ssl.SSLSocket):
+    def do_handshake(self, *args: Any) -> None:
+        self._timed(super().do_handshake, *args)
+
+
 class _PinnedConnection(http.client.HTTPConnection):
     """An HTTP connection to vetted socket addresses only; with an SSL context, TLS to the URL's host name
-    (SNI and certificate checks use the name, not the address)."""
+    (SNI and certificate checks use the name, not the address). Every socket operation runs on `transfer`'s
+    clock."""
 
-    def __init__(self, host: str, port: int, addresses: list[tuple[int, tuple]], timeout: float,
+    def __init__(self, host: str, port: int, addresses: list[tuple[int, tuple]], transfer: _Transfer,
                  ssl_context: ssl.SSLContext | None):
-        super().__init__(host, port, timeout=timeout)
+        super().__init__(host, port, timeout=transfer.policy.timeout_s)
         self._addresses = addresses
+        self._transfer = transfer
         self._ssl_context = ssl_context
 
     def connect(self) -> None:
         sock = self._connect_any()
         if self._ssl_context is not None:
+            self._ssl_context.sslsocket_class = _TimedSSLSocket
             try:
-                sock = self._ssl_context.wrap_socket(sock, server_hostname=self.host)
+                tls = self._ssl_context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=False)
             except BaseException:
                 sock.close()
                 raise
+            tls.transfer = self._transfer
+            try:
+                tls.do_handshake()
+            except BaseException:
+                tls.close()
+                raise
+            sock = tls
         self.sock = sock
 
     def _connect_any(self) -> socket.socket:
@@ -155,20 +329,24 @@ class _PinnedConnection(http.client.HTTPConnection):
         # and a working IPv4 one is common.
         last_error: OSError | None = None
         for family, sockaddr in self._addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
+            sock = _TimedSocket(family, socket.SOCK_STREAM)
+            sock.transfer = self._transfer
             try:
                 sock.connect(sockaddr)
                 return sock
             except OSError as e:
                 sock.close()
                 last_error = e
+            except BaseException:
+                sock.close()
+                raise
         assert last_error is not None
         raise last_error
 
 
-def _http_get(url: str, policy: MediaPolicy, label: str) -> tuple[int, str | None, bytes]:
+def _http_get(url: str, transfer: _Transfer) -> tuple[int, str | None, bytes]:
     """One GET without following redirects: (status, Location header, body). The body is read only for 2xx."""
+    policy, label = transfer.policy, transfer.label
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
@@ -185,7 +363,10 @@ def _http_get(url: str, policy: MediaPolicy, label: str) -> tuple[int, str | Non
     except ValueError as e:
         raise MediaError(f"{label}: invalid port in URL") from e
     port = explicit_port or (443 if scheme == "https" else 80)
+    transfer.host = host
+    # Name resolution cannot be interrupted; the clock is checked once it returns.
     addresses = _vetted_addresses(host, port, policy, label)
+    transfer.operation_timeout()
 
     host_header = f"[{host}]" if ":" in host else host
     if explicit_port is not None:
@@ -195,7 +376,7 @@ def _http_get(url: str, policy: MediaPolicy, label: str) -> tuple[int, str | Non
     if parts.query:
         target += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
     ssl_context = ssl.create_default_context() if scheme == "https" else None
-    conn = _PinnedConnection(host, port, addresses, policy.timeout_s, ssl_context)
+    conn = _PinnedConnection(host, port, addresses, transfer, ssl_context)
     try:
         # identity encoding: the byte cap then limits what we hold, not what a gzip body would expand to.
         conn.request("GET", target, headers={"Host": host_header, "User-Agent": "mmserve", "Accept": "*/*",
@@ -225,10 +406,12 @@ def _http_get(url: str, policy: MediaPolicy, label: str) -> tuple[int, str | Non
 
 
 def fetch_bytes(url: str, policy: MediaPolicy, label: str) -> bytes:
-    """GET an http(s) URL on a client's behalf: vetted addresses only, redirects re-vetted, body capped."""
+    """GET an http(s) URL on a client's behalf: vetted addresses only, redirects re-vetted, body capped, and the
+    whole download (every hop) within `policy.fetch_timeout_s` at no less than `policy.min_bytes_per_s`."""
+    transfer = _Transfer(policy, label)
     current = url
     for _ in range(policy.max_redirects + 1):
-        status, location, body = _http_get(current, policy, label)
+        status, location, body = _http_get(current, transfer)
         if status not in _REDIRECT_STATUSES:
             return body
         if not location:
@@ -332,6 +515,21 @@ def _source_bytes(source: object, media_types: frozenset[str], policy: MediaPoli
 
 # ----------------------------------------------------------------------------------------------- images
 
+# An image this many times larger than the pixels its consumer resizes to is shrunk while it is decoded.
+_SHRINK_RATIO = 4
+
+
+def shrink_factor(pixels: int, target_pixels: int | None) -> int:
+    """The integer factor that shrinks an image of `pixels` while keeping at least `target_pixels`: 1 (keep it
+    whole) unless the image has `_SHRINK_RATIO` times `target_pixels` or more."""
+    if not target_pixels or pixels < _SHRINK_RATIO * target_pixels:
+        return 1
+    return math.isqrt(pixels // target_pixels)
+
+
+def _shrunk_size(width: int, height: int, factor: int) -> tuple[int, int]:
+    return -(-width // factor), -(-height // factor)  # Image.reduce rounds up
+
 
 def _check_pixels(width: int, height: int, policy: MediaPolicy, label: str) -> None:
     pixels = width * height
@@ -340,7 +538,71 @@ def _check_pixels(width: int, height: int, policy: MediaPolicy, label: str) -> N
                          f"{policy.max_image_pixels} pixels")
 
 
-def _decode_image(data: bytes, policy: MediaPolicy, label: str) -> Image.Image:
+class PendingImage:
+    """An image whose header is read and checked but whose pixels are not decoded yet, and what decoding it
+    costs: `decode_bytes` of RGB while decoding, `kept_bytes` for the image `load` returns.
+
+    With `target_pixels` (the most pixels the model's processor resizes an image to), an image with 4x that or
+    more is shrunk by an integer factor as it is decoded, staying at least `target_pixels`, so the processor
+    still makes the final resize and the patch grid comes out the same (up to rounding). JPEG decodes directly
+    at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's `draft`); other formats decode whole and are then
+    box-averaged (`Image.reduce`) in uint8. The trade-off: such images are no longer bit-identical to what
+    transformers computes from the full image (a box average before its bicubic resize), in exchange for a
+    decoded size bounded by the model's needs rather than by the client's file; images under 4x take exactly the
+    path they always did."""
+
+    def __init__(self, image: Image.Image, label: str, target_pixels: int | None, owned: bool):
+        self._image, self.label, self._owned = image, label, owned
+        self.width, self.height = image.size  # as the header says
+        factor = shrink_factor(self.width * self.height, target_pixels)
+        if factor > 1 and owned and image.format == "JPEG":
+            image.draft(image.mode, _shrunk_size(self.width, self.height, factor))  # at least that size
+            factor = shrink_factor(image.width * image.height, target_pixels)
+        self.factor = factor
+        self.decode_bytes = image.width * image.height * 3
+        self.kept_bytes = math.prod(_shrunk_size(image.width, image.height, factor)) * 3
+
+    def load(self) -> Image.Image:
+        """The decoded RGB image (shrunk by `factor`); the source image is closed if we opened it."""
+        image = self._image
+        try:
+            image.load()  # a GIF or animated WebP stays on its first frame
+            if self.factor == 1:
+                # Plain convert, like transformers' processors, so outputs match the reference implementation.
+                return image.convert("RGB")
+            # Shrinking in the decoded mode spares a full-size RGB copy. Bilevel images average as grayscale;
+            # palettes and alpha are converted first, as transformers' plain convert would.
+            if image.mode == "1":
+                image = image.convert("L")
+            elif image.mode not in ("L", "RGB"):
+                image = image.convert("RGB")
+            small = image.reduce(self.factor)
+            return small if small.mode == "RGB" else small.convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise MediaError(f"{self.label}: image is too large ({e})") from e
+        except Exception as e:  # truncated or corrupt pixel data
+            raise MediaError(f"{self.label}: could not decode image ({e})") from e
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._owned:
+            self._image.close()
+
+    def __enter__(self) -> PendingImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_image(source: MediaSource, policy: MediaPolicy, label: str = "image",
+               target_pixels: int | None = None) -> PendingImage:
+    """Read and check an image's header (any source `load_image` takes); its pixels are decoded by `load`."""
+    if isinstance(source, Image.Image):
+        _check_pixels(source.width, source.height, policy, label)
+        return PendingImage(source, label, target_pixels, owned=False)
+    data = _source_bytes(source, _IMAGE_MEDIA_TYPES, policy, label)
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # lazy: reads the header only
     except Image.DecompressionBombError as e:  # only if someone turned PIL's guard back on
@@ -349,30 +611,27 @@ def _decode_image(data: bytes, policy: MediaPolicy, label: str) -> Image.Image:
         raise MediaError(f"{label}: not a supported image (png, jpeg, webp, gif or bmp)") from e
     except Exception as e:  # hostile headers raise all sorts (SyntaxError, struct.error, ...): all mean "bad image"
         raise MediaError(f"{label}: invalid image data ({e})") from e
-    with image:
+    try:
         _check_pixels(image.width, image.height, policy, label)
-        try:
-            image.load()  # a GIF or animated WebP stays on its first frame
-            # Plain convert, like transformers' processors, so outputs match the reference implementation.
-            return image.convert("RGB")
-        except Image.DecompressionBombError as e:
-            raise MediaError(f"{label}: image is too large ({e})") from e
-        except Exception as e:  # truncated or corrupt pixel data
-            raise MediaError(f"{label}: could not decode image ({e})") from e
+        return PendingImage(image, label, target_pixels, owned=True)
+    except BaseException:
+        image.close()
+        raise
 
 
-def load_image(source: MediaSource, policy: MediaPolicy, label: str = "image") -> Image.Image:
-    """A fully decoded RGB image from a data: URL, http(s) URL, file:// URL, local path, raw bytes or PIL image."""
-    if isinstance(source, Image.Image):
-        _check_pixels(source.width, source.height, policy, label)
-        try:
-            return source.convert("RGB")
-        except Exception as e:  # a lazily opened image can still fail to decode here
-            raise MediaError(f"{label}: could not decode image ({e})") from e
-    return _decode_image(_source_bytes(source, _IMAGE_MEDIA_TYPES, policy, label), policy, label)
+def load_image(source: MediaSource, policy: MediaPolicy, label: str = "image",
+               target_pixels: int | None = None) -> Image.Image:
+    """A decoded RGB image from a data: URL, http(s) URL, file:// URL, local path, raw bytes or PIL image; with
+    `target_pixels`, shrunk while decoding when it is much larger (see PendingImage)."""
+    with open_image(source, policy, label, target_pixels) as pending:
+        return pending.load()
 
 
 # ----------------------------------------------------------------------------------------------- video
+
+# Until a keyframe interval has been seen, seek only to frames this far ahead (x264's default interval is 250
+# frames, 10 s at 25 fps); closer frames are reached by decoding on.
+_SEEK_GAP_S = 10.0
 
 
 def _sniff_container(data: bytes, label: str) -> tuple[str, dict[str, str]]:
@@ -388,61 +647,272 @@ def _sniff_container(data: bytes, label: str) -> tuple[str, dict[str, str]]:
     raise MediaError(f"{label}: not a supported video container (mp4/mov, webm/mkv or avi)")
 
 
-def load_video_frames(source: MediaSource, policy: MediaPolicy, label: str = "video",
-                      max_frames: int = 768) -> tuple[np.ndarray, float]:
-    """Decode a video's first video stream: (frames uint8 [T, H, W, 3], fps of the returned frames).
+@dataclass
+class VideoClip:
+    """Frames sampled from a video, and what a model's processor needs to time them."""
 
-    Sources as for `load_image` (except PIL images). At most `max_frames` frames, and at most
-    `policy.max_video_pixels` pixels in all, are kept: a longer video keeps every k-th frame (k a power of
-    two, doubled whenever the kept frames would overflow, so memory stays bounded whatever the container
-    claims) and fps is divided by k, so T / fps still spans the video. Frames that change size mid-stream are
-    scaled to the first frame's size."""
-    import av  # PyAV loads FFmpeg's libraries; only video needs them
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    fps: float  # of the numbering below
+    total_frames: int  # the whole video, in that numbering
+    indices: list[int]  # each frame's index in the video
 
-    if max_frames < 1:
-        raise MediaError(f"{label}: max_frames must be at least 1, got {max_frames}")
-    data = _source_bytes(source, _VIDEO_MEDIA_TYPES, policy, label)
-    container_format, options = _sniff_container(data, label)
-    try:
-        container = av.open(io.BytesIO(data), mode="r", format=container_format, options=options)
-    except Exception as e:
-        raise MediaError(f"{label}: not a readable video ({e})") from e
-    with container:
-        if not container.streams.video:
-            raise MediaError(f"{label}: no video stream")
-        stream = container.streams.video[0]
-        # The header's size, checked before any frame is decoded (a decoded frame is checked again below).
-        _check_pixels(stream.codec_context.width, stream.codec_context.height, policy, label)
-        stream.thread_type = "AUTO"
-        kept: list[np.ndarray] = []
-        stride, decoded, budget, width, height = 1, 0, max_frames, 0, 0
-        first_time = last_time = None
+
+class _EndedEarly(Exception):
+    """The video ran out before a wanted frame: its header overstated its length."""
+
+
+class _CannotSeek(Exception):
+    """Seeking failed, or the frames after a seek have no timestamps to place them by."""
+
+
+class VideoReader:
+    """A video opened for sampling: the header's facts first (frame size, fps, frame count), checked and
+    budgeted before any frame is decoded, then the frames wanted.
+
+    `sample` picks frames from the header's count and fps and reaches them by seeking to the keyframe before
+    each and decoding on to it, so the work follows the number of frames wanted (times a keyframe interval at
+    most), not the video's length. Every read runs within `policy.video_decode_timeout_s` (counted from the first
+    read) and `policy.max_decoded_frames`. With `target_pixels`, frames 4x larger or more are shrunk like images
+    (see PendingImage)."""
+
+    def __init__(self, data: bytes, policy: MediaPolicy, label: str = "video", target_pixels: int | None = None):
+        self._data, self._policy, self.label = data, policy, label
+        self._format, self._options = _sniff_container(data, label)
+        self._container, self._stream = self._open()
+        self._used = False
+        self._deadline: float | None = None
+        self.frames_decoded = 0  # in all reads, for the budget (and tests)
+        self.seeks = 0
         try:
-            for frame in container.decode(stream):
-                _check_pixels(frame.width, frame.height, policy, label)
-                if decoded == 0:
-                    width, height = frame.width, frame.height
-                    budget = max(1, min(max_frames, policy.max_video_pixels // (width * height)))
-                if frame.time is not None:
-                    first_time = frame.time if first_time is None else first_time
-                    last_time = frame.time
-                if decoded % stride == 0:
-                    if len(kept) == budget:
-                        kept, stride = kept[::2], stride * 2
-                    if decoded % stride == 0:
-                        kept.append(frame.to_ndarray(width=width, height=height, format="rgb24"))
-                decoded += 1
-        except MediaError:
+            stream = self._stream
+            # The header's size, checked before any frame is decoded (each decoded frame is checked again).
+            self.width, self.height = stream.codec_context.width, stream.codec_context.height
+            _check_pixels(self.width, self.height, policy, label)
+            if not self.width or not self.height:
+                raise MediaError(f"{label}: the video's header gives no frame size")
+            rate = stream.average_rate or stream.guessed_rate
+            self.fps: float | None = float(rate) if rate and rate > 0 else None
+            self.frame_count = self._header_frame_count()
+            self.factor = shrink_factor(self.width * self.height, target_pixels)
+            self.frame_width, self.frame_height = _shrunk_size(self.width, self.height, self.factor)
+        except BaseException:
+            self.close()
             raise
+
+    @property
+    def frame_bytes(self) -> int:
+        """RGB bytes of one kept frame."""
+        return self.frame_width * self.frame_height * 3
+
+    @property
+    def decode_bytes(self) -> int:
+        """RGB bytes of one frame as decoded, before shrinking."""
+        return self.width * self.height * 3
+
+    def _open(self) -> tuple[Any, Any]:
+        import av  # PyAV loads FFmpeg's libraries; only video needs them
+
+        try:
+            container = av.open(io.BytesIO(self._data), mode="r", format=self._format, options=self._options)
         except Exception as e:
-            raise MediaError(f"{label}: could not decode video ({e})") from e
+            raise MediaError(f"{self.label}: not a readable video ({e})") from e
+        if not container.streams.video:
+            container.close()
+            raise MediaError(f"{self.label}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return container, stream
+
+    def _header_frame_count(self) -> int | None:
+        """Frames in the video as the header tells: MP4 and AVI count them; Matroska gives a duration."""
+        stream, container = self._stream, self._container
+        if stream.frames and stream.frames > 0:
+            return int(stream.frames)
+        if self.fps is None:
+            return None
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration:
+            seconds = container.duration / 1_000_000  # AV_TIME_BASE
+        else:
+            return None
+        count = round(seconds * self.fps)
+        return count if count > 0 else None
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- reading
+
+    def sample(self, choose: Callable[[int, float], Sequence[int]], max_frames: int) -> VideoClip:
+        """The frames `choose(total_frames, fps)` picks. With a frame count and rate in the header only those are
+        decoded, by seeking (or by decoding on, where the file cannot seek). Without them, or when the video
+        turns out shorter than its header said, the whole video is decoded in order keeping at most `max_frames`
+        (see `read_all`), and `choose` picks among those, in their numbering."""
+        if self.fps and self.frame_count:
+            indices = [int(i) for i in choose(self.frame_count, self.fps)]
+            for seek in (True, False):
+                try:
+                    return VideoClip(self.read(indices, seek), self.fps, self.frame_count, indices)
+                except _CannotSeek:
+                    continue
+                except _EndedEarly:
+                    break
+        frames, fps = self.read_all(max_frames)
+        indices = [int(i) for i in choose(len(frames), fps)]
+        return VideoClip(frames[indices], fps, len(frames), indices)
+
+    def read(self, indices: Sequence[int], seek: bool = True) -> np.ndarray:
+        """Frames [T, H, W, 3] at `indices` of the header's numbering (frame i is shown at i / fps).
+
+        Frames are decoded in order, and counted, until the first seek; after it a frame's index comes from its
+        timestamp (for a constant frame rate the two agree, so a short video gives the same frames as decoding it
+        whole). A target is taken as the first frame at or after it. A seek goes to a target further ahead than
+        the widest keyframe interval seen (a default before one is seen); one that lands no further than
+        decoding already was doubles that distance."""
+        assert self.fps, "read needs the video's frame rate"
+        fps = self.fps
+        container, stream = self._restart()
+        frames = container.decode(stream)
+        out = np.empty((len(indices), self.frame_height, self.frame_width, 3), np.uint8)
+        slots: dict[int, list[int]] = {}  # target -> its places in `out`
+        for slot, index in enumerate(indices):
+            slots.setdefault(index, []).append(slot)
+        pos, last = -1, None  # index of the newest decoded frame, and its pixels once converted
+        origin: float | None = None  # time of frame 0
+        by_time = False
+        default_gap, penalty = max(2, round(_SEEK_GAP_S * fps)), 1
+        keyframe_gap, last_keyframe = 0, None
+        before_seek: int | None = None
+        for target in sorted(slots):
+            if seek and origin is not None and target - pos > max(2, keyframe_gap or default_gap) * penalty:
+                try:
+                    # To the keyframe at or before the target (half a frame early, against rounding).
+                    container.seek(int((origin + (target - 0.5) / fps) / stream.time_base), stream=stream,
+                                   backward=True)
+                except Exception as e:
+                    raise _CannotSeek from e
+                frames = container.decode(stream)
+                self.seeks += 1
+                by_time, last_keyframe, before_seek = True, None, pos
+            while pos < target:
+                frame = self._next(frames)
+                if frame is None:
+                    raise _EndedEarly
+                if not by_time:
+                    index = pos + 1
+                    if origin is None:
+                        origin = frame.time  # None: no timestamps, so no seeking either
+                elif frame.time is None:
+                    raise _CannotSeek
+                else:
+                    index = round((frame.time - origin) * fps)
+                if before_seek is not None:
+                    if index <= before_seek:
+                        penalty *= 2  # keyframes are sparser here than the gap assumed
+                    before_seek = None
+                if index <= pos:
+                    continue  # decoded again after landing behind
+                if frame.key_frame:
+                    if last_keyframe is not None:
+                        keyframe_gap = max(keyframe_gap, index - last_keyframe)
+                    last_keyframe = index
+                pos = index
+                if pos >= target:
+                    last = self._rgb(frame)
+            out[slots[target]] = last
+        return out
+
+    def read_all(self, max_frames: int = 768) -> tuple[np.ndarray, float]:
+        """Every frame in order: (frames [T, H, W, 3], fps of the returned frames).
+
+        At most `max_frames` frames, and at most `policy.max_video_pixels` pixels in all, are kept: a longer
+        video keeps every k-th frame (k a power of two, doubled whenever the kept frames would overflow, so
+        memory stays bounded whatever the container claims) and fps is divided by k, so T / fps still spans the
+        video. Frames that change size mid-stream are scaled to the header's size."""
+        if max_frames < 1:
+            raise MediaError(f"{self.label}: max_frames must be at least 1, got {max_frames}")
+        container, stream = self._restart()
+        budget = max(1, min(max_frames, self._policy.max_video_pixels // (self.frame_width * self.frame_height)))
+        kept: list[np.ndarray] = []
+        stride, decoded = 1, 0
+        first_time = last_time = None
+        frames = container.decode(stream)
+        while (frame := self._next(frames)) is not None:
+            if frame.time is not None:
+                first_time = frame.time if first_time is None else first_time
+                last_time = frame.time
+            if decoded % stride == 0:
+                if len(kept) == budget:
+                    kept, stride = kept[::2], stride * 2
+                if decoded % stride == 0:
+                    kept.append(self._rgb(frame))
+            decoded += 1
         if not kept:
-            raise MediaError(f"{label}: video has no frames")
-        rate = stream.average_rate or stream.guessed_rate
-        if rate:
-            fps = float(rate)
+            raise MediaError(f"{self.label}: video has no frames")
+        if self.fps:
+            fps = self.fps
         elif decoded > 1 and first_time is not None and last_time is not None and last_time > first_time:
             fps = (decoded - 1) / (last_time - first_time)
         else:
-            raise MediaError(f"{label}: cannot determine the video's frame rate")
-    return np.stack(kept), fps / stride
+            raise MediaError(f"{self.label}: cannot determine the video's frame rate")
+        return np.stack(kept), fps / stride
+
+    def _restart(self) -> tuple[Any, Any]:
+        """The container at its start (reopened after an earlier read), with the decode clock running."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self._policy.video_decode_timeout_s
+        if self._used:
+            self._container.close()
+            self._container, self._stream = self._open()
+        self._used = True
+        return self._container, self._stream
+
+    def _next(self, frames: Iterator[Any]) -> Any:
+        """The next decoded frame (None at the end), within the decode budgets."""
+        try:
+            frame = next(frames, None)
+        except Exception as e:
+            raise MediaError(f"{self.label}: could not decode video ({e})") from e
+        if frame is None:
+            return None
+        self.frames_decoded += 1
+        if self.frames_decoded > self._policy.max_decoded_frames:
+            raise MediaError(f"{self.label}: decoding needs more than {self._policy.max_decoded_frames} frames (the "
+                             "video is too long, or its keyframes too sparse, to sample)")
+        assert self._deadline is not None
+        if time.monotonic() > self._deadline:
+            raise MediaError(f"{self.label}: decoding took longer than {float(self._policy.video_decode_timeout_s)} s")
+        _check_pixels(frame.width, frame.height, self._policy, self.label)
+        return frame
+
+    def _rgb(self, frame: Any) -> np.ndarray:
+        try:
+            pixels = frame.to_ndarray(width=self.width, height=self.height, format="rgb24")
+        except Exception as e:
+            raise MediaError(f"{self.label}: could not decode video ({e})") from e
+        if self.factor > 1:
+            pixels = np.asarray(Image.fromarray(pixels).reduce(self.factor))
+        return pixels
+
+
+def open_video(source: MediaSource, policy: MediaPolicy, label: str = "video",
+               target_pixels: int | None = None) -> VideoReader:
+    """A VideoReader on a video's first video stream, from any source `load_image` takes except PIL images."""
+    return VideoReader(_source_bytes(source, _VIDEO_MEDIA_TYPES, policy, label), policy, label, target_pixels)
+
+
+def load_video_frames(source: MediaSource, policy: MediaPolicy, label: str = "video",
+                      max_frames: int = 768) -> tuple[np.ndarray, float]:
+    """Decode a whole video in order: (frames uint8 [T, H, W, 3], fps of the returned frames); see
+    `VideoReader.read_all` for how a long video is thinned. `VideoReader.sample` decodes only what it needs."""
+    if max_frames < 1:
+        raise MediaError(f"{label}: max_frames must be at least 1, got {max_frames}")
+    with open_video(source, policy, label) as video:
+        return video.read_all(max_frames)
