@@ -1,9 +1,15 @@
-"""The FastAPI application: routes, API-key check, OpenAI-shaped errors, and the engine's lifecycle."""
+"""The FastAPI application: routes, the request guard (API key, body size), OpenAI-shaped errors, cancelling the
+work of a client that has gone, and the engine's lifecycle."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
+import json
 import logging
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -11,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mmserve.config import ServerArgs
 from mmserve.server import errors
@@ -32,6 +39,81 @@ logger = logging.getLogger("mmserve.server")
 _OPEN_PATHS = {"/health"}
 
 
+class RequestGuard:
+    """ASGI middleware in front of every route. It checks the API key (in constant time) and the body size, from
+    Content-Length before anything is read and again while a chunked body streams in, so an oversize body costs
+    the server at most the limit. It reads the body whole and hands it to the app as one message; later
+    `receive()` calls pass through, so the app still hears of a disconnect."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_mb: int):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_body_mb = max_body_mb
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"] not in _OPEN_PATHS:
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                response = error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                          code="invalid_api_key")
+                return await response(scope, receive, send)
+        limit = self.max_body_mb * 2**20
+        if int(headers.get(b"content-length", b"0")) > limit:  # h11 has checked it is a number
+            return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":  # gone (or timed out) before its request was complete
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        pending: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal pending
+            if pending is None:
+                return await receive()
+            message, pending = pending, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The rest of the body is not read: the connection closes after the answer.
+        response = error_response(413, f"the request body is larger than this server's limit of {self.max_body_mb} "
+                                       "MiB (--max-request-body-mb)", headers={"connection": "close"})
+        await response(scope, receive, send)
+
+
+_CLIENT_GONE = object()
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await a route's work, or cancel it if the client disconnects first and return `_CLIENT_GONE`. The body has
+    been read by now, so the next ASGI message can only be `http.disconnect`. Cancelling closes the request
+    iterators, whose `finally` aborts the engine requests: a client that left stops costing anything."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    return task.result() if not task.cancelled() else _CLIENT_GONE
+
+
 def create_app(args: ServerArgs) -> FastAPI:
     model_name = args.served_model_name or args.model_path
     metrics = Metrics(model_name) if args.enable_metrics else None
@@ -41,6 +123,8 @@ def create_app(args: ServerArgs) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await manager.start()
+        # The bound behind the early context check decodes the whole vocabulary once: not on the event loop.
+        await asyncio.get_running_loop().run_in_executor(manager.tokenize_pool, lambda: manager.max_bytes_per_token)
         info = manager.info
         logger.info("mmserve ready: model %s, %s on %s, context %d tokens, KV cache %d tokens, http://%s:%d",
                     model_name, info.dtype, info.device, info.context_len, info.max_total_tokens, args.host, args.port)
@@ -48,6 +132,7 @@ def create_app(args: ServerArgs) -> FastAPI:
             yield
         finally:
             await manager.shutdown()
+            manager.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="mmserve", lifespan=lifespan)
     app.state.manager, app.state.serving, app.state.args = manager, serving, args
@@ -55,31 +140,28 @@ def create_app(args: ServerArgs) -> FastAPI:
     app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
     app.add_exception_handler(ValueError, errors.value_error_handler)
+    app.add_exception_handler(Exception, errors.internal_error_handler)
+    app.add_middleware(RequestGuard, api_key=args.api_key, max_body_mb=args.max_request_body_mb)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if args.api_key and request.url.path not in _OPEN_PATHS:
-            if request.headers.get("authorization", "") != f"Bearer {args.api_key}":
-                return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key")
-        return await call_next(request)
-
-    def respond(result: Any):
-        if hasattr(result, "__aiter__"):
+    async def respond(request: Request, work: Awaitable[Any]) -> Response:
+        result = await unless_disconnected(request, work)
+        if result is _CLIENT_GONE:
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        if hasattr(result, "__aiter__"):  # from here on the streaming response watches for a disconnect itself
             return StreamingResponse(sse_with_errors(result), media_type="text/event-stream")
         return JSONResponse(result)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        return respond(await serving.chat(body))
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await respond(request, serving.chat(body))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return respond(await serving.completions(body))
+    async def completions(body: CompletionRequest, request: Request):
+        return await respond(request, serving.completions(body))
 
     @app.post("/generate")
-    async def generate(body: GenerateRequestBody):
-        return respond(await serving.generate(body))
+    async def generate(body: GenerateRequestBody, request: Request):
+        return await respond(request, serving.generate(body))
 
     @app.get("/v1/models")
     async def models():
@@ -112,10 +194,14 @@ def create_app(args: ServerArgs) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages")
         if body.messages is not None:
-            ids = manager.encode_chat(body.messages)
+            text = await manager.render_chat_async(body.messages)
+            ids = await manager.encode_async(text, add_special_tokens=False)
         else:
-            ids = manager.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": manager.info.context_len}
+            ids = await manager.encode_async(body.prompt, add_special_tokens=body.add_special_tokens)
+        # Millions of ids take a while to write as JSON (and FastAPI's own encoder ten times as long): not here.
+        payload = {"tokens": ids, "count": len(ids), "max_model_len": manager.info.context_len}
+        content = await asyncio.get_running_loop().run_in_executor(manager.tokenize_pool, json.dumps, payload)
+        return Response(content, media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
@@ -123,14 +209,11 @@ def create_app(args: ServerArgs) -> FastAPI:
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
-        return {"prompt": manager.tokenizer.decode(body.tokens)}
+        return {"prompt": await manager.decode_async(body.tokens)}
 
     @app.post("/abort_request")
     async def abort_request(body: AbortBody):
-        targets = [r for r in manager.running_ids() if r == body.rid or r.startswith(body.rid + "-")]
-        for rid in targets:
-            await manager.abort(rid)
-        return {"aborted": targets}
+        return {"aborted": await manager.abort(body.rid)}
 
     return app
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 500: "internal_error"}
+          408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+          500: "internal_error"}
 
 
 class APIError(Exception):
@@ -22,8 +25,17 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "code": code if code is not None else status}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def raw_error_response(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error response as bytes, closing the connection: for the protocol layer, which answers
+    before (or instead of) the application."""
+    body = json.dumps(error_body(status, message)).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
 
 
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
@@ -52,3 +64,9 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
     return error_response(exc.status_code, message)
+
+
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Anything a route did not expect: a JSON 500 without internals (the traceback goes to the server log, where
+    Starlette re-raises the exception after this response)."""
+    return error_response(500, f"internal server error ({type(exc).__name__}); the server log has the details")

@@ -16,8 +16,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         label = {"model_name": model_name}
         r = self.registry
-        self.requests = Counter("mmserve_requests", "Finished requests by finish reason", ["model_name", "reason"],
-                                registry=r)
+        self.requests = Counter("mmserve_requests", "Finished requests by finish reason (abort: given up before "
+                                "the end)", ["model_name", "reason"], registry=r)
         self.prompt_tokens = Counter("mmserve_prompt_tokens", "Prompt tokens of finished requests",
                                      ["model_name"], registry=r).labels(**label)
         self.generation_tokens = Counter("mmserve_generation_tokens", "Generated tokens", ["model_name"],
@@ -60,6 +60,11 @@ class Metrics:
         self.requests.labels(model_name=self.model_name, reason=reason).inc()
         self.prompt_tokens.inc(len(state.prompt_ids))
         self.e2e.observe(seconds)
+
+    def observe_aborted(self) -> None:
+        """A request given up before its end (its client disconnected, or the server stopped it): it produces no
+        final output, so `observe_finished` never sees it."""
+        self.requests.labels(model_name=self.model_name, reason="abort").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,9 +17,11 @@ from mmserve.multimodal.processor import media_parts
 from mmserve.sampling_params import SamplingParams
 from mmserve.server.errors import APIError, error_body
 from mmserve.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequestBody
-from mmserve.tokenizer.chat_template import render_chat, validate_messages
+from mmserve.tokenizer.chat_template import check_template_kwargs, validate_messages
 from mmserve.tokenizer.manager import TokenizerManager
 from mmserve.tokenizer.request_state import RequestState
+
+logger = logging.getLogger(__name__)
 
 _PASS_THROUGH = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
@@ -84,6 +87,24 @@ class OpenAIServing:
                            param=param, code="context_length_exceeded")
         return max_tokens
 
+    def _check_size(self, text: str, param: str) -> None:
+        """Refuse a prompt whose UTF-8 size alone proves it exceeds the context, before spending seconds of CPU
+        tokenizing it: no token stands for more than `max_bytes_per_token` bytes."""
+        per_token = self.manager.max_bytes_per_token
+        context = self.manager.info.context_len
+        if per_token is None or len(text) * 4 <= context * per_token:  # 1 to 4 bytes a character
+            return
+        size = len(text.encode("utf-8"))
+        if size > context * per_token:
+            raise APIError(400, f"the prompt is {size} bytes of UTF-8 text, more than the model's context length of "
+                                f"{context} tokens can hold (no token of this tokenizer stands for more than "
+                                f"{per_token:g} bytes); shorten the prompt", param=param,
+                           code="context_length_exceeded")
+
+    async def _encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        self._check_size(text, param)
+        return await self.manager.encode_async(text, add_special_tokens=add_special_tokens)
+
     def _copies(self, rid: str, ids: list[int], params: SamplingParams, n: int,
                 start: int = -1) -> list[tuple[str, list[int], SamplingParams, int]]:
         """n jobs for one prompt (seed + i keeps seeded samples distinct and reproducible)."""
@@ -96,19 +117,11 @@ class OpenAIServing:
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
-    def _submit_all(self, jobs: list[tuple[str, list[int], SamplingParams, int]],
+    def _submit_all(self, rid: str, jobs: list[tuple[str, list[int], SamplingParams, int]],
                     mm: WireMultimodal | None = None) -> list[AsyncIterator[RequestState]]:
-        """Submit every job (all validated beforehand); if one is refused, cancel the ones already sent."""
-        gens, sent = [], []
-        try:
-            for rid, ids, params, start in jobs:
-                gens.append(self.manager.submit(rid, ids, params, logprob_start_len=start, mm_inputs=mm))
-                sent.append(rid)
-        except Exception:
-            for rid in sent:
-                self.manager.cancel(rid)
-            raise
-        return gens
+        """Submit every job of the request `rid` (all validated beforehand) as one group: all or none, and
+        `/abort_request` with `rid` reaches exactly these."""
+        return self.manager.submit_group(rid, jobs, mm)
 
     async def _finals(self, gens: list[AsyncIterator[RequestState]]) -> list[RequestState]:
         async def last(gen: AsyncIterator[RequestState]) -> RequestState:
@@ -133,23 +146,30 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest):
         self._check_unsupported(body)
         kwargs = dict(body.chat_template_kwargs or {})
+        try:
+            check_template_kwargs(self.tokenizer, kwargs)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="chat_template_kwargs") from exc
         if body.tools:
             kwargs["tools"] = body.tools
-        media = media_parts(body.messages) if isinstance(body.messages, list) else []
+        try:
+            validate_messages(body.messages)  # before anything reads them
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        media = media_parts(body.messages)
         if media and self.manager.mm_processor is None:
             raise APIError(400, f"{self.model_name} is a text model: it takes no images or other media",
                            param="messages")
-        mm = None
         try:
-            if media:
-                validate_messages(body.messages)
-                text = render_chat(self.tokenizer, body.messages, self.manager.chat_template, **kwargs)
-            else:
-                ids = self.manager.encode_chat(body.messages, **kwargs)
+            text = await self.manager.render_chat_async(body.messages, **kwargs)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
+        mm = None
         if media:
+            self._check_size(text, "messages")  # the placeholders only grow it
             ids, mm = await self.manager.process_media(text, media)
+        else:
+            ids = await self._encode(text, "messages", add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         top = body.top_logprobs or 0
@@ -161,7 +181,7 @@ class OpenAIServing:
                               body.logprobs, top)
         rid = body.rid or f"chatcmpl-{uuid.uuid4().hex}"
         self.manager.check_capacity(body.n)
-        gens = self._submit_all(self._copies(rid, ids, params, body.n), mm)
+        gens = self._submit_all(rid, self._copies(rid, ids, params, body.n), mm)
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -218,14 +238,14 @@ class OpenAIServing:
 
     # ----- completions -----
 
-    def _prompts(self, prompt: Any) -> list[list[int]]:
+    async def _prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
-            return [self.manager.encode(prompt)]
+            return [await self._encode(prompt, "prompt")]
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             self._check_ids(prompt, "prompt")
             return [list(prompt)]
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            return [self.manager.encode(p) for p in prompt]
+            return [await self._encode(p, "prompt") for p in prompt]
         if isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt):
             for p in prompt:
                 self._check_ids(p, "prompt")
@@ -242,7 +262,7 @@ class OpenAIServing:
         top = body.logprobs
         if top is not None and not 0 <= top <= _MAX_TOP_LOGPROBS:
             raise APIError(400, f"logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {top}", param="logprobs")
-        prompts = self._prompts(body.prompt)
+        prompts = await self._prompts(body.prompt)
         if body.stream and len(prompts) > 1:
             raise APIError(400, "streaming takes a single prompt", param="prompt")
         rid = body.rid or f"cmpl-{uuid.uuid4().hex}"
@@ -254,7 +274,7 @@ class OpenAIServing:
             start = 0 if body.echo and top is not None else -1
             sub = rid if len(prompts) == 1 else f"{rid}-p{p_idx}"
             jobs.extend(self._copies(sub, ids, params, body.n, start))
-        gens = self._submit_all(jobs)
+        gens = self._submit_all(rid, jobs)
         created = int(time.time())
         if body.stream:
             return self._completion_stream(rid, created, await _primed(gens), prompts[0], body)
@@ -331,10 +351,11 @@ class OpenAIServing:
             if not isinstance(body.text, str):
                 raise APIError(400, "image_data goes with a single text prompt", param="image_data")
             images = body.image_data if isinstance(body.image_data, list) else [body.image_data]
+            self._check_size(body.text, "text")
             ids, mm = await self.manager.process_media(body.text, [("image", src) for src in images])
             prompts = [ids]
         elif body.text is not None:
-            prompts = [self.manager.encode(t) for t in ([body.text] if single else body.text)]
+            prompts = [await self._encode(t, "text") for t in ([body.text] if single else body.text)]
         else:
             prompts = [list(body.input_ids)] if single else [list(p) for p in body.input_ids]
         if not prompts or any(not p for p in prompts):
@@ -359,11 +380,11 @@ class OpenAIServing:
         if body.stream:
             if len(prompts) != 1:
                 raise APIError(400, "streaming takes a single prompt")
-            [gen] = self._submit_all([(rid, prompts[0], params, body.logprob_start_len)], mm)
+            [gen] = self._submit_all(rid, [(rid, prompts[0], params, body.logprob_start_len)], mm)
             return self._generate_stream((await _primed([gen]))[0])
         self.manager.check_capacity(len(prompts))
-        gens = self._submit_all([(rid if single else f"{rid}-{i}", p, params, body.logprob_start_len)
-                                 for i, p in enumerate(prompts)], mm)
+        gens = self._submit_all(rid, [(rid if single else f"{rid}-{i}", p, params, body.logprob_start_len)
+                                      for i, p in enumerate(prompts)], mm)
         results = [s.result() for s in await self._finals(gens)]
         return results[0] if single else results
 
@@ -395,12 +416,17 @@ async def _primed(gens: list[AsyncIterator[RequestState]]) -> list[AsyncIterator
 
 
 async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """An error after the stream started (e.g. the engine died) ends it with an OpenAI-shaped error event."""
+    """An error after the stream started (e.g. the engine died, the server is stopping) ends it with an
+    OpenAI-shaped error event and [DONE] instead of cutting it."""
     try:
         async for event in events:
             yield event
     except APIError as exc:
         yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
+        yield SSE_DONE
+    except Exception as exc:
+        logger.exception("a stream failed")
+        yield sse(error_body(500, f"internal server error ({type(exc).__name__}); the server log has the details"))
         yield SSE_DONE
 
 

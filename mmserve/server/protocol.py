@@ -6,12 +6,48 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def find_lone_surrogate(value: Any) -> str | None:
+    """Where (e.g. `messages[0].content`) the first string holding a lone UTF-16 surrogate is, or None. JSON lets
+    a body spell one (`"\\ud800"` without its pair) and Python keeps it, but it is no Unicode text: no tokenizer
+    or encoder takes it."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():  # O(1) for an ASCII string: most text skips the encode
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where or "body"
+        elif isinstance(v, dict):
+            for key, item in v.items():
+                name = str(key).encode("utf-8", "backslashreplace").decode()  # the path itself must encode
+                path = f"{where}.{name}" if where else name
+                if isinstance(key, str) and find_lone_surrogate(key) is not None:
+                    return path
+                if isinstance(item, (str, list, dict)):
+                    stack.append((path, item))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(v) if isinstance(item, (str, list, dict)))
+    return None
 
 
 class _Body(BaseModel):
     # strict: a JSON true is not the integer 1, and "5" is not 5
     model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="after")
+    def _no_lone_surrogates(self) -> _Body:
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        where = find_lone_surrogate({**fields, **(self.__pydantic_extra__ or {})})
+        if where is not None:
+            raise PydanticCustomError("lone_surrogate", "{where}: the text holds a lone UTF-16 surrogate (a \\ud800-"
+                                      "\\udfff escape without its pair), which is not valid Unicode", {"where": where})
+        return self
 
 
 class StreamOptions(_Body):

@@ -16,6 +16,7 @@ Every tag uses jinja's `-` whitespace control, so a template renders the same in
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -358,6 +359,26 @@ def render_chat(tokenizer: Any, messages: list[dict], template: str | None, add_
         raise ValueError(f"chat template failed to render: {e}") from e
     except (TypeError, KeyError, AttributeError) as e:  # a template doing arithmetic on an unexpected value
         raise ValueError(f"chat template failed to render: {type(e).__name__}: {e}") from e
+
+
+# Variables a template may be given through the API's chat_template_kwargs although the renderer names them too:
+# they only reach the template.
+_TEMPLATE_VARIABLES = frozenset({"add_generation_prompt", "continue_final_message", "tools", "documents"})
+# Names transformers passes on below apply_chat_template (to its jinja renderer, and to jinja's render).
+_INNER_ARGUMENTS = frozenset({"conversations", "messages"})
+
+
+def check_template_kwargs(tokenizer: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse template variables that would collide with the renderer's own arguments (`render_chat`'s and
+    `apply_chat_template`'s, e.g. `messages`, `template`, `tokenize`): they would replace them (or make the call
+    fail) instead of reaching the template. `ValueError` names the key."""
+    reserved = _INNER_ARGUMENTS.union(*(
+        (name for name, p in inspect.signature(fn).parameters.items() if p.kind is not p.VAR_KEYWORD)
+        for fn in (render_chat, tokenizer.apply_chat_template)))
+    for key in kwargs:
+        if key in reserved - _TEMPLATE_VARIABLES:
+            raise ValueError(f"chat_template_kwargs.{key} is not allowed: {key!r} is an argument of the chat "
+                             "template renderer itself, not a template variable")
 
 
 def validate_messages(messages: Any) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -259,13 +261,21 @@ class TokenizerManager:
                 raise APIError(503, "the server is at capacity (the waiting queue is full); retry later")
 
     async def process_media(self, text: str, media: list[tuple[str, Any]]) -> tuple[list[int], WireMultimodal]:
-        """Load media and run the model's processor in the worker pool; MediaError/ValueError -> 400."""
+        """Download media in the processor's download pool, then decode them and run the model's processor in the
+        worker pool; MediaError/ValueError -> 400, MediaBusy (decoded-media memory full for too long) -> 503."""
+        from mmserve.multimodal.media import MediaBusy
+
         if self.mm_processor is None:
             raise APIError(400, f"{self.args.model_path} is a text model: it takes no images or other media",
                            param="messages")
         loop = asyncio.get_running_loop()
         try:
-            ids, mm = await loop.run_in_executor(self.mm_pool, self.mm_processor.process, text, media)
+            # Slow downloads wait in their own pool, never in the workers other requests decode in; the first
+            # failed download answers at once.
+            fetched = await asyncio.gather(*map(asyncio.wrap_future, self.mm_processor.download(media)))
+            ids, mm = await loop.run_in_executor(self.mm_pool, self.mm_processor.process, text, list(fetched))
+        except MediaBusy as exc:
+            raise APIError(503, str(exc)) from exc
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         return ids, to_wire(mm)
@@ -317,12 +327,204 @@ class TokenizerManager:
                 self.cancel(state.rid)
 
     def cancel(self, rid: str) -> None:
-        """Forget a submitted request and abort it in the engine (no-op once it has finished)."""
-        if self._queues.pop(rid, None) is not None and self.healthy:
+        """Forget a submitted request and abort it in the engine (no-op once it has finished). It will send no
+        final output, so the metrics count it as aborted here."""
+        if self._queues.pop(rid, None) is None:
+            return
+        if self.metrics is not None:
+            self.metrics.observe_aborted()
+        if self.healthy:
             self._push.send(self._encoder.encode(AbortRequest(rid)))
 
-    async def abort(self, rid: str) -> None:
-        await self._push.send(self._encoder.encode(AbortRequest(rid)))
+    async def abort(self, rid: str) -> list[str]:
+        """Abort what a client may name by `rid`: a request by the id the API returned for it (all of its
+        engine sub-requests, see `submit_group`) or one sub-request by its own id. Ids match exactly, never by
+        prefix, so no client stops another's requests by guessing a common prefix. Returns the ids aborted; each
+        request then finishes with reason "abort"."""
+        group = self._groups.get(rid)
+        targets = [sub for sub in (group if group is not None else [rid]) if sub in self._queues]
+        if self.healthy:
+            for sub in targets:
+                await self._push.send(self._encoder.encode(AbortRequest(sub)))
+        return targets
 
     def running_ids(self) -> list[str]:
         return list(self._queues)
+
+    # ----- request groups -----
+
+    @functools.cached_property
+    def _groups(self) -> dict[str, dict[str, None]]:
+        """Client-visible request id -> the engine ids it expanded to (an ordered set), for requests whose
+        engine ids differ from it (n > 1, several prompts)."""
+        return {}
+
+    def submit_group(self, rid: str, jobs: list[tuple[str, list[int], SamplingParams, int]],
+                     mm_inputs: WireMultimodal | None = None) -> list[AsyncIterator[RequestState]]:
+        """Submit the engine requests (sub-id, prompt ids, params, logprob_start_len) one client request with id
+        `rid` expanded to (n copies `rid-i`, several prompts `rid-pK`), all or none: if one is refused, those
+        already sent are cancelled. Returns one iterator per job, as `submit` does."""
+        if self.stopped is not None:
+            raise APIError(503, self.stopped)
+        subs = [job[0] for job in jobs]
+        grouped = subs != [rid]
+        if rid in self._groups or (grouped and rid in self._queues):
+            raise APIError(400, f"duplicate request id {rid!r}")
+        gens: list[AsyncIterator[RequestState]] = []
+        try:
+            for sub, ids, params, start in jobs:
+                gens.append(self.submit(sub, ids, params, logprob_start_len=start, mm_inputs=mm_inputs))
+        except BaseException:
+            for sub in subs[:len(gens)]:
+                self.cancel(sub)
+            raise
+        if not grouped:
+            return gens
+        if len(self._groups) > 2 * len(self._queues) + 64:  # groups of iterators never started (none expected)
+            for name in [name for name, members in self._groups.items() if not members.keys() & self._queues]:
+                del self._groups[name]
+        self._groups[rid] = dict.fromkeys(subs)
+        return [self._in_group(rid, sub, gen) for sub, gen in zip(subs, gens, strict=True)]
+
+    async def _in_group(self, rid: str, sub: str, gen: AsyncIterator[RequestState]) -> AsyncIterator[RequestState]:
+        try:
+            async for state in gen:
+                yield state
+        finally:
+            await gen.aclose()
+            members = self._groups.get(rid)
+            if members is not None:
+                members.pop(sub, None)
+                if not members:
+                    del self._groups[rid]
+
+    # ----- stopping -----
+
+    stopped: str | None = None  # set by fail_all: why later submissions are refused
+
+    def fail_all(self, message: str) -> int:
+        """End every request in flight with a 503 carrying `message` (a stream gets an error event, then
+        [DONE]); each one's iterator then aborts it in the engine. Requests still being prepared (tokenized, their
+        media loaded) are refused with it when they are submitted. For a server that stops before they finish.
+        Returns how many were in flight."""
+        self.stopped = message
+        for q in self._queues.values():
+            q.put_nowait(EngineDead(message))
+        return len(self._queues)
+
+    # ----- tokenizing off the event loop -----
+
+    # Texts up to this many characters are tokenized (or rendered) inline, in well under a millisecond or two;
+    # longer ones in `tokenize_pool`.
+    INLINE_CHARS = 4096
+
+    @functools.cached_property
+    def tokenize_pool(self) -> ThreadPoolExecutor:
+        """Threads that render and tokenize long texts while the event loop serves on: `tokenizer.encode` of a
+        fast tokenizer runs the Rust `encode_batch`, which releases the GIL."""
+        return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mmserve-tokenize")
+
+    async def _off_loop(self, size: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if size <= self.INLINE_CHARS:
+            return fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.tokenize_pool, functools.partial(fn, *args, **kwargs))
+
+    async def encode_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`tokenizer.encode(text)`, in a worker thread when the text is long."""
+        return await self._off_loop(len(text), self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    async def render_chat_async(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> str:
+        """Validate chat messages and render them with the chat template, in a worker thread when they are long."""
+        validate_messages(messages)
+        return await self._off_loop(_text_chars(messages), render_chat, self.tokenizer, messages, self.chat_template,
+                                    **template_kwargs)
+
+    async def decode_async(self, ids: list[int]) -> str:
+        return await self._off_loop(len(ids), self.tokenizer.decode, ids)
+
+    @functools.cached_property
+    def max_bytes_per_token(self) -> float | None:
+        """`max_bytes_per_token(self.tokenizer)`, computed once (a fraction of a second: first read it off the
+        event loop)."""
+        return max_bytes_per_token(self.tokenizer)
+
+
+def max_bytes_per_token(tokenizer: Any) -> float | None:
+    """An upper bound of the UTF-8 bytes of text one token can stand for, so a text longer than `context_len`
+    times this certainly exceeds the context and can be refused without tokenizing it. None when there is no such
+    bound: a tokenizer that can map much text to few tokens (an unknown-token fallback, a normalizer or
+    pre-tokenizer that drops text, added tokens that swallow whitespace) or one that is not a fast tokenizer.
+    Decodes the whole vocabulary once."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+        shrink = _normalizer_shrink(spec.get("normalizer"))
+        if shrink is None or not _keeps_all_text(spec):
+            return None
+        ids = sorted(set(backend.get_vocab(with_added_tokens=True).values()))
+        longest = max(len(text.encode("utf-8", "surrogatepass"))
+                      for text in backend.decode_batch([[i] for i in ids], skip_special_tokens=False))
+    except Exception as exc:  # noqa: BLE001 - an unusual tokenizer only loses the early check
+        logger.warning("no early prompt-size check for this tokenizer: %s", exc)
+        return None
+    # + 4: decoding a token alone may drop a leading space (Metaspace, Strip decoders)
+    return (longest + 4) * shrink
+
+
+def _text_chars(messages: Any) -> int:
+    """Characters of text in chat messages (string contents and text parts), to decide where to render them."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(part.get("text") or "") for part in content
+                         if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return total
+
+
+# Normalizers that never shrink text by more than a known factor (bytes in / bytes out); anything else (Strip,
+# Lowercase, Precompiled, BertNormalizer...) may drop text, so no bound. NFKC folds a 4-byte mathematical letter
+# to 1 byte; NFC composes 3 Hangul jamo (9 bytes) into a 3-byte syllable.
+_NORMALIZER_SHRINK = {"NFC": 4.0, "NFD": 4.0, "NFKC": 4.0, "NFKD": 4.0, "Prepend": 1.0}
+# Pre-tokenizers that split text without dropping any of it (Whitespace, BertPreTokenizer, CharDelimiterSplit
+# drop characters).
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "Split", "UnicodeScripts"}
+
+
+def _normalizer_shrink(spec: dict[str, Any] | None) -> float | None:
+    if spec is None:
+        return 1.0
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor = 1.0
+        for inner in spec.get("normalizers", []):
+            inner_factor = _normalizer_shrink(inner)
+            if inner_factor is None:
+                return None
+            factor *= inner_factor
+        return factor
+    if kind == "Replace":
+        pattern, content = spec.get("pattern", {}).get("String"), spec.get("content", "")
+        if pattern is None or not content:  # a regex, or a deletion
+            return None
+        return max(1.0, len(pattern.encode()) / len(content.encode()))
+    return _NORMALIZER_SHRINK.get(kind)
+
+
+def _keeps_all_text(spec: dict[str, Any]) -> bool:
+    """Whether every byte of the input ends up in some token: byte-level BPE, or byte fallback instead of an
+    unknown token; no pre-tokenizer that drops text; no added token that swallows whitespace next to it."""
+    pre = spec.get("pre_tokenizer")
+    pres = [] if pre is None else pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if any(p.get("type") not in _KEEPING_PRE_TOKENIZERS or p.get("behavior") == "Removed" for p in pres):
+        return False
+    model = spec.get("model", {})
+    byte_level = any(p.get("type") == "ByteLevel" for p in pres)
+    if not (model.get("byte_fallback") or (model.get("type") == "BPE" and byte_level)):
+        return False
+    return not any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens", []))

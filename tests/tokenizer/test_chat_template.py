@@ -10,6 +10,7 @@ import pytest
 from mmserve.tokenizer.chat_template import (
     NAMED_TEMPLATES,
     TEMPLATE_ALIASES,
+    check_template_kwargs,
     list_templates,
     render_chat,
     resolve_chat_template,
@@ -267,3 +268,17 @@ def test_validate_messages_accepts_valid_input() -> None:
                                                                 "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "content": "ok"},
     ])
+
+
+@pytest.mark.parametrize("key", ["tokenizer", "messages", "template", "conversation", "conversations", "chat_template",
+                                 "tokenize", "return_dict", "padding", "tokenizer_kwargs"])
+def test_template_kwargs_colliding_with_the_renderer(tokenizer, key: str) -> None:
+    with pytest.raises(ValueError, match=f"chat_template_kwargs.{key} is not allowed"):
+        check_template_kwargs(tokenizer, {"enable_thinking": False, key: True})
+
+
+def test_template_kwargs_that_are_template_variables(tokenizer) -> None:
+    kwargs = {"enable_thinking": False, "add_generation_prompt": False, "tools": [], "documents": [], "bos_token": "x"}
+    check_template_kwargs(tokenizer, kwargs)
+    text = render_chat(tokenizer, CONVERSATION, "chatml", **kwargs)
+    assert not text.endswith("<|im_start|>assistant\n")
