@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 import msgspec
@@ -38,6 +39,19 @@ def handle_frame(core: Any, decoder: msgspec.msgpack.Decoder, frame: bytes) -> l
 def run_engine_process(args_json: str, to_engine: str, from_engine: str, parent_pid: int) -> None:
     args = ServerArgs(**msgspec.json.decode(args_json))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s")
+    # The loop runs in a thread of its own, as it does in the in-process Engine. Stepping the model from a process's
+    # main thread was measured 5-10x slower on a 2-core CPU machine under load (OpenMP's two-thread team spinning in
+    # its barriers: docs/benchmarks.md, "server against in-process"); from a second thread both paths run alike.
+    failed: list[BaseException] = []
+    loop = threading.Thread(target=_serve, args=(args, to_engine, from_engine, parent_pid, failed),
+                            name="mmserve-scheduler", daemon=True)
+    loop.start()
+    loop.join()
+    if failed:
+        sys.exit(1)
+
+
+def _serve(args: ServerArgs, to_engine: str, from_engine: str, parent_pid: int, failed: list[BaseException]) -> None:
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.connect(to_engine)
@@ -62,9 +76,9 @@ def run_engine_process(args_json: str, to_engine: str, from_engine: str, parent_
                 outputs.extend(core.step())
             if outputs or busy:
                 push.send(encoder.encode(OutputBatch(outputs, core.stats())))
-    except Exception:
+    except BaseException as exc:  # noqa: BLE001 - reported by the process's exit code
         logger.exception("engine process failed")
-        sys.exit(1)
+        failed.append(exc)
     finally:
         push.close(linger=0)
         pull.close(linger=0)
