@@ -39,9 +39,9 @@ def handle_frame(core: Any, decoder: msgspec.msgpack.Decoder, frame: bytes) -> l
 def run_engine_process(args_json: str, to_engine: str, from_engine: str, parent_pid: int) -> None:
     args = ServerArgs(**msgspec.json.decode(args_json))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s")
-    # The loop runs in a thread of its own, as it does in the in-process Engine. Stepping the model from a process's
-    # main thread was measured 5-10x slower on a 2-core CPU machine under load (OpenMP's two-thread team spinning in
-    # its barriers: docs/benchmarks.md, "server against in-process"); from a second thread both paths run alike.
+    _leave_a_core_for_the_api_process(args)
+    # The loop runs in a thread of its own, as it does in the in-process Engine: stepping the model from a process's
+    # main thread was measured 5-10x slower on a loaded 2-core CPU (docs/benchmarks.md, "server against in-process").
     failed: list[BaseException] = []
     loop = threading.Thread(target=_serve, args=(args, to_engine, from_engine, parent_pid, failed),
                             name="mmserve-scheduler", daemon=True)
@@ -49,6 +49,18 @@ def run_engine_process(args_json: str, to_engine: str, from_engine: str, parent_
     loop.join()
     if failed:
         sys.exit(1)
+
+
+def _leave_a_core_for_the_api_process(args: ServerArgs) -> None:
+    """On a CPU, run torch's intra-op team on all cores but one. The API process wakes at every step to stream the
+    step's tokens; with an OpenMP team on every core, each wake-up preempts a team thread while the others spin in
+    their barriers, and decode ran 8x slower than the in-process Engine on 2 cores (one thread: the same speed; see
+    docs/benchmarks.md). An explicit OMP_NUM_THREADS is left alone."""
+    if args.resolved_device().type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - 1)))
 
 
 def _serve(args: ServerArgs, to_engine: str, from_engine: str, parent_pid: int, failed: list[BaseException]) -> None:
