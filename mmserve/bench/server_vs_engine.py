@@ -71,7 +71,8 @@ def run_server(server_args: ServerArgs, extra: list[str], prompts: list[list[int
         deadline = time.monotonic() + 900
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}); see {log_path}")
+                tail = "".join(open(log_path).readlines()[-25:])
+                raise RuntimeError(f"the server exited ({proc.returncode}); the end of {log_path}:\n{tail}")
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
