@@ -1,6 +1,7 @@
 """Chat templates: the registry of named jinja templates behind `--chat-template NAME`, resolving the flag (a
-name, a `.jinja` file, or nothing for the tokenizer's own template), rendering a conversation through
-`tokenizer.apply_chat_template`, and validating OpenAI-style messages before they reach a template.
+name, a `.jinja` file, or nothing for the tokenizer's own template), shaping OpenAI-style messages for the template
+at hand, rendering a conversation through `tokenizer.apply_chat_template` (`continue_final_message` included), and
+validating messages before they reach a template.
 
 Every named template follows Hugging Face's conventions (`messages`, `add_generation_prompt`; content is a
 string or a list of parts), so a name, a file and a model's own template are interchangeable. Text parts of a
@@ -12,18 +13,35 @@ rendered text with `add_special_tokens=False`.
 
 Every tag uses jinja's `-` whitespace control, so a template renders the same in transformers' environment
 (`trim_blocks`, `lstrip_blocks`) and in a plain one.
+
+Templates from the Hub read content in one of two shapes (`content_format`, found once per template from its
+syntax tree): "string" templates concatenate `message['content']` (SmolLM2, Llama 3, Qwen2.5), "openai" ones loop
+over its parts (Qwen2-VL, and every named template here). `render_chat` renders a shaped copy of the messages
+(`messages_for_template`): text parts newline-joined into a string for the former; for the latter, OpenAI's media
+parts in the Hugging Face spelling (`{"type": "image"}`, `"video"`, `"audio"`), which is all a hub template checks
+for. The caller's messages stay as they were: the media loader reads its sources from them.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jinja2
+import jinja2.ext
+from jinja2 import nodes
 
 ALLOWED_ROLES = ("system", "user", "assistant", "tool", "developer")
 PART_TYPES = ("text", "image_url", "image", "video_url", "video", "input_audio", "audio_url")
+# Each media part type -> the Hugging Face spelling templates check for (`content['type'] == 'image'`).
+MEDIA_PART_TYPES = {"image_url": "image", "image": "image", "video_url": "video", "video": "video",
+                    "input_audio": "audio", "audio_url": "audio", "audio": "audio"}
+
+ContentFormat = Literal["string", "openai"]
 
 
 # ----- building blocks shared by the templates -----
@@ -47,7 +65,7 @@ def _content_macro(name: str, image: str | None = None, video: str | None = None
         r"{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
         r"{%- elif part['type'] in ['image', 'image_url'] -%}{{- " + image_out + " -}}"
         r"{%- elif part['type'] in ['video', 'video_url'] -%}{{- " + video_out + " -}}"
-        r"{%- elif part['type'] in ['input_audio', 'audio_url'] -%}{{- " + no_media % "audio" + " -}}"
+        r"{%- elif part['type'] in ['audio', 'input_audio', 'audio_url'] -%}{{- " + no_media % "audio" + " -}}"
         r"{%- else -%}{{- raise_exception('unsupported content part type: ' ~ part['type']) -}}"
         r"{%- endif -%}"
         r"{%- endfor -%}"
@@ -308,6 +326,188 @@ TEMPLATE_ALIASES: dict[str, str] = {
 NAMED_TEMPLATES: dict[str, str] = {**_CANONICAL, **{alias: _CANONICAL[t] for alias, t in TEMPLATE_ALIASES.items()}}
 
 
+# ----- the content shape a template reads -----
+
+class _GenerationTag(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (it marks assistant tokens), so templates using it
+    parse; for reading a template's structure only its body matters."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        return nodes.Scope(parser.parse_statements(("name:endgeneration",), drop_needle=True), lineno=lineno)
+
+
+_PARSER = jinja2.Environment(extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+# Filters that keep a list a list (of messages, or of content parts).
+_LIST_FILTERS = frozenset({"selectattr", "rejectattr", "select", "reject", "list", "reverse", "sort", "unique"})
+
+
+def _key(node: nodes.Node) -> Any:
+    """The constant a subscript or attribute uses (`x['content']`, `x.content`, `x[0]`), else None."""
+    if isinstance(node, nodes.Getattr):
+        return node.attr
+    return node.arg.value if isinstance(node.arg, nodes.Const) else None
+
+
+class _ContentReader:
+    """Follows what the template's variables hold -- the message list, one message, a message's content, one
+    part of it -- through `for` loops, `set`, filters, subscripts and macro arguments, and answers whether the
+    template reads content as a list of parts: a loop over a message's content, or a part read by key
+    (`message['content'][0]['text']`). A name is given the first role found for it; templates reuse names
+    (`content` often holds the rendered string), and a wrong guess only picks the other shape."""
+
+    def __init__(self, tree: nodes.Template):
+        self.tree = tree
+        self.macros = {m.name: [arg.name for arg in m.args] for m in tree.find_all(nodes.Macro)}
+        self.roles: dict[str, str] = {"messages": "messages"}
+
+    def role(self, node: nodes.Node | None) -> str | None:
+        """What `node` evaluates to: "messages", "message", "content", "part", or None (anything else)."""
+        if isinstance(node, nodes.Name):
+            return self.roles.get(node.name)
+        if isinstance(node, nodes.Filter) and node.node is not None:
+            inner = self.role(node.node)
+            if node.name in ("first", "last"):
+                return {"messages": "message", "content": "part"}.get(inner)
+            return inner if node.name in _LIST_FILTERS and inner in ("messages", "content") else None
+        if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice):
+            inner = self.role(node.node)
+            return inner if inner in ("messages", "content") else None
+        if isinstance(node, (nodes.Getitem, nodes.Getattr)):
+            inner, key = self.role(node.node), _key(node)
+            if inner == "messages" and not isinstance(key, str):
+                return "message"
+            if inner == "message" and key == "content":
+                return "content"
+            if inner == "content" and not isinstance(key, str):
+                return "part"
+        return None
+
+    def bind(self, target: nodes.Node | str, role: str | None) -> None:
+        name = target if isinstance(target, str) else getattr(target, "name", None)
+        if role is not None and isinstance(name, str):
+            self.roles.setdefault(name, role)
+
+    def reads_parts(self) -> bool:
+        kinds = (nodes.For, nodes.Assign, nodes.Call, nodes.Getitem, nodes.Getattr)
+        while True:  # until no variable gains a role: aliases of aliases, macros called with aliases
+            known = len(self.roles)
+            for node in self.tree.find_all(kinds):
+                if isinstance(node, nodes.For):
+                    role = self.role(node.iter)
+                    if role == "content":
+                        return True
+                    self.bind(node.target, "message" if role == "messages" else None)
+                elif isinstance(node, nodes.Assign):
+                    self.bind(node.target, self.role(node.node))
+                elif isinstance(node, nodes.Call):
+                    params = self.macros.get(getattr(node.node, "name", None), [])
+                    for param, arg in zip(params, node.args, strict=False):  # defaults, varargs
+                        self.bind(param, self.role(arg))
+                    for kw in node.kwargs:
+                        if kw.key in params:
+                            self.bind(kw.key, self.role(kw.value))
+                elif self.role(node.node) == "part" and isinstance(_key(node), str):
+                    return True
+            if len(self.roles) == known:
+                return False
+
+
+@functools.lru_cache(maxsize=32)
+def content_format(template: str) -> ContentFormat:
+    """How `template` reads a message's content: "openai" if it handles a list of parts (it loops over the
+    content, or reads a part by key), else "string". A template that does not parse is called "string";
+    rendering it reports the syntax error."""
+    try:
+        tree = _PARSER.parse(template)
+    except jinja2.TemplateSyntaxError:
+        return "string"
+    return "openai" if _ContentReader(tree).reads_parts() else "string"
+
+
+def _parsed_arguments(calls: Any) -> Any:
+    """Tool calls with arguments given as a JSON string (as the OpenAI API sends them) turned into the object they
+    spell: templates write them with `arguments | tojson`, which would quote a string once more."""
+    if not isinstance(calls, list):
+        return calls
+    parsed = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                arguments = json.loads(fn["arguments"])
+            except ValueError:
+                arguments = None
+            if isinstance(arguments, dict):
+                call = {**call, "function": {**fn, "arguments": arguments}}
+        parsed.append(call)
+    return parsed
+
+
+def _flattened(content: list, where: str) -> str:
+    """The text parts of `content` newline-joined, for a template that takes a string."""
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in MEDIA_PART_TYPES:
+            media = MEDIA_PART_TYPES[kind]
+            raise ValueError(f"{where}.content[{j}] is {'a' if media == 'video' else 'an'} {media} part, but this "
+                             "chat template takes text only (each message's content as one string); serve the model "
+                             "with a multimodal template (--chat-template, e.g. qwen2-vl)")
+        else:
+            raise ValueError(f"{where}.content[{j}] must be a text part for this chat template, got {part!r:.80}")
+    return "\n".join(texts)
+
+
+def _template_part(part: Any) -> Any:
+    """A content part as Hugging Face templates expect it: media as `{"type": "image"|"video"|"audio"}` (the
+    source stays with the caller's message), anything else as it is."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    return {"type": MEDIA_PART_TYPES[kind]} if kind in MEDIA_PART_TYPES else part
+
+
+def messages_for_template(messages: list[Any], fmt: ContentFormat) -> list[Any]:
+    """A copy of OpenAI-style `messages` shaped for a template reading content as `fmt` (see `content_format`);
+    `messages` itself is left as it is. Shapes not understood here are passed on for the template to judge."""
+    shaped = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            shaped.append(message)
+            continue
+        message = dict(message)
+        content = message.get("content")
+        if fmt == "string" and isinstance(content, list):
+            message["content"] = _flattened(content, f"messages[{i}]")
+        elif fmt == "string" and content is None:
+            message["content"] = ""  # an assistant turn with only tool calls; `+ message['content']` needs a string
+        elif isinstance(content, list):
+            message["content"] = [_template_part(part) for part in content]
+        if "tool_calls" in message:
+            message["tool_calls"] = _parsed_arguments(copy.deepcopy(message["tool_calls"]))
+        shaped.append(message)
+    return shaped
+
+
+def _check_continuation(messages: Any, add_generation_prompt: bool | None) -> None:
+    """`continue_final_message` continues the last message, which must be the assistant's, with text."""
+    if add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true: the first continues "
+                         "the last (assistant) message, the second starts a new one")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    role = last.get("role") if isinstance(last, dict) else None
+    if role != "assistant":
+        raise ValueError(f"continue_final_message needs the last message to be an assistant message (the text to "
+                         f"continue), got {role!r}")
+    content = last.get("content")
+    if not (isinstance(content, str) or isinstance(content, list)
+            and any(isinstance(p, dict) and p.get("type") == "text" for p in content)):
+        raise ValueError("continue_final_message needs text in the last message to continue; it has none")
+
+
 # ----- public API -----
 
 def list_templates() -> list[str]:
@@ -338,10 +538,15 @@ def resolve_chat_template(spec: str | None, tokenizer: Any) -> str | None:
                      f"{', '.join(list_templates())}")
 
 
-def render_chat(tokenizer: Any, messages: list[dict], template: str | None, add_generation_prompt: bool = True,
-                **kwargs: Any) -> str:
+def render_chat(tokenizer: Any, messages: list[dict], template: str | None, add_generation_prompt: bool | None = None,
+                continue_final_message: bool = False, **kwargs: Any) -> str:
     """The prompt text for `messages`, rendered by `template` (jinja source or a registered name; None ->
-    the tokenizer's own). Template failures, such as a format's role-order check, become `ValueError`.
+    the tokenizer's own) from a copy shaped for it (`messages_for_template`). Template failures, such as a format's
+    role-order check, become `ValueError`.
+
+    `add_generation_prompt` (default: true unless continuing) ends the prompt with the assistant's header;
+    `continue_final_message` instead ends it inside the last message, an assistant one, right after its text
+    (the end-of-turn tokens the template writes after it cut off), so the model continues that text.
 
     Messages are not validated here (models' own templates accept more than `validate_messages` does); the
     API layer calls `validate_messages` first."""
@@ -352,13 +557,27 @@ def render_chat(tokenizer: Any, messages: list[dict], template: str | None, add_
     if template is None:
         raise ValueError(f"this model has no chat template; pass --chat-template NAME (one of "
                          f"{', '.join(list_templates())}) or a path to a .jinja file")
+    if continue_final_message:
+        _check_continuation(messages, add_generation_prompt)
+    if add_generation_prompt is None:
+        add_generation_prompt = not continue_final_message
+    if isinstance(messages, list):
+        messages = messages_for_template(messages, content_format(template))
     try:
+        # transformers marks the final message's text, renders, and cuts the text at the mark
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **kwargs)
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)
     except jinja2.TemplateError as e:  # raise_exception, syntax errors, sandbox violations
         raise ValueError(f"chat template failed to render: {e}") from e
     except (TypeError, KeyError, AttributeError) as e:  # a template doing arithmetic on an unexpected value
         raise ValueError(f"chat template failed to render: {type(e).__name__}: {e}") from e
+    except ValueError as e:
+        if not continue_final_message:
+            raise
+        # e.g. a template that rewrites the final message, so its text is not found in the rendering; transformers'
+        # message goes on with the whole rendered prompt, which the client does not need back
+        raise ValueError(f"continue_final_message: {str(e).splitlines()[0]}") from e
 
 
 # Variables a template may be given through the API's chat_template_kwargs although the renderer names them too:

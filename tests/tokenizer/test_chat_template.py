@@ -282,3 +282,28 @@ def test_template_kwargs_that_are_template_variables(tokenizer) -> None:
     check_template_kwargs(tokenizer, kwargs)
     text = render_chat(tokenizer, CONVERSATION, "chatml", **kwargs)
     assert not text.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("name", list(ASSISTANT_HEADER))
+def test_continue_final_message_with_every_named_template(tokenizer, name: str) -> None:
+    prefill = [*CONVERSATION, {"role": "assistant", "content": "Well, "}]
+    text = render_chat(tokenizer, prefill, name, continue_final_message=True)
+    # the full rendering cut after the text (the trailing space goes where the template trims content)
+    full = render_chat(tokenizer, prefill, name, add_generation_prompt=False)
+    assert full.startswith(text) and text.rstrip().endswith("Well,") and len(full) > len(text), (text, full)
+    # which is the conversation before it with the generation prompt, and the text
+    assert text.startswith(render_chat(tokenizer, CONVERSATION, name).rstrip())
+
+
+def test_add_generation_prompt_defaults_to_true_unless_continuing(tokenizer) -> None:
+    assert render_chat(tokenizer, CONVERSATION, "chatml", add_generation_prompt=None) == EXPECTED["chatml"]
+    prefill = [*CONVERSATION, {"role": "assistant", "content": "Fine"}]
+    assert render_chat(tokenizer, prefill, "chatml", continue_final_message=True) == (
+        render_chat(tokenizer, prefill, "chatml", add_generation_prompt=False).removesuffix("<|im_end|>\n"))
+
+
+@pytest.mark.parametrize("part", [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+                                  {"type": "audio_url", "audio_url": {"url": "https://example.com/a.wav"}}])
+def test_named_templates_name_audio_parts(tokenizer, part: dict) -> None:
+    with pytest.raises(ValueError, match="has no audio placeholder"):
+        render_chat(tokenizer, [{"role": "user", "content": [part]}], "qwen2-vl")
