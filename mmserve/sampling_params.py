@@ -29,6 +29,10 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logprobs: bool = False
     top_logprobs_num: int = 0
+    # token id -> bias added to its logit before sampling (OpenAI's logit_bias; greedy rows too)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # EOS, stop_token_ids and stop strings cannot end the request before this many tokens (vLLM's min_tokens)
+    min_new_tokens: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -37,7 +41,8 @@ class SamplingParams:
             params = cls()
         elif isinstance(d, SamplingParams):
             # A copy, so that verify()'s normalisation never mutates the caller's object.
-            params = dataclasses.replace(d, stop=list(d.stop), stop_token_ids=list(d.stop_token_ids))
+            params = dataclasses.replace(d, stop=list(d.stop), stop_token_ids=list(d.stop_token_ids),
+                                         logit_bias=dict(d.logit_bias))
         elif isinstance(d, dict):
             unknown = sorted(str(k) for k in d if k not in _FIELD_KINDS)
             if unknown:
@@ -84,6 +89,16 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative, got {t}")
+        for t, bias in self.logit_bias.items():
+            if t < 0:
+                raise ValueError(f"logit_bias key {str(t)!r} is not a token id (a non-negative integer)")
+            if not -100 <= bias <= 100:  # also refuses nan
+                raise ValueError(f"logit_bias[{str(t)!r}] must be in [-100, 100], got {bias}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be <= max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_new_tokens}")
         if self.top_logprobs_num > 0:
             # Asking for alternatives only makes sense together with the chosen token's log-prob.
             self.logprobs = True
@@ -107,7 +122,8 @@ class SamplingParams:
         return dataclasses.asdict(self)
 
 
-# Expected kind of each field: "int", "float", "bool", "opt_int" (int or None), "str_list", "int_list".
+# Expected kind of each field: "int", "float", "bool", "opt_int" (int or None), "str_list", "int_list",
+# "bias_map" (token id -> number; ids as integers or as the decimal strings JSON object keys are).
 _FIELD_KINDS: dict[str, str] = {
     "max_new_tokens": "int",
     "temperature": "float",
@@ -126,6 +142,8 @@ _FIELD_KINDS: dict[str, str] = {
     "spaces_between_special_tokens": "bool",
     "logprobs": "bool",
     "top_logprobs_num": "int",
+    "logit_bias": "bias_map",
+    "min_new_tokens": "int",
 }
 assert set(_FIELD_KINDS) == {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -177,4 +195,25 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(_is_int(t) for t in value):
             raise ValueError(f"{name} must be a list of integers, got {value!r}")
         return [_check_int64(name, t) for t in value]
+    if kind == "bias_map":
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be an object mapping token ids to numbers, got {value!r}")
+        return {_token_key(name, key): _bias_value(name, key, bias) for key, bias in value.items()}
     raise AssertionError(kind)
+
+
+def _token_key(name: str, key: Any) -> int:
+    """A token id from a JSON object key ("50256") or an int, as OpenAI's logit_bias takes them."""
+    if _is_int(key):
+        return _check_int64(name, key)
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return _check_int64(name, int(key))
+    raise ValueError(f"{name} key {str(key)!r} is not a token id (a non-negative integer)")
+
+
+def _bias_value(name: str, key: Any, value: Any) -> float:
+    if not (_is_int(value) or isinstance(value, float)):
+        raise ValueError(f"{name}[{str(key)!r}] must be a number, got {value!r}")
+    return float(value)

@@ -5,11 +5,13 @@ It owns three things: `PenaltyState` (per-request token history for penalties, k
 request), `SamplingBatch` (the per-step parameter tensors the scheduler builds once per forward), and
 `Sampler` (the pure function from logits to `SamplerOutput`).
 
-Order of operations, per row:
+Order of operations, per row (transformers' processor order):
   1. log-probs of the RAW logits (only if some row asks for them);
-  2. repetition penalty over prompt + output tokens (HF), then presence/frequency over output tokens (OpenAI);
-  3. greedy rows: argmax of the penalised logits;
-  4. other rows: temperature, top-k, top-p, min-p (HF order and semantics), then an exponential race
+  2. one [B, V] bias: `logit_bias` (HF's single-token `sequence_bias`), and -inf on the tokens that would end a
+     request still short of its `min_new_tokens` (HF's `min_new_tokens`: EOS and stop ids);
+  3. repetition penalty over prompt + output tokens (HF), then presence/frequency over output tokens (OpenAI);
+  4. greedy rows: argmax of the biased, penalised logits;
+  5. other rows: temperature, top-k, top-p, min-p (HF order and semantics), then an exponential race
      argmax(p / E), E ~ Exp(1), which samples from p without normalising it or doing a cumsum search.
 
 Reproducibility: a row with a `seed` draws its noise on CPU from a generator seeded by (seed, step), so its
@@ -19,6 +21,7 @@ tokens do not depend on the other rows of the batch, its position, the device, o
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +71,7 @@ class SamplingBatch:
     greedy_mask: torch.Tensor  # bool [B]
     seen: torch.Tensor | None  # bool [B, V] when some row has a repetition penalty
     output_counts: torch.Tensor | None  # float32 [B, V] when some row has a presence/frequency penalty
+    logit_bias: torch.Tensor | None  # float32 [B, V] when some row has a logit_bias or suppressed tokens
     seeded_rows: torch.Tensor | None  # int64 [S]: sampled (non-greedy) rows that carry a seed
     seeded_noise: torch.Tensor | None  # float32 [S, V]: their Exp(1) noise, drawn on CPU from (seed, step)
     generator: torch.Generator | None  # noise of the unseeded rows (on the logits' device); None: default RNG
@@ -93,14 +97,17 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str,
         generator: torch.Generator | None = None,
+        stop_ids: list[Collection[int]] | None = None,
     ) -> SamplingBatch:
         """`steps[i]`: tokens request i has generated so far; with its seed, it picks that row's noise.
 
-        `penalty_states[i]` may be None only for rows whose params need no penalty state."""
+        `penalty_states[i]` may be None only for rows whose params need no penalty state. `stop_ids[i]`: the
+        token ids that would end request i (its EOS ids unless ignore_eos, and its stop_token_ids); they get
+        -inf while `steps[i] < min_new_tokens`. None: no row is held back."""
         b = len(params)
-        if len(penalty_states) != b or len(steps) != b:
-            raise ValueError(f"params, penalty_states and steps must have one entry per row, got "
-                             f"{b}, {len(penalty_states)}, {len(steps)}")
+        if len(penalty_states) != b or len(steps) != b or (stop_ids is not None and len(stop_ids) != b):
+            raise ValueError(f"params, penalty_states, steps and stop_ids must have one entry per row, got "
+                             f"{b}, {len(penalty_states)}, {len(steps)}, {b if stop_ids is None else len(stop_ids)}")
         device = torch.device(device)
 
         greedy = [p.is_greedy for p in params]
@@ -129,6 +136,8 @@ class SamplingBatch:
                 no_counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
                 output_counts = torch.stack(
                     [no_counts if s is None else s.output_counts for s in penalty_states]).float()
+
+        logit_bias = _bias_tensor(params, steps, stop_ids, vocab_size, device)
 
         seeded_idx = [i for i, p in enumerate(params) if p.seed is not None and not greedy[i]]
         seeded_rows = seeded_noise = None
@@ -161,6 +170,7 @@ class SamplingBatch:
             greedy_mask=torch.tensor(greedy, dtype=torch.bool).to(device),
             seen=seen,
             output_counts=output_counts,
+            logit_bias=logit_bias,
             seeded_rows=seeded_rows,
             seeded_noise=seeded_noise,
             generator=generator,
@@ -173,6 +183,33 @@ class SamplingBatch:
             need_logprobs=any(p.logprobs or p.top_logprobs_num > 0 for p in params),
             max_top_logprobs_num=max((p.top_logprobs_num for p in params), default=0),
         )
+
+
+def _bias_tensor(params: list[SamplingParams], steps: list[int], stop_ids: list[Collection[int]] | None,
+                 vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """The rows' sparse biases as one dense [B, V] tensor (one scatter), or None when no row has any."""
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            rows.extend([i] * len(p.logit_bias))
+            cols.extend(p.logit_bias)
+            values.extend(p.logit_bias.values())
+        if stop_ids is not None and steps[i] < p.min_new_tokens and stop_ids[i]:
+            rows.extend([i] * len(stop_ids[i]))
+            cols.extend(stop_ids[i])
+            values.extend([float("-inf")] * len(stop_ids[i]))
+    if not rows:
+        return None
+    if not 0 <= min(cols) <= max(cols) < vocab_size:
+        bad = next(t for t in cols if not 0 <= t < vocab_size)
+        raise ValueError(f"token id {bad} in logit_bias or stop ids is out of range for vocab_size {vocab_size}")
+    bias = torch.zeros(len(params), vocab_size, dtype=torch.float32, device=device)
+    index = torch.tensor([rows, cols], dtype=torch.long).to(device)
+    # accumulate: a token both biased and held back sums to -inf, whatever the order of the duplicates
+    bias.index_put_((index[0], index[1]), torch.tensor(values, dtype=torch.float32).to(device), accumulate=True)
+    return bias
 
 
 def _row_seed(seed: int, step: int) -> int:
@@ -199,7 +236,7 @@ class Sampler:
 
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.need_logprobs else None
 
-        logits = _apply_penalties(logits, batch)
+        logits = _adjust_logits(logits, batch)
         greedy_ids = logits.argmax(dim=-1)
         if batch.all_greedy:
             next_ids = greedy_ids
@@ -214,6 +251,13 @@ class Sampler:
                 top = torch.topk(raw_logprobs, k, dim=-1, sorted=True)
                 out.top_logprobs, out.top_logprob_ids = top.values, top.indices
         return out
+
+
+def _adjust_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Bias (logit_bias, min_new_tokens), then penalties: what greedy rows take the argmax of."""
+    if batch.logit_bias is not None:
+        logits = logits + batch.logit_bias
+    return _apply_penalties(logits, batch)
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -86,6 +86,18 @@ class Req:
     def finished(self) -> bool:
         return self.finished_reason is not None
 
+    @property
+    def held_back(self) -> bool:
+        """Still short of min_new_tokens: only the length limit may end the request."""
+        return len(self.output_ids) < self.params.min_new_tokens
+
+    def stop_ids(self, vocab_size: int) -> list[int]:
+        """Token ids the sampler must not pick yet: those that would end a request still held back (EOS unless
+        ignore_eos, and stop_token_ids), as vLLM's and SGLang's min_tokens; [] once min_new_tokens are out."""
+        if not self.held_back:
+            return []
+        return sorted(t for t in self.eos_token_ids | set(self.params.stop_token_ids) if 0 <= t < vocab_size)
+
     def append_token(self, token_id: int) -> None:
         self.output_ids.append(token_id)
         self.pending_ids.append(token_id)
@@ -95,13 +107,24 @@ class Req:
 
     def _check_finished(self, token_id: int) -> None:
         params = self.params
+        if self.held_back:
+            # The sampler kept EOS and stop ids away; a stop string ending in this stretch does not count either,
+            # but the text must stay current so that one ending later is found.
+            if self.stop_detokenizer is not None:
+                self.stop_detokenizer.append([token_id])
+            self._check_length()
+            return
         if not params.ignore_eos and token_id in self.eos_token_ids:
             self.finished_reason = {"type": "stop", "matched": token_id}
         elif token_id in params.stop_token_ids:
             self.finished_reason = {"type": "stop", "matched": token_id}
         elif self.stop_detokenizer is not None and self._matched_stop_string(token_id):
             return
-        elif len(self.output_ids) >= params.max_new_tokens or self.seq_len >= self.max_total_len:
+        else:
+            self._check_length()
+
+    def _check_length(self) -> None:
+        if len(self.output_ids) >= self.params.max_new_tokens or self.seq_len >= self.max_total_len:
             self.finished_reason = {"type": "length", "length": len(self.output_ids)}
 
     def _matched_stop_string(self, token_id: int) -> bool:

@@ -127,6 +127,9 @@ class Scheduler:
         bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad}")
+        bad = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias key {str(bad)!r} is outside the vocabulary [0, {vocab})")
 
     def _position_room(self, mm: MultimodalInputs | None, prompt_len: int) -> int:
         """How many tokens may follow the prompt before a rotary position passes the model's table.
@@ -435,9 +438,10 @@ class Scheduler:
                 req.input_top.append(list(zip(ids, vals, strict=True)))
 
     def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        vocab = self.model_config.vocab_size
         sampling = SamplingBatch.build(
             [r.params for r in reqs], [r.penalty for r in reqs], [len(r.output_ids) for r in reqs],
-            self.model_config.vocab_size, self.device, self.runner.generator,
+            vocab, self.device, self.runner.generator, stop_ids=[r.stop_ids(vocab) for r in reqs],
         )
         out = self.runner.sample(logits, sampling)
         next_ids = out.next_token_ids.tolist()

@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 _PASS_THROUGH = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
-                 "stop_token_ids")
+                 "stop_token_ids", "logit_bias")
+# vLLM's names for constrained decoding, refused (400) until it lands rather than ignored
+_GUIDED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 _MAX_N = 128
 _MAX_TOP_LOGPROBS = 20
 
@@ -52,6 +54,33 @@ class OpenAIServing:
         fmt = getattr(body, "response_format", None)
         if fmt and fmt.get("type") not in (None, "text"):
             raise APIError(400, f"response_format {fmt.get('type')!r} is not supported yet", param="response_format")
+        for name in _GUIDED:
+            if getattr(body, name, None) is not None:
+                raise APIError(400, f"{name} (constrained decoding) is not supported yet", param=name)
+        if getattr(body, "use_beam_search", None):
+            raise APIError(400, "use_beam_search is not supported: this server has no beam search",
+                           param="use_beam_search")
+        if getattr(body, "media_io_kwargs", None):
+            raise APIError(400, "media_io_kwargs is not supported yet: media are loaded with the server's settings",
+                           param="media_io_kwargs")
+        tool_choice = getattr(body, "tool_choice", None)
+        if tool_choice not in (None, "none"):
+            raise APIError(400, f"tool_choice {json.dumps(tool_choice)} is not supported yet: this server does not "
+                                'produce tool_calls (only "none" is accepted)', param="tool_choice")
+        if getattr(body, "tools", None) and tool_choice != "none":
+            raise APIError(400, "tools are not supported yet: this server does not produce tool_calls; with "
+                                'tool_choice "none" the tools only reach the chat template', param="tools")
+        for name in ("functions", "function_call"):  # OpenAI's deprecated names for tools and tool_choice
+            if getattr(body, name, None) not in (None, "none", []):
+                raise APIError(400, f"{name} is not supported: this server does not produce function calls",
+                               param=name)
+        plp = getattr(body, "prompt_logprobs", None)
+        if plp is not None:
+            if not 0 <= plp <= _MAX_TOP_LOGPROBS:
+                raise APIError(400, f"prompt_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {plp}",
+                               param="prompt_logprobs")
+            if body.stream:
+                raise APIError(400, "prompt_logprobs are not available when stream=true", param="prompt_logprobs")
         if not 1 <= body.n <= _MAX_N:
             raise APIError(400, f"n must be in [1, {_MAX_N}], got {body.n}", param="n")
 
@@ -63,11 +92,60 @@ class OpenAIServing:
                 values[name] = getattr(body, name)
         if body.stop is not None:
             values["stop"] = body.stop
+        if body.min_tokens is not None:
+            if not 0 <= body.min_tokens <= max_new_tokens:
+                raise APIError(400, f"min_tokens must be in [0, max_tokens ({max_new_tokens})], got {body.min_tokens}",
+                               param="min_tokens")
+            values["min_new_tokens"] = body.min_tokens
         try:
-            return SamplingParams.from_dict(values)
+            params = SamplingParams.from_dict(values)
         except ValueError as exc:
-            name = str(exc).split(" ", 1)[0]
+            name = str(exc).split(" ", 1)[0].split("[", 1)[0]
             raise APIError(400, str(exc), param=name if name in values else None) from exc
+        self._check_bias(params, "logit_bias")
+        return params
+
+    def _check_bias(self, params: SamplingParams, param: str) -> None:
+        vocab = self.manager.info.vocab_size
+        bad = next((t for t in params.logit_bias if not t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias key {str(bad)!r} is outside the vocabulary [0, {vocab})", param=param)
+
+    def _truncate(self, ids: list[int], keep: int | None, param: str, media: bool = False) -> list[int]:
+        """vLLM's truncate_prompt_tokens: k >= 1 keeps the prompt's last k tokens, -1 its last context-length
+        tokens (which leaves no room to generate); None keeps it whole."""
+        if keep is None:
+            return ids
+        context = self.manager.info.context_len
+        if keep != -1 and not 1 <= keep <= context:
+            raise APIError(400, f"truncate_prompt_tokens must be -1 (the context length) or in [1, the context length "
+                                f"{context}], got {keep}", param="truncate_prompt_tokens")
+        keep = context if keep == -1 else keep
+        if len(ids) <= keep:
+            return ids
+        if media:
+            raise APIError(400, f"truncate_prompt_tokens {keep} would cut this prompt of {len(ids)} tokens, which "
+                                "holds images or video; shorten the conversation instead",
+                           param="truncate_prompt_tokens")
+        return ids[-keep:]
+
+    def _prompt_logprobs(self, state: RequestState, prompt_ids: list[int], k: int) -> list[dict[str, Any] | None]:
+        """vLLM's prompt_logprobs: None for the first token, then for each prompt token a dict token id ->
+        {logprob, rank, decoded_token} of the top k and the token itself (first). A token outside the top
+        log-probs the engine returned has rank null."""
+        lps = state.input_token_logprobs or []
+        tops = state.input_top_logprobs or []
+        out: list[dict[str, Any] | None] = [None]
+        for pos in range(1, len(prompt_ids)):
+            tid = prompt_ids[pos]
+            top = tops[pos] if pos < len(tops) else []
+            rank = next((r for r, (t, _) in enumerate(top, 1) if t == tid), None)
+            entry = {str(tid): {"logprob": lps[pos] if pos < len(lps) else None, "rank": rank,
+                                "decoded_token": self._token_text(tid)}}
+            for r, (t, lp) in enumerate(top[:k], 1):
+                entry.setdefault(str(t), {"logprob": lp, "rank": r, "decoded_token": self._token_text(t)})
+            out.append(entry)
+        return out
 
     def _budget(self, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str = "prompt",
                 expanded: bool = False) -> int:
@@ -101,15 +179,18 @@ class OpenAIServing:
                                 f"{per_token:g} bytes); shorten the prompt", param=param,
                            code="context_length_exceeded")
 
-    async def _encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        self._check_size(text, param)
+    async def _encode(self, text: str, param: str, add_special_tokens: bool = True,
+                      check_size: bool = True) -> list[int]:
+        if check_size:  # not when the prompt will be truncated: a long prompt is then what the client expects
+            self._check_size(text, param)
         return await self.manager.encode_async(text, add_special_tokens=add_special_tokens)
 
-    def _copies(self, rid: str, ids: list[int], params: SamplingParams, n: int,
-                start: int = -1) -> list[tuple[str, list[int], SamplingParams, int]]:
-        """n jobs for one prompt (seed + i keeps seeded samples distinct and reproducible)."""
-        return [(rid if n == 1 else f"{rid}-{i}", ids, dataclasses.replace(params, n=n).nth_sample(i), start)
-                for i in range(n)]
+    def _copies(self, rid: str, ids: list[int], params: SamplingParams, n: int, start: int = -1,
+                first_start: int | None = None) -> list[tuple[str, list[int], SamplingParams, int]]:
+        """n jobs for one prompt (seed + i keeps seeded samples distinct and reproducible); `first_start`, when
+        given, is the first copy's logprob_start_len (prompt log-probs are the same for every copy)."""
+        return [(rid if n == 1 else f"{rid}-{i}", ids, dataclasses.replace(params, n=n).nth_sample(i),
+                 first_start if i == 0 and first_start is not None else start) for i in range(n)]
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         vocab = self.manager.info.vocab_size
@@ -150,12 +231,16 @@ class OpenAIServing:
             check_template_kwargs(self.tokenizer, kwargs)
         except ValueError as exc:
             raise APIError(400, str(exc), param="chat_template_kwargs") from exc
+        # vLLM's top-level fields; chat_template_kwargs (SGLang's way to give them) win, as in vLLM
+        kwargs = {"add_generation_prompt": body.add_generation_prompt,
+                  "continue_final_message": body.continue_final_message, **kwargs}
         if body.tools:
             kwargs["tools"] = body.tools
         try:
             validate_messages(body.messages)  # before anything reads them
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
+        _check_image_detail(body.messages)
         media = media_parts(body.messages)
         if media and self.manager.mm_processor is None:
             raise APIError(400, f"{self.model_name} is a text model: it takes no images or other media",
@@ -169,7 +254,9 @@ class OpenAIServing:
             self._check_size(text, "messages")  # the placeholders only grow it
             ids, mm = await self.manager.process_media(text, media)
         else:
-            ids = await self._encode(text, "messages", add_special_tokens=False)
+            ids = await self._encode(text, "messages", add_special_tokens=False,
+                                     check_size=body.truncate_prompt_tokens is None)
+        ids = self._truncate(ids, body.truncate_prompt_tokens, "messages", media=mm is not None)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         top = body.top_logprobs or 0
@@ -177,40 +264,47 @@ class OpenAIServing:
             raise APIError(400, f"top_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        plp = body.prompt_logprobs
         params = self._params(body, self._budget(len(ids), max_tokens, param, "messages", expanded=mm is not None),
-                              body.logprobs, top)
+                              body.logprobs or plp is not None, _engine_top(top, plp))
         rid = body.rid or f"chatcmpl-{uuid.uuid4().hex}"
         self.manager.check_capacity(body.n)
-        gens = self._submit_all(rid, self._copies(rid, ids, params, body.n), mm)
+        gens = self._submit_all(rid, self._copies(rid, ids, params, body.n, first_start=None if plp is None else 0),
+                                mm)
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._chat_stream(rid, created, await _primed(gens), len(ids), include_usage)
+            return self._chat_stream(rid, created, await _primed(gens), len(ids), include_usage,
+                                     top if body.logprobs else None)
         states = await self._finals(gens)
         choices = [{
             "index": i,
             "message": {"role": "assistant", "content": s.visible_text()},
-            "logprobs": self._chat_logprobs(s, 0) if body.logprobs else None,
+            "logprobs": self._chat_logprobs(s, 0, top) if body.logprobs else None,
             "finish_reason": _finish(s),
         } for i, s in enumerate(states)]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": choices, "usage": self._usage(states, len(ids))}
+        response = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                    "choices": choices, "usage": self._usage(states, len(ids))}
+        if plp is not None:
+            response["prompt_logprobs"] = self._prompt_logprobs(states[0], ids, plp)
+        return response
 
-    def _chat_logprobs(self, state: RequestState, start: int) -> dict[str, Any]:
+    def _chat_logprobs(self, state: RequestState, start: int, k: int) -> dict[str, Any]:
         content = []
         for i in range(start, len(state.token_logprobs)):
             token = self._token_text(state.output_ids[i])
             entry = {"token": token, "logprob": state.token_logprobs[i], "bytes": list(token.encode()),
                      "top_logprobs": []}
             if i < len(state.top_logprobs):
-                for tid, lp in state.top_logprobs[i]:
+                for tid, lp in state.top_logprobs[i][:k]:
                     t = self._token_text(tid)
                     entry["top_logprobs"].append({"token": t, "logprob": lp, "bytes": list(t.encode())})
             content.append(entry)
         return {"content": content}
 
-    async def _chat_stream(self, rid: str, created: int, gens, prompt_tokens: int,
-                           include_usage: bool) -> AsyncIterator[str]:
+    async def _chat_stream(self, rid: str, created: int, gens, prompt_tokens: int, include_usage: bool,
+                           top_logprobs: int | None) -> AsyncIterator[str]:
+        """`top_logprobs`: None without logprobs, else the alternatives per token."""
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         for i in range(len(gens)):
             yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -223,8 +317,8 @@ class OpenAIServing:
             n_before = sent_logprobs[i]
             text, _ = state.take_delta()
             logprobs = None
-            if state.params.logprobs:
-                logprobs = self._chat_logprobs(state, n_before)
+            if top_logprobs is not None:
+                logprobs = self._chat_logprobs(state, n_before, top_logprobs)
                 sent_logprobs[i] = len(state.token_logprobs)
             if text or logprobs and logprobs["content"] or state.finished:
                 yield sse({**base, "choices": [{"index": i, "delta": {"content": text} if text else {},
@@ -238,20 +332,25 @@ class OpenAIServing:
 
     # ----- completions -----
 
-    async def _prompts(self, prompt: Any) -> list[list[int]]:
+    async def _prompts(self, prompt: Any, truncate: int | None = None) -> list[list[int]]:
+        """The prompts' token ids, each cut to its last `truncate` tokens (truncate_prompt_tokens) if given."""
+        self._truncate([], truncate, "prompt")  # a bad value is refused before any tokenizing
+        check_size = truncate is None
         if isinstance(prompt, str):
-            return [await self._encode(prompt, "prompt")]
-        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [await self._encode(prompt, "prompt", check_size=check_size)]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             self._check_ids(prompt, "prompt")
-            return [list(prompt)]
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            return [await self._encode(p, "prompt") for p in prompt]
-        if isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt):
+            prompts = [list(prompt)]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = [await self._encode(p, "prompt", check_size=check_size) for p in prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt):
             for p in prompt:
                 self._check_ids(p, "prompt")
-            return [list(p) for p in prompt]
-        raise APIError(400, "prompt must be a non-empty string, list of strings, or (list of) token id lists",
-                       param="prompt")
+            prompts = [list(p) for p in prompt]
+        else:
+            raise APIError(400, "prompt must be a non-empty string, list of strings, or (list of) token id lists",
+                           param="prompt")
+        return [self._truncate(p, truncate, "prompt") for p in prompts]
 
     async def completions(self, body: CompletionRequest):
         self._check_unsupported(body)
@@ -262,38 +361,45 @@ class OpenAIServing:
         top = body.logprobs
         if top is not None and not 0 <= top <= _MAX_TOP_LOGPROBS:
             raise APIError(400, f"logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {top}", param="logprobs")
-        prompts = await self._prompts(body.prompt)
-        if body.stream and len(prompts) > 1:
-            raise APIError(400, "streaming takes a single prompt", param="prompt")
+        plp = body.prompt_logprobs
+        prompts = await self._prompts(body.prompt, body.truncate_prompt_tokens)
         rid = body.rid or f"cmpl-{uuid.uuid4().hex}"
         self.manager.check_capacity(body.n * len(prompts))
         jobs = []
         for p_idx, ids in enumerate(prompts):
-            params = self._params(body, self._budget(len(ids), body.max_tokens, "max_tokens"), top is not None,
-                                  top or 0)
+            params = self._params(body, self._budget(len(ids), body.max_tokens, "max_tokens"),
+                                  top is not None or plp is not None, _engine_top(top or 0, plp))
             start = 0 if body.echo and top is not None else -1
             sub = rid if len(prompts) == 1 else f"{rid}-p{p_idx}"
-            jobs.extend(self._copies(sub, ids, params, body.n, start))
+            jobs.extend(self._copies(sub, ids, params, body.n, start, first_start=None if plp is None else 0))
         gens = self._submit_all(rid, jobs)
         created = int(time.time())
-        if body.stream:
-            return self._completion_stream(rid, created, await _primed(gens), prompts[0], body)
+        if body.stream:  # choice index = prompt index * n + sample index, as the non-streamed choices
+            return self._completion_stream(rid, created, await _primed(gens), prompts, body)
         states = await self._finals(gens)
         choices = []
+        prompt_logprobs: dict[int, list[dict[str, Any] | None]] = {}
         for i, s in enumerate(states):
-            prompt_ids = prompts[i // body.n]
+            p_idx = i // body.n
+            prompt_ids = prompts[p_idx]
             text = s.visible_text()
             if body.echo:
                 text = self.tokenizer.decode(prompt_ids) + text
-            choices.append({"index": i, "text": text, "finish_reason": _finish(s),
-                            "logprobs": self._completion_logprobs(s, prompt_ids, body.echo) if top is not None
-                            else None})
+            choice = {"index": i, "text": text, "finish_reason": _finish(s),
+                      "logprobs": self._completion_logprobs(s, prompt_ids, body.echo, top) if top is not None
+                      else None}
+            if plp is not None:  # the prompt's first copy scored it
+                if p_idx not in prompt_logprobs:
+                    prompt_logprobs[p_idx] = self._prompt_logprobs(states[p_idx * body.n], prompt_ids, plp)
+                choice["prompt_logprobs"] = prompt_logprobs[p_idx]
+            choices.append(choice)
         usage = self._usage(states, sum(len(p) for p in prompts))
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": usage}
 
-    def _completion_logprobs(self, state: RequestState, prompt_ids: list[int], echo: bool,
+    def _completion_logprobs(self, state: RequestState, prompt_ids: list[int], echo: bool, k: int,
                              start: int = 0) -> dict[str, Any]:
+        """OpenAI's legacy logprobs with `k` alternatives per token (the engine may have returned more)."""
         tokens: list[int] = []
         lps: list[float | None] = []
         tops: list[dict[str, float] | None] = []
@@ -301,11 +407,11 @@ class OpenAIServing:
             tokens.extend(prompt_ids)
             lps.extend(state.input_token_logprobs or [None] * len(prompt_ids))
             for t in state.input_top_logprobs or [[] for _ in prompt_ids]:
-                tops.append({self._token_text(tid): lp for tid, lp in t} or None)
+                tops.append({self._token_text(tid): lp for tid, lp in t[:k]} or None)
         for i in range(start, len(state.token_logprobs)):
             tokens.append(state.output_ids[i])
             lps.append(state.token_logprobs[i])
-            tops.append({self._token_text(tid): lp for tid, lp in state.top_logprobs[i]}
+            tops.append({self._token_text(tid): lp for tid, lp in state.top_logprobs[i][:k]}
                         if i < len(state.top_logprobs) else None)
         texts = [self._token_text(t) for t in tokens]
         offsets, pos = [], 0
@@ -314,8 +420,9 @@ class OpenAIServing:
             pos += len(t)
         return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
-    async def _completion_stream(self, rid: str, created: int, gens, prompt_ids: list[int],
+    async def _completion_stream(self, rid: str, created: int, gens, prompts: list[list[int]],
                                  body: CompletionRequest) -> AsyncIterator[str]:
+        """gens[i] is choice i: sample i % n of prompt i // n."""
         base = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         finals: dict[int, RequestState] = {}
         echoed = [False] * len(gens)
@@ -323,10 +430,12 @@ class OpenAIServing:
         async for i, state in _merge(gens):
             if i in finals:
                 continue
+            prompt_ids = prompts[i // body.n]
             text, _ = state.take_delta()
             logprobs = None
             if body.logprobs is not None:
-                logprobs = self._completion_logprobs(state, prompt_ids, body.echo and not echoed[i], sent[i])
+                logprobs = self._completion_logprobs(state, prompt_ids, body.echo and not echoed[i], body.logprobs,
+                                                     sent[i])
                 sent[i] = len(state.token_logprobs)
             if body.echo and not echoed[i]:
                 text = self.tokenizer.decode(prompt_ids) + text
@@ -336,7 +445,8 @@ class OpenAIServing:
             if state.finished:
                 finals[i] = state
         if body.stream_options and body.stream_options.include_usage:
-            yield sse({**base, "choices": [], "usage": self._usage(list(finals.values()), len(prompt_ids))})
+            yield sse({**base, "choices": [], "usage": self._usage(list(finals.values()),
+                                                                   sum(len(p) for p in prompts))})
         yield SSE_DONE
 
     # ----- SGLang native -----
@@ -374,23 +484,30 @@ class OpenAIServing:
             params = SamplingParams.from_dict(values)
         except ValueError as exc:
             raise APIError(400, str(exc), param="sampling_params") from exc
+        self._check_bias(params, "sampling_params.logit_bias")
         if params.n != 1:
             raise APIError(400, "/generate takes n == 1; send several prompts instead", param="sampling_params.n")
         rid = body.rid or uuid.uuid4().hex
-        if body.stream:
-            if len(prompts) != 1:
-                raise APIError(400, "streaming takes a single prompt")
-            [gen] = self._submit_all(rid, [(rid, prompts[0], params, body.logprob_start_len)], mm)
-            return self._generate_stream((await _primed([gen]))[0])
         self.manager.check_capacity(len(prompts))
         gens = self._submit_all(rid, [(rid if single else f"{rid}-{i}", p, params, body.logprob_start_len)
                                       for i, p in enumerate(prompts)], mm)
+        if body.stream:
+            return self._generate_stream(await _primed(gens), single)
         results = [s.result() for s in await self._finals(gens)]
         return results[0] if single else results
 
-    async def _generate_stream(self, gen: AsyncIterator[RequestState]) -> AsyncIterator[str]:
-        async for state in gen:
-            yield sse(state.chunk())
+    async def _generate_stream(self, gens: list[AsyncIterator[RequestState]], single: bool) -> AsyncIterator[str]:
+        """SGLang's shape: each event is one prompt's chunk; for a batch the chunk carries that prompt's `index`."""
+        finished: set[int] = set()
+        async for i, state in _merge(gens):
+            if i in finished:  # a queued update of a stream already closed
+                continue
+            chunk = state.chunk()
+            if not single:
+                chunk["index"] = i
+            yield sse(chunk)
+            if state.finished:
+                finished.add(i)
         yield SSE_DONE
 
 
@@ -428,6 +545,27 @@ async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
         logger.exception("a stream failed")
         yield sse(error_body(500, f"internal server error ({type(exc).__name__}); the server log has the details"))
         yield SSE_DONE
+
+
+def _engine_top(top: int, prompt_logprobs: int | None) -> int:
+    """The top log-probs to ask the engine for: it returns one number for prompt and output tokens alike, so the
+    larger of the two (at least 1 with prompt log-probs: the prompt token's rank when it is the favourite)."""
+    return top if prompt_logprobs is None else max(top, prompt_logprobs, 1)
+
+
+def _check_image_detail(messages: list[dict[str, Any]]) -> None:
+    """OpenAI's image_url.detail (low/high) picks a resolution; here every image goes at the model processor's own,
+    so anything but "auto" would be ignored: refuse it instead."""
+    for m, message in enumerate(messages):
+        content = message.get("content")
+        for p, part in enumerate(content if isinstance(content, list) else []):
+            image = part.get("image_url") if isinstance(part, dict) else None
+            detail = image.get("detail") if isinstance(image, dict) else None
+            if detail not in (None, "auto"):
+                raise APIError(400, f"image_url.detail {json.dumps(detail)} is not supported: images are sent at the "
+                                    "model processor's resolution whatever the detail, so low and high would change "
+                                    'nothing; leave detail out or use "auto"',
+                               param=f"messages[{m}].content[{p}].image_url.detail")
 
 
 def _finish(state: RequestState) -> str | None:

@@ -78,6 +78,18 @@ class _SamplingFields(_Body):
     json_schema: Any = None
     ebnf: str | None = None
     rid: str | None = None
+    logit_bias: dict[str, Any] | None = None  # token id (a string) -> bias in [-100, 100]
+    # vLLM extras
+    min_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    # Refused with a 400 until their issues land (constrained decoding, beam search), rather than ignored
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    use_beam_search: bool | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -87,8 +99,14 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None  # vLLM's; None: true unless continue_final_message
+    continue_final_message: bool = False  # vLLM's: the prompt ends inside the last (assistant) message
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None  # only "none" so far: tool calling has its own issue
+    functions: list[Any] | None = None  # OpenAI's deprecated names for tools and tool_choice: refused
+    function_call: Any = None
+    media_io_kwargs: dict[str, Any] | None = None  # vLLM's; refused
 
 
 class CompletionRequest(_SamplingFields):

@@ -29,6 +29,9 @@ class RequestState:
     last: TokenOutput | None = None
     sent_text_len: int = 0
     sent_ids_len: int = 0
+    # Text before this offset came while min_new_tokens held the request back: a stop string ending there did not
+    # end it (scheduler/req.py), so it does not cut the text either.
+    stop_search_from: int = 0
 
     @classmethod
     def create(cls, rid: str, params: SamplingParams, prompt_ids: list[int], tokenizer: Any) -> RequestState:
@@ -42,6 +45,8 @@ class RequestState:
 
     def absorb(self, out: TokenOutput) -> None:
         self.last = out
+        # Stop strings count from the min_new_tokens-th token on: find the text before it.
+        held = self.params.min_new_tokens - 1 - len(self.output_ids)
         self.output_ids.extend(out.new_token_ids)
         if out.token_logprobs:
             self.token_logprobs.extend(out.token_logprobs)
@@ -52,7 +57,12 @@ class RequestState:
             self.input_top_logprobs = out.input_top_logprobs
         if out.logits:
             self.logits.extend(out.logits)
-        self.detokenizer.append(out.new_token_ids)
+        if held > 0:
+            self.detokenizer.append(out.new_token_ids[:held])
+            self.stop_search_from = len(self.detokenizer.text)
+            self.detokenizer.append(out.new_token_ids[held:])
+        else:
+            self.detokenizer.append(out.new_token_ids)
         if out.finished_reason is not None:
             self.detokenizer.finish()
 
@@ -61,7 +71,7 @@ class RequestState:
         still turn into one."""
         text, stops = self.detokenizer.text, self.params.stop
         if stops:
-            hit = find_stop_string(text, stops, 0)
+            hit = find_stop_string(text, stops, self.stop_search_from)
             if hit is not None:
                 return text[: hit[0]]
             if not self.finished:

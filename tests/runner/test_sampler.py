@@ -1,5 +1,6 @@
 """Sampler: greedy, filters (checked against transformers' warpers), the sampled distribution, seeds,
-penalties (transformers' repetition penalty, OpenAI's presence/frequency), and log-probs."""
+penalties (transformers' repetition penalty, OpenAI's presence/frequency), logit_bias and min_new_tokens
+(transformers' sequence_bias and min_new_tokens processors), and log-probs."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import pytest
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from mmserve.runner.sampler import PenaltyState, Sampler, SamplingBatch, _apply_penalties
+from mmserve.runner.sampler import PenaltyState, Sampler, SamplingBatch, _adjust_logits, _apply_penalties
 from mmserve.sampling_params import SamplingParams
 
 V = 200
@@ -26,7 +29,8 @@ def _logits(b: int, v: int = V, seed: int = 0, scale: float = 3.0) -> torch.Tens
 
 
 def _batch(params: list[SamplingParams], v: int = V, steps: list[int] | None = None,
-           states: list[PenaltyState | None] | None = None, seed: int = 1234) -> SamplingBatch:
+           states: list[PenaltyState | None] | None = None, seed: int = 1234,
+           stop_ids: list[list[int]] | None = None) -> SamplingBatch:
     gen = torch.Generator().manual_seed(seed)
     return SamplingBatch.build(
         params,
@@ -35,6 +39,7 @@ def _batch(params: list[SamplingParams], v: int = V, steps: list[int] | None = N
         v,
         "cpu",
         generator=gen,
+        stop_ids=stop_ids,
     )
 
 
@@ -349,6 +354,127 @@ def test_penalised_sampling_avoids_repeats() -> None:
     params = [SamplingParams(frequency_penalty=2.0)] * n
     out = Sampler()(row.unsqueeze(0).expand(n, -1).contiguous(), _batch(params, states=[state] * n))
     assert (out.next_token_ids == 0).float().mean() < 0.05
+
+
+# ------------------------------------------------------------------------------ logit_bias, min_new_tokens
+
+
+def _params(**kw) -> SamplingParams:
+    return SamplingParams.from_dict(kw)
+
+
+def test_logit_bias_parsing() -> None:
+    p = _params(logit_bias={"5": 2.5, "17": -100, "0": 100})
+    assert p.logit_bias == {5: 2.5, 17: -100.0, 0: 100.0}
+    assert _params(logit_bias={5: 1}).logit_bias == {5: 1.0}  # the in-process API may use integer keys
+    assert _params(logit_bias=None).logit_bias == {} == SamplingParams().logit_bias
+    assert SamplingParams.from_dict(p.to_dict()) == p
+    for bad, match in [({"abc": 1}, "logit_bias key 'abc' is not a token id"),
+                       ({"-3": 1}, "logit_bias key '-3' is not a token id"),
+                       ({"1.5": 1}, "logit_bias key '1.5'"),
+                       ({"7": 100.5}, r"logit_bias\['7'\] must be in \[-100, 100\], got 100.5"),
+                       ({"7": float("nan")}, r"logit_bias\['7'\] must be in \[-100, 100\]"),
+                       ({"7": "1"}, r"logit_bias\['7'\] must be a number"),
+                       ({"7": True}, r"logit_bias\['7'\] must be a number"),
+                       ([1, 2], "logit_bias must be an object")]:
+        with pytest.raises(ValueError, match=match):
+            _params(logit_bias=bad)
+
+
+def test_min_new_tokens_parsing() -> None:
+    assert _params(min_new_tokens=3, max_new_tokens=3).min_new_tokens == 3
+    with pytest.raises(ValueError, match="min_new_tokens must be >= 0"):
+        _params(min_new_tokens=-1)
+    with pytest.raises(ValueError, match=r"min_new_tokens must be <= max_new_tokens \(4\), got 5"):
+        _params(min_new_tokens=5, max_new_tokens=4)
+
+
+def test_logit_bias_then_penalties_match_transformers() -> None:
+    """HF's processor order: sequence_bias (single tokens here), then the repetition penalty."""
+    logits = _logits(3)
+    biases = [{3: 5.0, 50: -2.5, 199: 100.0}, {}, {7: -100.0, 8: 0.25}]
+    prompts = [[3, 4, 50], [1], [8, 9]]
+    params = [_params(temperature=0, logit_bias=b, repetition_penalty=1.3) for b in biases]
+    states = [_state(p, []) for p in prompts]
+    batch = _batch(params, states=states)
+    assert batch.logit_bias is not None and batch.logit_bias.shape == (3, V)
+    ours = _adjust_logits(logits.clone(), batch)
+    for i in range(3):
+        hf = [RepetitionPenaltyLogitsProcessor(1.3)]
+        if biases[i]:
+            hf.insert(0, SequenceBiasLogitsProcessor([[[t], b] for t, b in biases[i].items()]))
+        expected = LogitsProcessorList(hf)(torch.tensor([prompts[i]]), logits[i : i + 1].clone())[0]
+        torch.testing.assert_close(ours[i], expected, rtol=0, atol=0)
+
+
+def test_logit_bias_steers_greedy_and_sampled_rows() -> None:
+    logits = _logits(4)
+    argmax = logits.argmax(-1)
+    params = [_params(temperature=0, logit_bias={"42": 100}),
+              _params(temperature=0, logit_bias={str(int(argmax[1])): -100}),
+              _params(temperature=0),
+              _params(temperature=1.0, logit_bias={"42": 100})]
+    batch = _batch(params)
+    out = Sampler()(logits, batch).next_token_ids
+    assert out[0] == 42 and out[1] != argmax[1] and out[2] == argmax[2] and out[3] == 42
+    greedy = _batch(params[:3])
+    assert greedy.all_greedy  # the argmax fast path still serves biased greedy rows
+    assert Sampler()(logits[:3], greedy).next_token_ids.tolist() == out[:3].tolist()
+
+
+def test_no_bias_tensor_without_bias() -> None:
+    assert _batch([SamplingParams(), _params(min_new_tokens=2)], stop_ids=[[2], []]).logit_bias is None
+    # past min_new_tokens nothing is held back
+    assert _batch([_params(min_new_tokens=2)], steps=[2], stop_ids=[[2]]).logit_bias is None
+
+
+def test_min_new_tokens_matches_transformers() -> None:
+    """EOS and stop ids get -inf while fewer than min_new_tokens are out, as HF's MinNewTokensLengthLogitsProcessor."""
+    logits = _logits(1)[0]
+    prompt = [5, 6, 7]
+    stop = [2, 11]
+    for step in range(5):
+        params = [_params(temperature=0, min_new_tokens=3, logit_bias={"2": 4.0})]
+        batch = _batch(params, steps=[step], stop_ids=[stop])
+        ours = _adjust_logits(logits.unsqueeze(0).clone(), batch)[0]
+        ids = torch.tensor([prompt + [9] * step])
+        hf = LogitsProcessorList([SequenceBiasLogitsProcessor([[[2], 4.0]]),
+                                  MinNewTokensLengthLogitsProcessor(len(prompt), 3, stop)])
+        expected = hf(ids, logits.unsqueeze(0).clone())[0]
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+        assert torch.isinf(ours[stop]).all() == (step < 3)
+
+
+def test_min_new_tokens_holds_back_a_favourite_stop_token() -> None:
+    row = torch.zeros(V)
+    row[2] = 30.0  # EOS would win every draw
+    n = 500
+    params = [_params(min_new_tokens=4)] * n
+    held = Sampler()(row.unsqueeze(0).expand(n, -1).contiguous(), _batch(params, steps=[3] * n, stop_ids=[[2]] * n))
+    assert (held.next_token_ids != 2).all()
+    free = Sampler()(row.unsqueeze(0).expand(n, -1).contiguous(), _batch(params, steps=[4] * n, stop_ids=[[2]] * n))
+    assert (free.next_token_ids == 2).all()
+    greedy = [_params(temperature=0, min_new_tokens=1)]
+    assert Sampler()(row.unsqueeze(0), _batch(greedy, stop_ids=[[2]])).next_token_ids.item() != 2
+
+
+def test_bias_on_a_held_back_token_stays_minus_inf() -> None:
+    params = [_params(temperature=0, min_new_tokens=1, logit_bias={"2": 100})]
+    batch = _batch(params, stop_ids=[[2]])
+    assert batch.logit_bias[0, 2].item() == float("-inf")
+    assert Sampler()(_logits(1), batch).next_token_ids.item() != 2
+
+
+def test_bias_ids_outside_the_vocabulary_raise() -> None:
+    with pytest.raises(ValueError, match="vocab_size"):
+        _batch([_params(logit_bias={str(V): 1})])
+
+
+def test_logprobs_stay_raw_under_logit_bias() -> None:
+    logits = _logits(1)
+    out = Sampler()(logits, _batch([_params(temperature=0, logprobs=True, logit_bias={"42": 100})]))
+    assert out.next_token_ids.item() == 42
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, -1)[:, 42])
 
 
 # ---------------------------------------------------------------------------------------------- logprobs
