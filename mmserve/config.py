@@ -32,7 +32,9 @@ class ServerArgs:
                        choices=["auto", "float32", "bfloat16", "float16"])
     device: str = _flag("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
     context_length: int | None = _flag(None, "Maximum prompt + output tokens (default: from the model config).")
-    served_model_name: str | None = _flag(None, "Model name reported by the API (default: the model path).")
+    served_model_name: str | None = _flag(None, "Model id reported by the API (default: the model's name: a hub id "
+                                          "as given, a folder's name, a .gguf file's name without its "
+                                          "quantization tag).")
     chat_template: str | None = _flag(None, "A named chat template or a .jinja file (default: the tokenizer's).")
     # Multimodal input
     allowed_local_media_path: str | None = _flag(None, "Allow file:// and local paths as media, under this folder.")
@@ -65,9 +67,10 @@ class ServerArgs:
     schedule_policy: str = _flag("fcfs", "Waiting-queue order: fcfs or lpm (longest prefix match first).",
                                  choices=["fcfs", "lpm"])
     disable_radix_cache: bool = _flag(False, "Do not reuse KV of shared prefixes across requests.")
-    attention_backend: str = _flag("auto", "Attention implementation: torch (reference) or auto.")
+    attention_backend: str = _flag("auto", "Attention implementation: torch (reference, any device), triton "
+                                   "(paged GPU kernels) or auto (torch for now).")
     random_seed: int = _flag(0, "Seed of the sampler for requests that give no seed.")
-    tp_size: int = _flag(1, "Tensor-parallel degree (GPUs per model).")
+    tp_size: int = _flag(1, "Tensor-parallel degree (GPUs per model; only 1 so far).")
     # Server
     host: str = _flag("127.0.0.1", "Address the HTTP server binds.")
     port: int = _flag(30000, "Port of the HTTP server.")
@@ -91,11 +94,33 @@ class ServerArgs:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.context_length is not None and self.context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {self.context_length}")
+        if self.max_running_requests is not None and self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
 
     def resolved_device(self) -> torch.device:
+        """The device to run on; a ValueError naming --device when this machine has no such device."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"--device {self.device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {self.device}: only cpu and cuda are supported")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(f"--device {self.device}: no CUDA GPU is available (torch {torch.__version__}, "
+                             f"{build}); use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {self.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0")
+        return device
 
     def resolved_chunked_prefill_size(self) -> int | None:
         """None when chunking is disabled."""
@@ -105,11 +130,16 @@ class ServerArgs:
         return None if size <= 0 else size
 
     @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser, positional_model: bool = False) -> None:
+    def add_cli_args(cls, parser: argparse.ArgumentParser, positional_model: bool = False,
+                     in_process: bool = False) -> None:
+        """One flag per field, its default in its help. Defaults stay out of the parsed namespace (SUPPRESS), so
+        `from_cli_args` passes only what was given and the dataclass stays the one place defaults live.
+        `in_process`: only the flags that matter to generation in this process (`mmserve generate`)."""
         for f in dataclasses.fields(cls):
+            if in_process and f.name in _SERVER_ONLY:
+                continue
             flag = "--" + f.name.replace("_", "-")
-            kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name,
-                                      "default": argparse.SUPPRESS}
+            kwargs: dict[str, Any] = {"help": _help_with_default(f), "dest": f.name, "default": argparse.SUPPRESS}
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             if f.type in ("bool", bool):
@@ -133,6 +163,26 @@ class ServerArgs:
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Flags that mean nothing to one prompt generated in this process (no HTTP, no media, one request):
+# `mmserve generate --help` leaves them out.
+_SERVER_ONLY = {
+    "served_model_name", "allowed_local_media_path", "allow_private_media_urls", "limit_mm_per_prompt",
+    "mm_process_config", "mm_processor_workers", "media_fetch_timeout", "media_min_bytes_per_s",
+    "video_decode_timeout", "max_mm_bytes_per_request", "max_mm_bytes_in_flight", "mm_cache_size_mb",
+    "keep_mm_feature_on_device", "max_queued_requests", "schedule_policy", "host", "port", "api_key",
+    "enable_metrics", "max_request_body_mb", "request_read_timeout", "max_logprobs", "max_engine_restarts",
+}
+
+
+def _help_with_default(f: dataclasses.Field) -> str:
+    """The field's help with "(default: X)" added, unless the help already says what the default is (as it does
+    for defaults that depend on the model or the device) or the flag is a switch."""
+    text = f.metadata.get("help", "")
+    if f.default is None or isinstance(f.default, bool) or "default" in text.lower():
+        return text
+    body, end = (text[:-1], ".") if text.endswith(".") else (text, "")
+    return f"{body} (default: {f.default}){end}"
 
 
 @dataclass

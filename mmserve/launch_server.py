@@ -1,12 +1,16 @@
 """`python -m mmserve.launch_server --model-path MODEL --port 30000` (SGLang's entry point and flag names);
-`mmserve serve [MODEL]` is the same. Also what the server adds to uvicorn: a deadline on reading requests, and a
-shutdown that ends what is still running with an error rather than cutting it."""
+`mmserve serve [MODEL]` is the same. Start-up fails fast: the port is bound and the arguments checked before the
+model loads, and what is wrong is one line on stderr with exit code 2. Also what the server adds to uvicorn: a
+deadline on reading requests, a ready line once it listens, and a shutdown that ends what is still running with
+an error rather than cutting it."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -102,6 +106,12 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.app, self.grace_s = app, grace_s
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        ready_line = getattr(self.app.state, "ready_line", None)
+        if self.started and ready_line:  # now it listens: a client that reads the line can connect
+            logger.info(ready_line)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         timer = asyncio.get_running_loop().call_later(self.grace_s, self._end_requests)
         try:
@@ -118,10 +128,20 @@ class _Server(uvicorn.Server):
 
 
 def run_server(args: ServerArgs) -> None:
-    from mmserve.server.app import create_app
-
+    """Serve until SIGTERM or SIGINT. What can be found wrong before the model loads (a busy port, a device this
+    machine lacks, a folder without a model, ...) raises ValueError, in a second rather than after the loading."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(args)
+    sock = bind_socket(args.host, args.port)
+    try:
+        args = dataclasses.replace(args, port=sock.getsockname()[1])  # the real one, for --port 0
+        check_before_loading(args)
+        from mmserve.server.app import create_app
+
+        logger.info("loading the tokenizer of %s", args.model_path)
+        app = create_app(args)
+    except BaseException:
+        sock.close()
+        raise
     grace = float(os.environ.get("MMSERVE_SHUTDOWN_GRACE_S", _GRACEFUL_SHUTDOWN_S))  # tests shorten it
     protocol = type("ReadDeadlineProtocol", (ReadDeadlineProtocol,), {"read_timeout_s": args.request_read_timeout})
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=protocol,
@@ -137,7 +157,7 @@ def run_server(args: ServerArgs) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    server.run()
+    server.run(sockets=[sock])
     if not server.started:
         sys.exit(1)
     fatal = app.state.manager.fatal_error
@@ -146,18 +166,72 @@ def run_server(args: ServerArgs) -> None:
         sys.exit(1)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's address, bound before the model loads, so a busy port is reported at once (not after the
+    loading) and the socket is handed to uvicorn as it is. It listens only once the server is ready: until then
+    connections are refused, as health checks expect, rather than left waiting."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart is not held up by TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = {errno.EADDRINUSE: "the port is in use (another server?); pick another --port",
+                  errno.EACCES: "permission denied (ports below 1024 need privileges); pick another --port",
+                  errno.EADDRNOTAVAIL: "this machine has no such address; check --host"}.get(
+                      exc.errno, exc.strerror or str(exc))
+        raise ValueError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
+def check_before_loading(args: ServerArgs) -> None:
+    """What can be found wrong in a moment, before the model loads (seconds to minutes): the device, tensor
+    parallelism, the model path and what it holds, and for a Hugging Face folder its config (architecture, context
+    length). A GGUF file's config takes seconds to parse: its checks happen while loading. Raises ValueError."""
+    import torch
+
+    from mmserve.config import ModelConfig, architectures_of
+    from mmserve.models.loader import check_model_files, load_hf_config, resolve_model_path
+    from mmserve.models.registry import ModelRegistry
+
+    device = args.resolved_device()
+    if args.tp_size > 1:
+        raise ValueError(f"--tp-size {args.tp_size}: tensor parallelism is not supported yet; serve on one device "
+                         "with --tp-size 1")
+    if args.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use --dtype "
+                         "float16")
+    checkpoint = resolve_model_path(args.model_path, args.revision)
+    check_model_files(checkpoint, need_weights=args.load_format != "dummy")
+    if args.tokenizer_path:
+        resolve_model_path(args.tokenizer_path, args.revision)
+    if checkpoint.suffix != ".gguf":
+        hf_config = load_hf_config(checkpoint, args.trust_remote_code)
+        ModelRegistry.resolve(architectures_of(hf_config))
+        ModelConfig.from_hf(hf_config, args, device)
+
+
 def parse_args(argv: list[str] | None, positional_model: bool = False, prog: str | None = None) -> ServerArgs:
-    parser = argparse.ArgumentParser(prog=prog, description="Serve a model with an OpenAI-compatible HTTP API.")
+    parser = argparse.ArgumentParser(prog=prog, usage="%(prog)s [--model-path MODEL] [options]",
+                                     description="Serve a model with an OpenAI-compatible HTTP API.")
     ServerArgs.add_cli_args(parser, positional_model=positional_model)
     ns = parser.parse_args(argv)
     args = ServerArgs.from_cli_args(ns)
-    if getattr(ns, "model_path", None) is None and getattr(ns, "model", None) is None:
-        print(f"no model given: serving the default SmolLM2-135M-Instruct ({args.model_path})", file=sys.stderr)
+    say_if_default_model(ns, args)
     return args
 
 
+def say_if_default_model(ns: argparse.Namespace, args: ServerArgs) -> None:
+    if getattr(ns, "model_path", None) is None and getattr(ns, "model", None) is None:
+        print(f"no model given: serving the default SmolLM2-135M-Instruct ({args.model_path})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
-    run_server(parse_args(argv, prog="python -m mmserve.launch_server"))
+    try:
+        run_server(parse_args(argv, prog="python -m mmserve.launch_server"))
+    except ValueError as exc:  # a start-up problem, in the user's words: one line, no traceback
+        print(f"mmserve: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

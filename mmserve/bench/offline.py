@@ -1,4 +1,5 @@
-"""Offline throughput: N random prompts through the in-process Engine, one table printed at the end.
+"""Offline throughput: N random prompts through the in-process Engine, one table printed at the end (and a line
+per phase, and the tokens generated so far every few seconds, on the way).
 
     python -m mmserve.bench.offline --model-path PATH --num-prompts 64 --input-len 256 --output-len 128
 
@@ -10,8 +11,12 @@ generates exactly --output-len tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import random
+import threading
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -24,18 +29,53 @@ def random_prompts(vocab_size: int, num: int, input_len: int, seed: int) -> list
     return [[rng.randrange(100, vocab_size) for _ in range(input_len)] for _ in range(num)]
 
 
+_PROGRESS_EVERY_S = 10.0
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+@contextlib.contextmanager
+def progress(label: str, done: Callable[[], int], total: int) -> Iterator[None]:
+    """Print `label: done/total (percent), seconds` every `_PROGRESS_EVERY_S` from a thread while the body runs,
+    so a long run is seen to move; a line each ten seconds costs the measurement nothing."""
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def report() -> None:
+        while not stop.wait(_PROGRESS_EVERY_S):
+            count = done()
+            say(f"  {label}: {count}/{total} ({100 * count / max(1, total):.0f}%), "
+                f"{time.perf_counter() - start:.0f} s")
+
+    thread = threading.Thread(target=report, name="bench-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run_mmserve(args: argparse.Namespace, server_args: ServerArgs) -> dict[str, float]:
     from mmserve.engine import Engine
 
+    say(f"mmserve: loading {server_args.model_path}")
     with Engine(**vars(server_args)) as engine:
         prompts = random_prompts(engine.model_config.vocab_size, args.num_prompts, args.input_len, args.seed)
         params = {"temperature": 0, "max_new_tokens": args.output_len, "ignore_eos": True}
-        engine.generate(input_ids=prompts[:2], sampling_params={**params, "max_new_tokens": 2})  # warm-up
+        say("mmserve: warm-up (2 prompts, 2 tokens each)")
+        engine.generate(input_ids=prompts[:2], sampling_params={**params, "max_new_tokens": 2})
         _sync()
-        start = time.perf_counter()
-        outs = engine.generate(input_ids=prompts, sampling_params=params)
-        _sync()
-        elapsed = time.perf_counter() - start
+        total = args.num_prompts * args.output_len
+        say(f"mmserve: {args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out")
+        generated_before = engine.scheduler.stats.generated_tokens
+        with progress("tokens generated", lambda: engine.scheduler.stats.generated_tokens - generated_before, total):
+            start = time.perf_counter()
+            outs = engine.generate(input_ids=prompts, sampling_params=params)
+            _sync()
+            elapsed = time.perf_counter() - start
         vocab = engine.model_config.vocab_size
     generated = sum(len(o["output_ids"]) for o in outs)
     result = {"seconds": elapsed, "output_tok_s": generated / elapsed,
@@ -56,6 +96,7 @@ def run_hf(args: argparse.Namespace, server_args: ServerArgs, vocab: int) -> dic
     device = server_args.resolved_device()
     config = load_hf_config(path)
     dtype = resolve_dtype(server_args.dtype, config, device)
+    say(f"transformers: loading {server_args.model_path}")
     if server_args.load_format == "dummy":
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -66,13 +107,19 @@ def run_hf(args: argparse.Namespace, server_args: ServerArgs, vocab: int) -> dic
     mask = torch.ones_like(prompts)
     kwargs = dict(do_sample=False, max_new_tokens=args.output_len, min_new_tokens=args.output_len,
                   pad_token_id=0)
+    say("transformers: warm-up (2 prompts, 2 tokens each)")
     model.generate(prompts[:2], attention_mask=mask[:2], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
     _sync()
-    start = time.perf_counter()
-    for i in range(0, args.num_prompts, args.hf_batch_size):
-        model.generate(prompts[i : i + args.hf_batch_size], attention_mask=mask[i : i + args.hf_batch_size], **kwargs)
-    _sync()
-    elapsed = time.perf_counter() - start
+    say(f"transformers: {args.num_prompts} prompts in batches of {args.hf_batch_size}")
+    finished = 0
+    with progress("prompts done", lambda: finished, args.num_prompts):
+        start = time.perf_counter()
+        for i in range(0, args.num_prompts, args.hf_batch_size):
+            batch = prompts[i : i + args.hf_batch_size]
+            model.generate(batch, attention_mask=mask[i : i + args.hf_batch_size], **kwargs)
+            finished += len(batch)
+        _sync()
+        elapsed = time.perf_counter() - start
     generated = args.num_prompts * args.output_len
     return {"seconds": elapsed, "output_tok_s": generated / elapsed,
             "total_tok_s": (generated + args.num_prompts * args.input_len) / elapsed}
@@ -96,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer-dir", help="Tokenizer files for --preset.")
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
+    # The engine's own lines (weights loading, ready) at --log-level, whose default is not in the namespace
+    logging.basicConfig(level=getattr(args, "log_level", ServerArgs.log_level).upper(), format="%(message)s")
     if args.preset:
         import tempfile
         from pathlib import Path

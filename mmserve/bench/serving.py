@@ -4,6 +4,8 @@
 
 Datasets: `random` (random words) and `image` (random words plus random-pixel PNG images sent as data URLs,
 like SGLang's bench_serving image dataset). EOS is ignored so each request generates exactly --output-len tokens.
+One small request of the same kind goes first: a server that cannot serve them (a text model asked for images,
+a wrong API key) stops the benchmark with the server's own words instead of a table of failures.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import io
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -44,12 +47,14 @@ def random_png_url(width: int, height: int, rng: np.random.Generator) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def build_requests(args: argparse.Namespace) -> list[list[dict]]:
-    rng = random.Random(args.seed)
-    np_rng = np.random.default_rng(args.seed)
+def build_requests(args: argparse.Namespace, num: int | None = None, seed: int | None = None) -> list[list[dict]]:
+    """`num` (default --num-prompts) chats of the dataset's kind, from `seed` (default --seed)."""
+    seed = args.seed if seed is None else seed
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
     width, height = (int(x) for x in args.image_resolution.lower().split("x"))
     requests = []
-    for _ in range(args.num_prompts):
+    for _ in range(args.num_prompts if num is None else num):
         text = " ".join(rng.choice(_WORDS) for _ in range(args.input_len))
         content: list[dict] = []
         if args.dataset == "image":
@@ -90,6 +95,29 @@ async def one_request(client: httpx.AsyncClient, url: str, messages: list[dict],
     return result
 
 
+class ServerRefused(Exception):
+    """The server cannot serve the benchmark's requests; the message says why, in the server's words."""
+
+
+async def check_server(client: httpx.AsyncClient, base: str, args: argparse.Namespace) -> None:
+    """Send one request of the benchmark's kind (its own prompt, so the run's prefix cache is untouched) and raise
+    ServerRefused with the server's error if it fails."""
+    [messages] = build_requests(args, num=1, seed=args.seed + 1_000_003)
+    body = {"model": args.model, "messages": messages, "max_tokens": 1, "temperature": 0}
+    try:
+        resp = await client.post(base + "/v1/chat/completions", json=body)
+    except httpx.HTTPError as exc:
+        raise ServerRefused(f"cannot reach the server at {base}: {exc!r}") from None
+    if resp.status_code == 200:
+        return
+    try:
+        reason = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        reason = resp.text[:300]
+    raise ServerRefused(f"the server at {base} refused a request of the {args.dataset} dataset with "
+                        f"{resp.status_code}: {reason}")
+
+
 async def run(args: argparse.Namespace) -> dict[str, float]:
     base = args.base_url or f"http://{args.host}:{args.port}"
     requests = build_requests(args)
@@ -97,6 +125,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     rng = random.Random(args.seed + 1)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout)) as client:
+        await check_server(client, base, args)
         async def limited(messages: list[dict]) -> Result:
             async with limit:
                 return await one_request(client, base + "/v1/chat/completions", messages, args)
@@ -168,7 +197,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    metrics = asyncio.run(run(args))
+    try:
+        metrics = asyncio.run(run(args))
+    except ServerRefused as exc:
+        print(f"bench.serving: {exc}", file=sys.stderr)
+        sys.exit(1)
     print_table(args, metrics)
     return metrics
 

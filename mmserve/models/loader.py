@@ -11,7 +11,7 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,30 @@ def resolve_model_path(path: str, revision: str | None = None) -> Path:
                          "check the name and your network, or pass a local folder") from exc
 
 
+def check_model_files(path: Path, need_weights: bool = True) -> None:
+    """Refuse, in the user's words, a folder that holds no model, before a tokenizer or config loader fails on it
+    with an error about sentencepiece or tiktoken. A .gguf file is taken as it is."""
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"{path} is not a file")
+        return
+    if not path.is_dir():
+        raise ValueError(f"{path} is neither a model folder nor a .gguf file")
+    has_config = (path / "config.json").is_file()
+    has_weights = bool(_safetensors_files(path) or list(path.glob("pytorch_model*.bin")))
+    if has_config and (has_weights or not need_weights):
+        return
+    if has_config:
+        missing = "weights (*.safetensors or pytorch_model*.bin)"
+    else:
+        missing = "config.json" if has_weights else "config.json or weights"
+    hint = "; a model folder holds a Hugging Face checkpoint: config.json and *.safetensors (or pytorch_model*.bin)"
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs:
+        hint = f"; it holds {ggufs[0].name}: pass that file as the model path"
+    raise ValueError(f"no {missing} in {path}{hint}")
+
+
 def split_gguf(path: Path) -> tuple[Path, str | None]:
     """(folder, gguf file name) for a .gguf path, (path, None) for a folder."""
     if path.suffix == ".gguf":
@@ -62,6 +86,8 @@ def load_hf_config(path: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
     folder, gguf = split_gguf(path)
+    if gguf is None and folder.is_dir() and not (folder / "config.json").is_file():
+        check_model_files(folder, need_weights=False)
     return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
 
 
@@ -84,15 +110,20 @@ def generation_eos_ids(path: Path) -> set[int]:
     return {eos} if isinstance(eos, int) else set(eos)
 
 
-def iterate_weights(path: Path, hf_config: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face tensor name, tensor) for every tensor of the checkpoint."""
+def iterate_weights(path: Path, hf_config: Any = None,
+                    on_count: Callable[[int], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (Hugging Face tensor name, tensor) for every tensor of the checkpoint. `on_count` hears how many
+    there are once that is known (for progress): before the first one from safetensors, after de-quantizing for
+    GGUF, never for .bin files."""
     if path.suffix == ".gguf":
-        yield from _iterate_gguf(path, hf_config)
+        yield from _iterate_gguf(path, hf_config, on_count)
         return
     files = _safetensors_files(path)
     if files:
         from safetensors import safe_open
 
+        if on_count is not None:
+            on_count(_safetensors_count(path, files))
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -115,7 +146,22 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def _iterate_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_count(path: Path, files: list[Path]) -> int:
+    """The number of tensors, from the shard index or the files' headers (no tensor data is read)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return len(json.loads(index.read_text())["weight_map"])
+    from safetensors import safe_open
+
+    count = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            count += len(f.keys())
+    return count
+
+
+def _iterate_gguf(path: Path, hf_config: Any,
+                  on_count: Callable[[int], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     from transformers.utils import logging as hf_logging
@@ -126,6 +172,8 @@ def _iterate_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tenso
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    if on_count is not None:
+        on_count(len(tensors))
     while tensors:
         name = next(iter(tensors))
         yield name, tensors.pop(name)

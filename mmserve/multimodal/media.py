@@ -214,7 +214,8 @@ def _vetted_addresses(host: str, port: int, policy: MediaPolicy, label: str) -> 
     # The resolved addresses are not echoed: they would tell a client how the server's network resolves names.
     if not policy.allow_private_urls and not all(is_public_address(sockaddr[0]) for _, sockaddr in addresses):
         raise MediaError(f"{label}: host {host!r} is a loopback, private, link-local or reserved address; "
-                         "the server does not fetch from those")
+                         "the server does not fetch from those (start it with --allow-private-media-urls to allow "
+                         "them)")
     return addresses
 
 
@@ -426,7 +427,8 @@ def fetch_bytes(url: str, policy: MediaPolicy, label: str) -> bytes:
 def _read_local(path: str, policy: MediaPolicy, label: str) -> bytes:
     """Read a file under the allowed directory. Relative paths are relative to that directory."""
     if policy.allowed_local_media_path is None:
-        raise MediaError(f"{label}: local files are not allowed (the server has no allowed local media path)")
+        raise MediaError(f"{label}: local files are not allowed (the server has no allowed local media path: start "
+                         "it with --allowed-local-media-path DIR to allow files under DIR)")
     if not path or "\x00" in path:
         raise MediaError(f"{label}: invalid local path {path!r}")
     root = os.path.realpath(policy.allowed_local_media_path)

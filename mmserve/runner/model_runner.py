@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -64,7 +65,10 @@ class ModelRunner:
             torch.set_default_dtype(previous)
         if self.args.load_format == "dummy":
             return _randomize(model, self.args.random_seed).eval()
-        loaded = model.load_weights(iterate_weights(checkpoint, self.config.hf_config))
+        progress = LoadProgress(checkpoint)
+        loaded = model.load_weights(progress.track(iterate_weights(checkpoint, self.config.hf_config,
+                                                                   on_count=progress.set_total)))
+        progress.finish()
         missing = {name for name, _ in model.named_parameters()} - loaded
         tied = {"lm_head.weight"} if getattr(model, "tied", False) else set()
         if missing - tied:
@@ -97,6 +101,50 @@ class ModelRunner:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SamplerOutput:
         return self.sampler(logits, sampling)
+
+
+class LoadProgress:
+    """Log lines while the weights stream in, for a start-up that may take minutes: one when loading starts, one
+    at each tenth of the tensors (when their number is known; else every `interval_s`) if `interval_s` has passed
+    since the last, and the total at the end. A small model logs only its first and last line."""
+
+    interval_s = 2.0
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint = checkpoint
+        self.total: int | None = None
+        self.count = self.bytes = 0
+        self.start = self.last_line = time.perf_counter()
+        how = " (de-quantizing the GGUF file first)" if checkpoint.suffix == ".gguf" else ""
+        logger.info("loading weights from %s%s", checkpoint, how)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+
+    def track(self, weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            yield name, tensor
+            self._advance(tensor.numel() * tensor.element_size())
+
+    def _advance(self, nbytes: int) -> None:
+        self.count += 1
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if now - self.last_line < self.interval_s:
+            return
+        so_far = f"{self.bytes / 2**30:.2f} GiB, {now - self.start:.0f} s"
+        if self.total:
+            if self.count % max(1, self.total // 10) and self.count != self.total:
+                return
+            logger.info("loading weights: %d%% (%d/%d tensors, %s)", min(100, round(100 * self.count / self.total)),
+                        self.count, self.total, so_far)
+        else:
+            logger.info("loading weights: %d tensors (%s)", self.count, so_far)
+        self.last_line = now
+
+    def finish(self) -> None:
+        logger.info("loaded %d tensors (%.2f GiB) in %.1f s", self.count, self.bytes / 2**30,
+                    time.perf_counter() - self.start)
 
 
 @torch.no_grad()

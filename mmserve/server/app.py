@@ -8,9 +8,12 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import re
 import time
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -114,20 +117,47 @@ async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     return task.result() if not task.cancelled() else _CLIENT_GONE
 
 
+def model_name(args: ServerArgs) -> str:
+    """The model id clients see: --served-model-name, else the model's name: a hub id as given (also for a folder
+    in the hub cache), a folder's name, a .gguf file's name without its quantization tag (the default model is
+    "SmolLM2-135M-Instruct", not a path into site-packages)."""
+    if args.served_model_name:
+        return args.served_model_name
+    path = Path(os.path.expanduser(args.model_path))
+    if not path.exists():
+        return args.model_path  # a hub id
+    path = path.resolve()
+    if path.suffix == ".gguf":
+        return _GGUF_QUANT.sub("", path.stem) or path.stem
+    repo = path.parent.parent.name  # the hub cache: models--org--name/snapshots/<commit>
+    if path.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/", 1)
+    return path.name
+
+
+# The quantization tag that ends a GGUF file's name: "SmolLM2-135M-Instruct.Q4_1", "qwen2.5-7b-instruct-q4_k_m".
+_GGUF_QUANT = re.compile(r"[.-](i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
+
+
 def create_app(args: ServerArgs) -> FastAPI:
-    model_name = args.served_model_name or args.model_path
-    metrics = Metrics(model_name) if args.enable_metrics else None
+    name = model_name(args)
+    metrics = Metrics(name) if args.enable_metrics else None
     manager = TokenizerManager(args, metrics)
-    serving = OpenAIServing(manager, model_name)
+    serving = OpenAIServing(manager, name)
+    created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        logger.info("starting the engine process; the model loads there")
         await manager.start()
         # The bound behind the early context check decodes the whole vocabulary once: not on the event loop.
         await asyncio.get_running_loop().run_in_executor(manager.tokenize_pool, lambda: manager.max_bytes_per_token)
         info = manager.info
-        logger.info("mmserve ready: model %s, %s on %s, context %d tokens, KV cache %d tokens, http://%s:%d",
-                    model_name, info.dtype, info.device, info.context_len, info.max_total_tokens, args.host, args.port)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        # Logged by the server once it listens (launch_server), so a client that reads it can connect at once.
+        app.state.ready_line = (f"mmserve ready: model {name}, {info.dtype} on {info.device}, context "
+                                f"{info.context_len} tokens, KV cache {info.max_total_tokens} tokens, "
+                                f"http://{host}:{args.port}")
         try:
             yield
         finally:
@@ -163,12 +193,21 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def generate(body: GenerateRequestBody, request: Request):
         return await respond(request, serving.generate(body))
 
+    def model_card() -> dict[str, Any]:
+        info = manager.info
+        return {"id": name, "object": "model", "created": created, "owned_by": "mmserve",
+                "max_model_len": info.context_len if info else None}
+
     @app.get("/v1/models")
     async def models():
-        info = manager.info
-        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "mmserve",
-                "max_model_len": info.context_len if info else None}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")  # a hub id has a slash in it
+    async def retrieve_model(model_id: str):
+        if model_id != name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
 
     @app.get("/health")
     async def health():
@@ -179,7 +218,7 @@ def create_app(args: ServerArgs) -> FastAPI:
     @app.get("/get_server_info")
     async def server_info():
         stats = manager.stats
-        return {"model": model_name, "engine": manager.info and _as_dict(manager.info),
+        return {"model": name, "engine": manager.info and _as_dict(manager.info),
                 "stats": stats and _as_dict(stats), "in_flight": len(manager.running_ids()),
                 "engine_pid": manager.engine_pid}
 

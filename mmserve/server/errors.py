@@ -1,4 +1,7 @@
-"""OpenAI-shaped errors: every failure the API reports is `{"error": {"message", "type", "param", "code"}}`."""
+"""OpenAI-shaped errors: every failure the API reports is `{"error": {"message", "type", "param", "code"}}`.
+
+As in OpenAI's API, `code` is a string naming a condition a client may act on ("invalid_api_key",
+"context_length_exceeded", "model_not_found") or null; the HTTP status and `type` carry the rest."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
-                      "code": code if code is not None else status}}
+                      "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,

@@ -58,7 +58,7 @@ def assert_error(response: Any, status: int) -> dict[str, Any]:
     assert isinstance(error["message"], str) and error["message"], error
     assert isinstance(error["type"], str) and error["type"], error
     assert error["param"] is None or isinstance(error["param"], str), error
-    assert error["code"] is None or isinstance(error["code"], (str, int)), error
+    assert error["code"] is None or isinstance(error["code"], str), error  # as OpenAI's: a string or null
     return error
 
 
@@ -93,6 +93,7 @@ def test_bad_sampling_value_raw_http(http):
     r = http.post("/v1/chat/completions", json={"messages": HELLO, "temperature": -1, "max_tokens": 4})
     error = assert_error(r, 400)
     assert "temperature" in error["message"], error
+    assert error["code"] is None, error  # a generic 400 has no code to act on (it was the integer 400)
 
 
 def test_bad_sampling_value_refused_before_streaming(http):
@@ -271,6 +272,11 @@ def test_auth_required(server, method, path, headers):
     assert error["type"] == "authentication_error", error
 
 
+def test_auth_error_code_is_a_string(server):
+    error = assert_error(httpx.get(server.url + "/v1/models", timeout=30), 401)
+    assert error["code"] == "invalid_api_key", error
+
+
 def test_auth_wrong_key_openai_client(server, model):
     with openai.OpenAI(base_url=server.base_url, api_key="sk-wrong", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError) as info:
@@ -300,10 +306,37 @@ def test_unknown_route(http, method, path):
     assert path in error["message"], error
 
 
+def test_retrieve_model(client, model, http, tiny_model_dir):
+    """GET /v1/models/{id}: the card of the one model served (its id is the model folder's name), and an
+    OpenAI-shaped 404 for any other id, hub-style ids with a slash included."""
+    assert model == tiny_model_dir("qwen2").name
+    card = client.models.retrieve(model)
+    assert (card.id, card.object, card.owned_by) == (model, "model", "mmserve")
+    assert http.get(f"/v1/models/{model}").json()["max_model_len"] == CONTEXT_LEN
+    for unknown in ("gpt-4o", "org/some-model"):
+        error = assert_error(http.get(f"/v1/models/{unknown}"), 404)
+        assert error["code"] == "model_not_found" and unknown in error["message"], error
+        assert model in error["message"], error  # says what is served
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4o")
+    assert assert_error(info.value, 404)["code"] == "model_not_found"
+
+
 def test_unknown_route_openai_client(client):
     with pytest.raises(openai.NotFoundError) as info:
         client.get("/nope", cast_to=object)
     assert_error(info.value, 404)
+
+
+def test_media_policy_errors_name_the_flag_that_allows_them(tmp_path):
+    """What a client is told when the server refuses a media URL or path names the server flag that would allow
+    it (the message reaches the client as a 400 from the chat route)."""
+    from mmserve.multimodal.media import MediaError, MediaPolicy, load_image
+
+    with pytest.raises(MediaError, match="--allow-private-media-urls"):
+        load_image("http://127.0.0.1:9/image.png", MediaPolicy(), label="image 1")
+    with pytest.raises(MediaError, match="--allowed-local-media-path"):
+        load_image(str(tmp_path / "image.png"), MediaPolicy(), label="image 1")
 
 
 def test_metrics_off_is_openai_shaped(http):

@@ -360,7 +360,7 @@ def test_unexpected_exceptions_are_openai_shaped_500s(tiny_model_dir):
 
     out = asyncio.run(collect())
     assert out[0] == "data: {}\n\n" and out[-1] == "data: [DONE]\n\n"
-    assert json.loads(out[1].removeprefix("data: "))["error"]["code"] == 500
+    assert json.loads(out[1].removeprefix("data: "))["error"]["type"] == "internal_error"
 
 
 # ----- 9: slowloris -----
