@@ -64,4 +64,8 @@ def create_attention_backend(name: str, device: torch.device) -> AttentionBacken
         from mmserve.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}; available: torch")
+    if name == "triton":
+        from mmserve.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(device)
+    raise ValueError(f"unknown attention backend {name!r}; available: torch, triton, auto")

@@ -1,0 +1,118 @@
+"""The Triton attention backend: paged decode (split-KV) and extend kernels reading the KV pool in place.
+
+`init_forward_metadata` turns the step's per-request lengths into device tensors once (extend: query offsets and
+extend lengths in one pinned host-to-device copy; prefix lengths are seq_len - extend_len in the kernel; the
+longest extend as a host int that sizes the grid); the per-layer calls then only launch kernels: no host sync, no
+per-request Python. Kernels live in `triton_kernels.py`; the torch backend is the reference they are tested
+against (on CPU under `TRITON_INTERPRET=1`).
+
+CUDA graphs (decode) need little more: the kernels read `req_pool_indices` and `seq_lens` from device memory, the
+grid depends only on the batch size and `num_kv_splits` (itself a function of the batch size), and a padding row
+of length 0 gets zeros without reading anything. What capture/replay hooks would add: static `req_pool_indices`
+and `seq_lens` buffers of the bucket's size that replay fills (padding with length 0), metadata pointing at them,
+and the split scratch allocated once per bucket at capture instead of per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from mmserve.attention.base import Attention, AttentionBackend
+from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from mmserve.attention.triton_kernels import DecodeBlocks, ExtendBlocks
+
+
+@dataclass
+class _DecodeMetadata:
+    req_pool_indices: torch.Tensor  # [B]
+    seq_lens: torch.Tensor  # [B]
+    num_kv_splits: int  # splits in the grid; a request uses fewer when it is short
+    # partial results of the splits per (heads, v_dim), allocated by the first layer and reused by the others
+    scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class _ExtendMetadata:
+    req_pool_indices: torch.Tensor  # [B]
+    seq_lens: torch.Tensor  # [B]
+    q_starts: torch.Tensor  # [B] int32: offset of request i's new tokens in the flattened batch
+    extend_lens: torch.Tensor  # [B] int32
+    max_extend_len: int  # sizes the grid's query-block axis
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Needs a CUDA device, or CPU tensors with TRITON_INTERPRET=1 (tests).
+
+    `max_kv_splits` bounds the decode splits per request; `min_split_len` is the fewest keys worth a split of
+    their own. The block sizes default to per-dtype and head-dim choices in `triton_kernels`; tests shrink them
+    so that short sequences still cross several blocks.
+    """
+
+    def __init__(self, device: torch.device | str, max_kv_splits: int = 16, min_split_len: int = 256,
+                 decode_blocks: DecodeBlocks | None = None, extend_blocks: ExtendBlocks | None = None):
+        from mmserve.attention import triton_kernels  # imported here: TRITON_INTERPRET is read at decoration time
+
+        device = torch.device(device)
+        if device.type != "cuda" and not triton_kernels.interpreting():
+            raise ValueError(f"the triton attention backend needs a CUDA device, got {device}; use "
+                             "--attention-backend torch (or TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")
+        if max_kv_splits < 1 or min_split_len < 1:
+            raise ValueError(f"max_kv_splits and min_split_len must be >= 1, got {max_kv_splits}, {min_split_len}")
+        self.kernels = triton_kernels
+        self.device = device
+        self.max_kv_splits = max_kv_splits
+        self.min_split_len = min_split_len
+        self.decode_blocks = decode_blocks
+        self.extend_blocks = extend_blocks
+        # Enough decode programs to fill the GPU a few times over; on the interpreter, exercise every split.
+        self.target_programs = (4 * torch.cuda.get_device_properties(device).multi_processor_count
+                                if device.type == "cuda" else None)
+
+    def num_kv_splits(self, batch_size: int, kv_heads: int) -> int:
+        """Decode splits for a batch size: fewer when the batch alone fills the GPU (fixed per size, for graphs)."""
+        if self.target_programs is None:
+            return self.max_kv_splits
+        return max(1, min(self.max_kv_splits, -(-self.target_programs // (batch_size * kv_heads))))
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        if batch.mode == ForwardMode.DECODE:
+            splits = self.num_kv_splits(batch.batch_size, batch.kv_pool.num_kv_heads)
+            batch.attn_metadata = _DecodeMetadata(batch.req_pool_indices, batch.seq_lens, splits)
+            return
+        starts, offset = [], 0
+        for n in batch.extend_lens_cpu:
+            starts.append(offset)
+            offset += n
+        # one host-to-device copy for both per-request vectors, from pinned memory so that it never waits
+        device = batch.seq_lens.device
+        lens = torch.tensor([starts, batch.extend_lens_cpu], dtype=torch.int32, pin_memory=device.type == "cuda")
+        lens = lens.to(device, non_blocking=True)
+        batch.attn_metadata = _ExtendMetadata(batch.req_pool_indices, batch.seq_lens, lens[0], lens[1],
+                                              max(batch.extend_lens_cpu))
+
+    def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        meta: _ExtendMetadata = batch.attn_metadata
+        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        return self.kernels.extend_attention(
+            q, k_buf, v_buf, batch.req_to_token, meta.req_pool_indices, meta.seq_lens, meta.q_starts,
+            meta.extend_lens, meta.max_extend_len, layer.scaling, layer.sliding_window,
+            blocks=self.extend_blocks,
+        )
+
+    def forward_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        meta: _DecodeMetadata = batch.attn_metadata
+        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        heads, v_dim = layer.num_heads, v_buf.shape[2]
+        if (heads, v_dim) not in meta.scratch:
+            meta.scratch[heads, v_dim] = self.kernels.decode_scratch(q.shape[0], heads, meta.num_kv_splits, v_dim,
+                                                                     q.device)
+        return self.kernels.decode_attention(
+            q, k_buf, v_buf, batch.req_to_token, meta.req_pool_indices, meta.seq_lens, layer.scaling,
+            layer.sliding_window, meta.num_kv_splits, self.min_split_len, blocks=self.decode_blocks,
+            scratch=meta.scratch[heads, v_dim],
+        )
