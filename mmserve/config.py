@@ -68,7 +68,7 @@ class ServerArgs:
                                  choices=["fcfs", "lpm"])
     disable_radix_cache: bool = _flag(False, "Do not reuse KV of shared prefixes across requests.")
     attention_backend: str = _flag("auto", "Attention implementation: torch (reference, any device), triton "
-                                   "(paged GPU kernels) or auto (torch for now).")
+                                   "(paged GPU kernels) or auto (triton on CUDA, torch elsewhere).")
     random_seed: int = _flag(0, "Seed of the sampler for requests that give no seed.")
     tp_size: int = _flag(1, "Tensor-parallel degree (GPUs per model; only 1 so far).")
     # Server

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The project's one GPU script, run on the device machine from the repository root:
-#   1. the model-vs-transformers and scheduler tests on CUDA (our engine on the GPU, transformers on the CPU)
+#   1. the model-vs-transformers and scheduler tests on CUDA (our engine on the GPU, transformers on the CPU), with
+#      the default attention backend (triton on CUDA), and the Triton kernels against the torch backend
 #   2. the offline benchmark at real model shapes (random weights), beside transformers' generate
 # Needs .gpu/tokenizer (SmolLM2's tokenizer saved in HF layout) carried along: the GPU image has no GGUF reader.
 # Logs go to $OUT; the last lines printed are the benchmark tables.
 set -uo pipefail
 # The GPU image lacks the server's packages: `../shared/device/wheels.sh openai distro jiter httpx2 httpcore2
-# annotated-doc opentelemetry-api truststore anyio av` fetches them into .whl/, carried along with .gpu.
+# annotated-doc opentelemetry-api importlib-metadata zipp truststore anyio h11 click prometheus-client av` fetches them into .whl/, carried along with .gpu.
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
@@ -19,7 +20,9 @@ MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cachep
   tests/models/test_text_models.py tests/models/test_qwen2_vl.py tests/models/test_qwen2_5_vl.py \
   tests/models/test_qwen3_vl.py tests/scheduler tests/layers tests/cache tests/runner \
   tests/multimodal tests/server/test_openai_api.py tests/server/test_multimodal_api.py \
-  tests/server/test_errors.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  tests/server/test_errors.py tests/attention 2>&1 | tee "$OUT/tests.log" | tail -15
+# the Triton attention kernels against the torch backend at real shapes, and their timing per layer call
+python3 scripts/triton_check.py 2>&1 | tee "$OUT/triton_check.log" | tail -3
 # PRESETS="" runs the tests only; PRESETS=qwen3-30b-a3b the MoE shape (about 90 s more, 61 GB of weights)
 for preset in ${PRESETS-qwen2.5-0.5b llama-3.1-8b}; do
   python3 -m mmserve.bench.offline --preset "$preset" --tokenizer-dir .gpu/tokenizer \

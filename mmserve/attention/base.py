@@ -60,7 +60,10 @@ class AttentionBackend(ABC):
 
 
 def create_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    if name in ("torch", "auto"):
+    """`auto`: the Triton kernels on a CUDA device, the torch reference elsewhere."""
+    if name == "auto":
+        name = "triton" if torch.device(device).type == "cuda" else "torch"
+    if name == "torch":
         from mmserve.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()

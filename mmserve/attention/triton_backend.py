@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from mmserve.attention.base import Attention, AttentionBackend
 from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
@@ -43,6 +44,8 @@ class _ExtendMetadata:
     q_starts: torch.Tensor  # [B] int32: offset of request i's new tokens in the flattened batch
     extend_lens: torch.Tensor  # [B] int32
     max_extend_len: int  # sizes the grid's query-block axis
+    # a single prompt with nothing cached: its slots, for torch's flash attention instead of the kernel (see below)
+    dense_slots: torch.Tensor | None = None
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -54,7 +57,8 @@ class TritonAttentionBackend(AttentionBackend):
     """
 
     def __init__(self, device: torch.device | str, max_kv_splits: int = 16, min_split_len: int = 256,
-                 decode_blocks: DecodeBlocks | None = None, extend_blocks: ExtendBlocks | None = None):
+                 decode_blocks: DecodeBlocks | None = None, extend_blocks: ExtendBlocks | None = None,
+                 dense_prefill: bool | None = None):
         from mmserve.attention import triton_kernels  # imported here: TRITON_INTERPRET is read at decoration time
 
         device = torch.device(device)
@@ -69,6 +73,10 @@ class TritonAttentionBackend(AttentionBackend):
         self.min_split_len = min_split_len
         self.decode_blocks = decode_blocks
         self.extend_blocks = extend_blocks
+        # One prompt with no cached prefix is plain causal attention, where torch's flash kernel beat the extend
+        # kernel on the H100 (0.3-0.8x for one prompt of 2k-8k tokens: docs/benchmarks.md). On by default on CUDA;
+        # the interpreter's tests keep the kernel on every shape.
+        self.dense_prefill = device.type == "cuda" if dense_prefill is None else dense_prefill
         # Enough decode programs to fill the GPU a few times over; on the interpreter, exercise every split.
         self.target_programs = (4 * torch.cuda.get_device_properties(device).multi_processor_count
                                 if device.type == "cuda" else None)
@@ -92,12 +100,21 @@ class TritonAttentionBackend(AttentionBackend):
         device = batch.seq_lens.device
         lens = torch.tensor([starts, batch.extend_lens_cpu], dtype=torch.int32, pin_memory=device.type == "cuda")
         lens = lens.to(device, non_blocking=True)
+        dense = None
+        if self.dense_prefill and batch.batch_size == 1 and batch.prefix_lens_cpu[0] == 0:
+            dense = batch.req_to_token[batch.req_pool_indices[0], : batch.extend_lens_cpu[0]]
         batch.attn_metadata = _ExtendMetadata(batch.req_pool_indices, batch.seq_lens, lens[0], lens[1],
-                                              max(batch.extend_lens_cpu))
+                                              max(batch.extend_lens_cpu), dense)
 
     def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         meta: _ExtendMetadata = batch.attn_metadata
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        if meta.dense_slots is not None and (layer.sliding_window is None or layer.sliding_window >= q.shape[0]):
+            k, v = k_buf[meta.dense_slots].to(q.dtype), v_buf[meta.dense_slots].to(q.dtype)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                is_causal=True, scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
+            return out.squeeze(0).transpose(0, 1)
         return self.kernels.extend_attention(
             q, k_buf, v_buf, batch.req_to_token, meta.req_pool_indices, meta.seq_lens, meta.q_starts,
             meta.extend_lens, meta.max_extend_len, layer.scaling, layer.sliding_window,

@@ -114,6 +114,15 @@ def test_extend_without_prefix_single_request():
     compare(ForwardMode.EXTEND, [(45, 45)], 4, 2, 64, 10, BF16)
 
 
+def test_dense_prefill_of_one_prompt_matches_torch():
+    """The CUDA default for one prompt with nothing cached: torch's causal SDPA on the prompt's own slots (the kernel
+    for every other extend, and for a window shorter than the prompt)."""
+    dense = TritonAttentionBackend(DEVICE, dense_prefill=True)
+    compare(ForwardMode.EXTEND, [(45, 45)], 4, 2, 64, None, F32, backend=dense)
+    compare(ForwardMode.EXTEND, [(45, 45)], 4, 2, 64, 10, F32, backend=dense)  # the window: the kernel
+    compare(ForwardMode.EXTEND, [(40, 20)], 4, 2, 64, None, F32, backend=dense)  # a prefix: the kernel
+
+
 def test_peaked_softmax_stays_finite():
     """Large logits (a near one-hot softmax) in every mode: the online max and split merge must not overflow."""
     compare(ForwardMode.DECODE, [(3, 1), (66, 1)], 4, 2, 64, None, F32, q_scale=30.0)
@@ -161,7 +170,9 @@ def test_decode_padding_row_of_length_zero_gives_zeros():
 
 def test_create_attention_backend_and_refusals(monkeypatch):
     assert isinstance(create_attention_backend("triton", torch.device(DEVICE)), TritonAttentionBackend)
-    assert isinstance(create_attention_backend("auto", torch.device(DEVICE)), TorchAttentionBackend)
+    auto = TritonAttentionBackend if torch.device(DEVICE).type == "cuda" else TorchAttentionBackend
+    assert isinstance(create_attention_backend("auto", torch.device(DEVICE)), auto)
+    assert isinstance(create_attention_backend("auto", torch.device("cpu")), TorchAttentionBackend)
     with pytest.raises(ValueError, match="available: torch, triton"):
         create_attention_backend("flash", torch.device(DEVICE))
     monkeypatch.setattr(triton_kernels, "interpreting", lambda: False)  # as on a machine without TRITON_INTERPRET
