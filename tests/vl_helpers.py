@@ -76,3 +76,37 @@ def check_chunked_prefill(model_dir, hf, prompt: str, images: list[Image.Image])
         encoder = small.runner.model.encoder_cache
         assert encoder.stores == len(images) and encoder.hits >= 4
     assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def solid_png(width: int, height: int, rgb: tuple[int, int, int] = (200, 30, 60)) -> bytes:
+    """A valid RGB PNG of one colour, built row by row: 8192x8192 is about 200 KB that decode to 192 MiB."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    row = b"\x00" + bytes(rgb) * width
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+# Qwen2-VL-Instruct / Qwen2.5-VL-Instruct: a loop over the parts that recognises images by `type == 'image'` or an
+# `image`/`image_url` key, but videos only by `type == 'video'` or a `video` key: OpenAI's `video_url` part matches
+# neither.
+QWEN2_VL_STYLE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from mmserve.bench.presets import add_preset_args, apply_preset
 from mmserve.config import ServerArgs
 
 
@@ -138,23 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-reference", action="store_true", help="Also time transformers' generate.")
     parser.add_argument("--hf-batch-size", type=int, default=16)
-    parser.add_argument("--preset", help="Benchmark a real architecture's shape with random weights: "
-                        "writes its config beside --tokenizer-dir's files and implies --load-format dummy.")
-    parser.add_argument("--tokenizer-dir", help="Tokenizer files for --preset.")
+    add_preset_args(parser)
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
     # The engine's own lines (weights loading, ready) at --log-level, whose default is not in the namespace
     logging.basicConfig(level=getattr(args, "log_level", ServerArgs.log_level).upper(), format="%(message)s")
-    if args.preset:
-        import tempfile
-        from pathlib import Path
-
-        from mmserve.bench.presets import write_preset
-
-        if not args.tokenizer_dir:
-            parser.error("--preset needs --tokenizer-dir")
-        args.model_path = str(write_preset(args.preset, Path(args.tokenizer_dir), Path(tempfile.mkdtemp())))
-        args.load_format = "dummy"
+    apply_preset(args, parser)
     server_args = ServerArgs.from_cli_args(args)
     ours = run_mmserve(args, server_args)
     rows = [("mmserve", ours)]

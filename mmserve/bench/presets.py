@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 PRESETS: dict[str, dict] = {
@@ -52,3 +54,19 @@ def write_preset(name: str, tokenizer_dir: Path, out: Path) -> Path:
         if f.is_file() and f.name != "config.json":
             shutil.copy(f, out / f.name)
     return out
+
+
+def add_preset_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="Benchmark a real architecture's shape with random weights: writes its "
+                        "config beside --tokenizer-dir's files and implies --load-format dummy.")
+    parser.add_argument("--tokenizer-dir", help="Tokenizer files for --preset.")
+
+
+def apply_preset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """With --preset, point --model-path at a fresh folder of that shape and load random weights."""
+    if not args.preset:
+        return
+    if not args.tokenizer_dir:
+        parser.error("--preset needs --tokenizer-dir")
+    args.model_path = str(write_preset(args.preset, Path(args.tokenizer_dir), Path(tempfile.mkdtemp())))
+    args.load_format = "dummy"

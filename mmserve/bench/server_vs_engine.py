@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from mmserve.bench.offline import random_prompts
+from mmserve.bench.presets import add_preset_args, apply_preset
 from mmserve.config import ServerArgs
 
 
@@ -113,18 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preset", help="A real architecture's shape with random weights (see bench.presets).")
-    parser.add_argument("--tokenizer-dir", help="Tokenizer files for --preset.")
+    add_preset_args(parser)
     parser.add_argument("--server-flags", default="", help="Extra flags for the server only, as one string.")
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
-    if args.preset:
-        from mmserve.bench.presets import write_preset
-
-        if not args.tokenizer_dir:
-            parser.error("--preset needs --tokenizer-dir")
-        args.model_path = str(write_preset(args.preset, Path(args.tokenizer_dir), Path(tempfile.mkdtemp())))
-        args.load_format = "dummy"
+    apply_preset(args, parser)
     server_args = ServerArgs.from_cli_args(args)
     from mmserve.models.loader import load_hf_config, resolve_model_path
 

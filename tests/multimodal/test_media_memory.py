@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 
 import av
 import numpy as np
 import pytest
 from PIL import Image
+from vl_helpers import solid_png
 
 from mmserve.multimodal.media import (
     MediaBusy,
@@ -32,18 +31,6 @@ from mmserve.multimodal.media import (
 TARGET = 28 * 28 * 80  # the tiny Qwen2-VL processor's max_pixels
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
-
-
-def solid_png(width: int, height: int, rgb: tuple[int, int, int] = (200, 30, 60)) -> bytes:
-    """A valid RGB PNG of one colour, built row by row: 8192x8192 is about 200 KB that decode to 192 MiB."""
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    row = b"\x00" + bytes(rgb) * width
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from engine_helpers import assert_pool_consistent
 
 from mmserve import Engine
 
@@ -23,15 +24,6 @@ def model_path(tiny_model_dir):
 def engine(model_path):
     with Engine(model_path=model_path, dtype="float32") as e:
         yield e
-
-
-def assert_pool_consistent(engine: Engine) -> None:
-    """With nothing running, every KV slot is either free or held by the prefix cache, and nothing is locked."""
-    sched = engine.scheduler
-    assert not sched.has_work()
-    assert sched.tree.protected_size() == 0
-    assert engine.runner.kv_pool.available_size() + sched.tree.total_size() == engine.runner.kv_pool.size
-    assert engine.runner.req_to_token_pool.available_size() == engine.runner.req_to_token_pool.size
 
 
 def test_shared_prefix_is_reused_and_outputs_unchanged(engine, model_path):

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
+from engine_helpers import assert_pool_consistent
 
 from mmserve import Engine
 from mmserve.config import ServerArgs
@@ -32,14 +33,6 @@ def model_path(tiny_model_dir):
 def engine(model_path):
     with Engine(model_path=model_path, dtype="float32", max_logprobs=5) as e:
         yield e
-
-
-def assert_pool_consistent(engine: Engine) -> None:
-    sched = engine.scheduler
-    assert not sched.has_work()
-    assert sched.tree.protected_size() == 0
-    assert engine.runner.kv_pool.available_size() + sched.tree.total_size() == engine.runner.kv_pool.size
-    assert engine.runner.req_to_token_pool.available_size() == engine.runner.req_to_token_pool.size
 
 
 class FailingForward:

@@ -10,6 +10,7 @@ import argparse
 
 import httpx
 import pytest
+from vl_helpers import QWEN2_VL_STYLE
 
 from mmserve import Engine
 from mmserve.bench.serving import build_requests
@@ -92,29 +93,12 @@ def test_continue_final_message_errors(text_server, messages, extra, match):
     assert match in response.json()["error"]["message"]
 
 
-# Qwen2.5-VL-Instruct's template, in the hub's style (see tests/tokenizer/test_hub_templates.py).
-QWEN2_5_VL_STYLE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def test_video_url_with_a_hub_style_qwen2_5_vl_template(start_server, tiny_qwen2_5_vl_dir, tmp_path_factory):
     from vl_helpers import video_data_url
 
     folder = tmp_path_factory.mktemp("chat_shapes")
     template = folder / "qwen2_5_vl.jinja"
-    template.write_text(QWEN2_5_VL_STYLE, encoding="utf-8")
+    template.write_text(QWEN2_VL_STYLE, encoding="utf-8")
     server = start_server(str(tiny_qwen2_5_vl_dir), "--chat-template", str(template))
     url = video_data_url(folder / "clip.mp4", frames=30, fps=10)
     messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},

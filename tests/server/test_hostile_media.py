@@ -5,29 +5,17 @@ few hundred KB is served (shrunk while decoding) instead of inflating the API pr
 from __future__ import annotations
 
 import base64
-import struct
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from vl_helpers import solid_png
 
 FETCH_TIMEOUT_S = 4.0
 GREEDY = {"temperature": 0, "max_tokens": 4}
-
-
-def solid_png(width: int, height: int, rgb: tuple[int, int, int] = (30, 120, 200)) -> bytes:
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    row = b"\x00" + bytes(rgb) * width
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def data_url(data: bytes) -> str:

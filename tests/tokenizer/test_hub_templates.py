@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from vl_helpers import QWEN2_VL_STYLE
 
 from mmserve.multimodal.processor import media_parts
 from mmserve.tokenizer.chat_template import NAMED_TEMPLATES, content_format, render_chat
@@ -79,24 +80,6 @@ QWEN2_5_TOOLS_STYLE = r"""{%- if messages[0]['role'] == 'system' %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
 """
-
-# Qwen2-VL-Instruct / Qwen2.5-VL-Instruct: a loop over the parts that recognises images by `type == 'image'` or an
-# `image`/`image_url` key, but videos only by `type == 'video'` or a `video` key: OpenAI's `video_url` part matches
-# neither.
-QWEN2_VL_STYLE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # Llama-3.2-Vision-style: images found by filtering the parts, text read from the first part of a list.
 LLAMA3_VISION_STYLE = (
