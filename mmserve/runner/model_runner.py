@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmserve.attention.base import create_attention_backend
 from mmserve.cache.kv_pool import KVPool, ReqToTokenPool
@@ -23,6 +24,7 @@ from mmserve.runner.forward_batch import ForwardBatch
 from mmserve.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
 logger = logging.getLogger(__name__)
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _CPU_KV_BUDGET_BYTES = 2 << 30
 _CPU_KV_MAX_TOKENS = 131072
@@ -96,7 +98,13 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """float32 logits of the rows in batch.logits_indices."""
         self.attn_backend.init_forward_metadata(batch)
-        return self.model(batch.input_ids, batch.positions, batch)
+        if self.device.type != "cuda":
+            return self.model(batch.input_ids, batch.positions, batch)
+        # Every SDPA call of the step (prefill, vision towers) without cuDNN's attention: it builds a plan per new
+        # shape, which put ~100 ms on the first request of each prompt length on the H100, and ran slower than
+        # flash attention even for lengths it had seen (docs/benchmarks.md, "time to first token").
+        with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+            return self.model(batch.input_ids, batch.positions, batch)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SamplerOutput:
