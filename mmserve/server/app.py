@@ -162,7 +162,6 @@ def create_app(args: ServerArgs) -> FastAPI:
             yield
         finally:
             await manager.shutdown()
-            manager.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="mmserve", lifespan=lifespan)
     app.state.manager, app.state.serving, app.state.args = manager, serving, args

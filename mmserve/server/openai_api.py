@@ -29,7 +29,6 @@ _PASS_THROUGH = ("temperature", "top_p", "seed", "presence_penalty", "frequency_
 # vLLM's names for constrained decoding, refused (400) until it lands rather than ignored
 _GUIDED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 _MAX_N = 128
-_MAX_TOP_LOGPROBS = 20
 
 
 def sse(obj: Any) -> str:
@@ -44,6 +43,8 @@ class OpenAIServing:
         self.manager = manager
         self.model_name = model_name
         self.tokenizer = manager.tokenizer
+        # the engine's bound (--max-logprobs), checked here too so the 400 names the OpenAI parameter
+        self.max_logprobs = manager.args.max_logprobs
 
     # ----- shared -----
 
@@ -76,8 +77,8 @@ class OpenAIServing:
                                param=name)
         plp = getattr(body, "prompt_logprobs", None)
         if plp is not None:
-            if not 0 <= plp <= _MAX_TOP_LOGPROBS:
-                raise APIError(400, f"prompt_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {plp}",
+            if not 0 <= plp <= self.max_logprobs:
+                raise APIError(400, f"prompt_logprobs must be in [0, {self.max_logprobs}], got {plp}",
                                param="prompt_logprobs")
             if body.stream:
                 raise APIError(400, "prompt_logprobs are not available when stream=true", param="prompt_logprobs")
@@ -260,8 +261,8 @@ class OpenAIServing:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         top = body.top_logprobs or 0
-        if not 0 <= top <= _MAX_TOP_LOGPROBS:
-            raise APIError(400, f"top_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
+        if not 0 <= top <= self.max_logprobs:
+            raise APIError(400, f"top_logprobs must be in [0, {self.max_logprobs}], got {top}", param="top_logprobs")
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         plp = body.prompt_logprobs
@@ -359,8 +360,8 @@ class OpenAIServing:
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of is not supported", param="best_of")
         top = body.logprobs
-        if top is not None and not 0 <= top <= _MAX_TOP_LOGPROBS:
-            raise APIError(400, f"logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {top}", param="logprobs")
+        if top is not None and not 0 <= top <= self.max_logprobs:
+            raise APIError(400, f"logprobs must be in [0, {self.max_logprobs}], got {top}", param="logprobs")
         plp = body.prompt_logprobs
         prompts = await self._prompts(body.prompt, body.truncate_prompt_tokens)
         rid = body.rid or f"cmpl-{uuid.uuid4().hex}"

@@ -74,10 +74,18 @@ class TokenizerManager:
         self.chat_template = resolve_chat_template(args.chat_template, self.tokenizer)
         self.mm_processor = _multimodal_processor(args)
         self.mm_pool = ThreadPoolExecutor(max(1, args.mm_processor_workers), thread_name_prefix="mmserve-media")
+        # Threads that render and tokenize long texts while the event loop serves on: `tokenizer.encode` of a fast
+        # tokenizer runs the Rust `encode_batch`, which releases the GIL.
+        self.tokenize_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
+                                                thread_name_prefix="mmserve-tokenize")
         self.info: EngineReady | None = None
         self.stats: EngineStats | None = None
         self.engine_error: str | None = None
         self._queues: dict[str, asyncio.Queue] = {}
+        # Client-visible request id -> the engine ids it expanded to (an ordered set), for requests whose engine
+        # ids differ from it (n > 1, several prompts); see submit_group.
+        self._groups: dict[str, dict[str, None]] = {}
+        self.stopped: str | None = None  # set by fail_all: why later submissions are refused
         self._dir = tempfile.mkdtemp(prefix="mmserve-")
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task] = []
@@ -136,6 +144,7 @@ class TokenizerManager:
 
     async def shutdown(self) -> None:
         self.mm_pool.shutdown(wait=False, cancel_futures=True)
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         for task in [*self._tasks, self._receiver]:
             if task is not None:
                 task.cancel()
@@ -244,14 +253,6 @@ class TokenizerManager:
 
     # ----- requests -----
 
-    def encode_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
-        validate_messages(messages)
-        text = render_chat(self.tokenizer, messages, self.chat_template, **template_kwargs)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
     def check_capacity(self, extra: int = 1) -> None:
         if not self.healthy:
             raise APIError(503, f"the engine is not available: {self.engine_error or 'starting'}")
@@ -353,12 +354,6 @@ class TokenizerManager:
 
     # ----- request groups -----
 
-    @functools.cached_property
-    def _groups(self) -> dict[str, dict[str, None]]:
-        """Client-visible request id -> the engine ids it expanded to (an ordered set), for requests whose
-        engine ids differ from it (n > 1, several prompts)."""
-        return {}
-
     def submit_group(self, rid: str, jobs: list[tuple[str, list[int], SamplingParams, int]],
                      mm_inputs: WireMultimodal | None = None) -> list[AsyncIterator[RequestState]]:
         """Submit the engine requests (sub-id, prompt ids, params, logprob_start_len) one client request with id
@@ -400,8 +395,6 @@ class TokenizerManager:
 
     # ----- stopping -----
 
-    stopped: str | None = None  # set by fail_all: why later submissions are refused
-
     def fail_all(self, message: str) -> int:
         """End every request in flight with a 503 carrying `message` (a stream gets an error event, then
         [DONE]); each one's iterator then aborts it in the engine. Requests still being prepared (tokenized, their
@@ -417,12 +410,6 @@ class TokenizerManager:
     # Texts up to this many characters are tokenized (or rendered) inline, in well under a millisecond or two;
     # longer ones in `tokenize_pool`.
     INLINE_CHARS = 4096
-
-    @functools.cached_property
-    def tokenize_pool(self) -> ThreadPoolExecutor:
-        """Threads that render and tokenize long texts while the event loop serves on: `tokenizer.encode` of a
-        fast tokenizer runs the Rust `encode_batch`, which releases the GIL."""
-        return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="mmserve-tokenize")
 
     async def _off_loop(self, size: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if size <= self.INLINE_CHARS:

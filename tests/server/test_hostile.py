@@ -82,6 +82,22 @@ def test_prompt_top_logprobs_past_the_limit_is_a_400(text_server):
     assert_idle_and_serving(text_server)
 
 
+def test_max_logprobs_bounds_every_route(start_server, tiny_model_dir):
+    server = start_server(str(tiny_model_dir("qwen2")), "--max-logprobs", "5")
+    chat = {"messages": MSGS, "max_tokens": 1, "logprobs": True}
+    assert_error(httpx.post(server.url + "/v1/chat/completions", json={**chat, "top_logprobs": 6}, timeout=60),
+                 400, "[0, 5]")
+    ok = httpx.post(server.url + "/v1/chat/completions", json={**chat, "top_logprobs": 5}, timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 5
+    completion = {"prompt": "hi", "max_tokens": 1}
+    assert_error(httpx.post(server.url + "/v1/completions", json={**completion, "logprobs": 6}, timeout=60),
+                 400, "[0, 5]")
+    assert_error(httpx.post(server.url + "/v1/completions", json={**completion, "prompt_logprobs": 6}, timeout=60),
+                 400, "[0, 5]")
+    body = {"text": "hi", "return_logprob": True, "top_logprobs_num": 6, "sampling_params": {"max_new_tokens": 1}}
+    assert_error(httpx.post(server.url + "/generate", json=body, timeout=60), 400, "--max-logprobs")
+
+
 @pytest.mark.parametrize("field", ["seed", "stop_token_ids", "top_k", "max_new_tokens", "top_logprobs_num"])
 def test_integers_past_64_bits_are_400s_and_leak_nothing(text_server, field):
     value = f"[{HUGE}]" if field == "stop_token_ids" else str(HUGE)
