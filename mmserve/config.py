@@ -69,6 +69,9 @@ class ServerArgs:
     disable_radix_cache: bool = _flag(False, "Do not reuse KV of shared prefixes across requests.")
     attention_backend: str = _flag("auto", "Attention implementation: torch (reference, any device), triton "
                                    "(paged GPU kernels) or auto (triton on CUDA, torch elsewhere).")
+    cuda_graph_max_bs: int | None = _flag(None, "Largest decode batch replayed from a CUDA graph (default: 256, "
+                                          "or --max-running-requests when smaller); larger batches run eagerly.")
+    disable_cuda_graph: bool = _flag(False, "Run decode steps eagerly instead of from captured CUDA graphs.")
     random_seed: int = _flag(0, "Seed of the sampler for requests that give no seed.")
     tp_size: int = _flag(1, "Tensor-parallel degree (GPUs per model; only 1 so far).")
     # Server
@@ -96,6 +99,8 @@ class ServerArgs:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
         if self.context_length is not None and self.context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {self.context_length}")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if not 0 <= self.port <= 65535:

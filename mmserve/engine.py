@@ -209,6 +209,7 @@ class Engine:
         state.absorb(out)
 
     def _wait(self, state: RequestState, outputs: queue.Queue) -> dict[str, Any]:
+        state.defer_text = True  # the text is read once, at the end
         while not state.finished:
             self._next(state, outputs)
         return state.result()

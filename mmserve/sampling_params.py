@@ -108,6 +108,14 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
     @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits (bias, penalties) and no log-probs: the argmax of the raw
+        logits, which the scheduler takes without building the sampler's per-row tensors. `min_new_tokens` is
+        checked per step by the caller (it holds back EOS only for a while)."""
+        return (self.is_greedy and not self.logit_bias and not self.needs_penalty_state and not self.logprobs
+                and not self.top_logprobs_num)
+
+    @property
     def needs_penalty_state(self) -> bool:
         """Whether the sampler needs this request's `PenaltyState` (seen tokens / output counts)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -33,6 +33,10 @@ class Attention(nn.Module):
 
 
 class AttentionBackend(ABC):
+    # Whether a decode step can be captured in a CUDA graph (see runner/cuda_graph.py for what that asks): the
+    # metadata built by `init_forward_metadata` over the graph runner's static buffers stays valid for every replay.
+    supports_cuda_graph = False
+
     @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         """Prepare per-step state shared by every layer; called once before the model forward."""

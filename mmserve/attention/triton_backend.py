@@ -56,7 +56,9 @@ class TritonAttentionBackend(AttentionBackend):
     so that short sequences still cross several blocks.
     """
 
-    def __init__(self, device: torch.device | str, max_kv_splits: int = 16, min_split_len: int = 256,
+    supports_cuda_graph = True
+
+    def __init__(self, device: torch.device | str, max_kv_splits: int = 16, min_split_len: int = 64,
                  decode_blocks: DecodeBlocks | None = None, extend_blocks: ExtendBlocks | None = None,
                  dense_prefill: bool | None = None):
         from mmserve.attention import triton_kernels  # imported here: TRITON_INTERPRET is read at decoration time

@@ -94,7 +94,9 @@ class FusedExperts(nn.Module):
         # stable: within an expert, rows keep token order, and the scatter-add below sums experts in index order
         order = flat.argsort(stable=True)
         token_of = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        # not bincount, which reads the largest id back to the host (a sync, and no CUDA-graph capture)
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat))
         mlp = self.grouped if grouped_mm_works(x.device, x.dtype) else self.looped
         out = mlp(x[token_of], counts) * topk_weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token_of, out)
@@ -106,7 +108,8 @@ class FusedExperts(nn.Module):
         return _GROUPED_MM(self.act(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
 
     def looped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The same as `grouped`, one expert at a time (one host sync for the counts)."""
+        """The same as `grouped`, one expert at a time (one host sync for the counts, so never in a CUDA graph:
+        see `capturable`)."""
         out = torch.empty_like(rows)
         start = 0
         for expert, count in enumerate(counts.tolist()):
@@ -138,6 +141,16 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     want = torch.cat([F.linear(x[:8], w[0]), F.linear(x[8:], w[2])])
     return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
+
+
+def capturable(model: nn.Module) -> bool:
+    """Whether every expert bank of the model runs without a host sync on its device and dtype (the grouped
+    matmul), which a CUDA graph needs."""
+    for module in model.modules():
+        if isinstance(module, FusedExperts):
+            p = module.gate_up_proj
+            return grouped_mm_works(p.device, p.dtype)
+    return True
 
 
 class SparseMoeBlock(nn.Module):

@@ -18,8 +18,10 @@ from mmserve.attention.base import create_attention_backend
 from mmserve.cache.kv_pool import KVPool, ReqToTokenPool
 from mmserve.config import ModelConfig, ServerArgs
 from mmserve.distributed.parallel_state import get_tp_size
+from mmserve.layers import moe
 from mmserve.models.loader import iterate_weights
 from mmserve.models.registry import ModelRegistry
+from mmserve.runner.cuda_graph import CudaGraphRunner
 from mmserve.runner.forward_batch import ForwardBatch
 from mmserve.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
@@ -55,6 +57,27 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(args.attention_backend, device)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device).manual_seed(args.random_seed)
+        self.graph_runner: CudaGraphRunner | None = None
+        if self._use_cuda_graphs():
+            self.graph_runner = CudaGraphRunner(self, min(args.cuda_graph_max_bs or 256, self.max_running_requests))
+            self.graph_runner.capture()
+            logger.info("CUDA graphs: %d decode batch sizes up to %d captured in %.1f s, %.0f MiB of graph memory; "
+                        "KV cache of %d tokens", len(self.graph_runner.batch_sizes), self.graph_runner.max_bs,
+                        self.graph_runner.capture_seconds, self.graph_runner.graph_bytes / 2**20,
+                        self.max_total_tokens)
+
+    def _use_cuda_graphs(self) -> bool:
+        if self.device.type != "cuda" or self.args.disable_cuda_graph:
+            return False
+        if not self.attn_backend.supports_cuda_graph:
+            logger.info("CUDA graphs off: the %s attention backend cannot be captured",
+                        type(self.attn_backend).__name__)
+            return False
+        if not moe.capturable(self.model):
+            logger.info("CUDA graphs off: torch's grouped matmul does not run %s experts on this GPU, and the "
+                        "per-expert loop reads counts back to the host", self.dtype)
+            return False
+        return True
 
     def _load_model(self, checkpoint: Path) -> torch.nn.Module:
         cls = ModelRegistry.resolve(self.config.architectures)
@@ -96,8 +119,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits of the rows in batch.logits_indices."""
+        """float32 logits of the rows in batch.logits_indices (all rows when None). A decode batch that a captured
+        graph covers replays it; the logits are then valid until the next forward."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.replay(batch)
         self.attn_backend.init_forward_metadata(batch)
+        return self.run_model(batch)
+
+    def run_model(self, batch: ForwardBatch) -> torch.Tensor:
+        """The model's forward on a batch whose attention metadata is ready (also what a CUDA graph captures)."""
         if self.device.type != "cuda":
             return self.model(batch.input_ids, batch.positions, batch)
         # Every SDPA call of the step (prefill, vision towers) without cuDNN's attention: it builds a plan per new

@@ -69,6 +69,19 @@ class Req:
     def fill_ids(self) -> list[int]:
         return self.origin_input_ids + self.output_ids
 
+    def fill_slice(self, start: int, end: int) -> list[int]:
+        """fill_ids[start:end] without building fill_ids (a step reads a few tokens of a long sequence)."""
+        prompt = len(self.origin_input_ids)
+        if end <= prompt:
+            return self.origin_input_ids[start:end]
+        if start >= prompt:
+            return self.output_ids[start - prompt : end - prompt]
+        return self.origin_input_ids[start:] + self.output_ids[: end - prompt]
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.origin_input_ids[-1]
+
     @property
     def seq_len(self) -> int:
         return len(self.origin_input_ids) + len(self.output_ids)

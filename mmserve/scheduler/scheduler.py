@@ -67,6 +67,10 @@ class Scheduler:
         self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
         self.stats = SchedulerStats()
         self._step_committed = True  # False while a step's placed slots hold no computed KV yet
+        self._mrope = getattr(runner.model, "uses_mrope", False)
+        self._pin = self.device.type == "cuda"  # host staging in pinned memory, so copies to the GPU never wait
+        # the decode step's device inputs ([token, kv_len, row(, M-RoPE position)] x B) and its new slots
+        self._decode_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----- requests in and out -----
 
@@ -348,58 +352,25 @@ class Scheduler:
         slots = self._alloc_slots(len(self.running))
         if slots is None:
             raise RuntimeError("KV cache exhausted with a single running request")
-        for i, req in enumerate(self.running):
-            self._place(req, slots[i : i + 1], 1)
-        return [(req, 1) for req in self.running]
+        # One host-to-device copy of the step's per-request integers and one write of the new slots into the
+        # request-to-token table: no per-request tensor work, whatever the batch size.
+        reqs = self.running
+        rows = [[r.last_token for r in reqs], [r.kv_len for r in reqs], [r.req_pool_idx for r in reqs]]
+        if self._mrope:  # a generated token's M-RoPE position: its index plus the request's media offset
+            rows.append([r.kv_len + (r.mm.mrope_delta if r.mm is not None else 0) for r in reqs])
+        host = torch.tensor(rows, dtype=torch.int64, pin_memory=self._pin)
+        dev = host.to(self.device, non_blocking=True)
+        self.req_pool.req_to_token[dev[2], dev[1]] = slots
+        self._decode_inputs = (dev, slots)
+        return [(req, 1) for req in reqs]
 
     # ----- running a batch -----
 
     def _run(self, batch: list[tuple[Req, int]], mode: ForwardMode) -> None:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        # The model returns logits for prompt-scoring rows first (request by request), then one sampling row
-        # per request that completes its KV this step.
-        prompt_rows: list[int] = []
-        prompt_scored: list[tuple[Req, range]] = []
-        sample_rows: list[int] = []
-        sampled: list[Req] = []
-        offset = 0
-        mrope = getattr(self.runner.model, "uses_mrope", False)
-        for req, n in batch:
-            input_ids.extend(req.fill_ids[req.kv_len : req.kv_len + n])
-            if mrope:
-                positions.append(req.mm.positions(req.kv_len, req.kv_len + n) if req.mm is not None else
-                                 torch.arange(req.kv_len, req.kv_len + n).expand(3, -1))
-            else:
-                positions.extend(range(req.kv_len, req.kv_len + n))
-            if mode == ForwardMode.EXTEND and req.wants_input_logprobs:
-                scored = req.input_logprob_rows(req.kv_len, n)
-                prompt_rows.extend(offset + p - req.kv_len for p in scored)
-                prompt_scored.append((req, scored))
-            offset += n
-            if req.kv_len + n == req.seq_len:  # this step completes the request's KV: sample its next token
-                sample_rows.append(offset - 1)
-                sampled.append(req)
-        seq_lens = [req.kv_len + n for req, n in batch]
-        device = self.device
-        forward = ForwardBatch(
-            mode=mode,
-            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
-            positions=(torch.cat(positions, dim=1) if mrope else torch.tensor(positions, dtype=torch.int64)).to(
-                device, non_blocking=True),
-            out_cache_loc=torch.cat([
-                self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] for req, n in batch
-            ]),
-            req_pool_indices=torch.tensor([r.req_pool_idx for r, _ in batch], dtype=torch.int64).to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64).to(device, non_blocking=True),
-            seq_lens_cpu=seq_lens,
-            extend_lens_cpu=[n for _, n in batch],
-            req_to_token=self.req_pool.req_to_token,
-            kv_pool=self.kv_pool,
-            attn_backend=self.runner.attn_backend,
-            logits_indices=torch.tensor(prompt_rows + sample_rows, dtype=torch.int64).to(device, non_blocking=True),
-            mm_inputs=[req.mm for req, _ in batch] if mode == ForwardMode.EXTEND else None,
-        )
+        if mode == ForwardMode.DECODE:
+            forward, prompt_rows, prompt_scored, sampled = self._decode_batch(batch), [], [], [r for r, _ in batch]
+        else:
+            forward, prompt_rows, prompt_scored, sampled = self._extend_batch(batch)
         logits = self.runner.forward(forward)
         self.stats.steps += 1
         if mode == ForwardMode.DECODE:
@@ -414,6 +385,75 @@ class Scheduler:
         if sampled:
             self._sample_and_append(sampled, logits[len(prompt_rows) :])
         self._after_step(batch, mode, set(sampled))
+
+    def _extend_batch(self, batch: list[tuple[Req, int]]) -> tuple[ForwardBatch, list[int], list, list[Req]]:
+        """The prefill step's inputs: (batch, rows scored for prompt log-probs, their requests, requests sampled)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        # The model returns logits for prompt-scoring rows first (request by request), then one sampling row
+        # per request that completes its KV this step.
+        prompt_rows: list[int] = []
+        prompt_scored: list[tuple[Req, range]] = []
+        sample_rows: list[int] = []
+        sampled: list[Req] = []
+        offset = 0
+        mrope = self._mrope
+        for req, n in batch:
+            input_ids.extend(req.fill_slice(req.kv_len, req.kv_len + n))
+            if mrope:
+                positions.append(req.mm.positions(req.kv_len, req.kv_len + n) if req.mm is not None else
+                                 torch.arange(req.kv_len, req.kv_len + n).expand(3, -1))
+            else:
+                positions.extend(range(req.kv_len, req.kv_len + n))
+            if req.wants_input_logprobs:
+                scored = req.input_logprob_rows(req.kv_len, n)
+                prompt_rows.extend(offset + p - req.kv_len for p in scored)
+                prompt_scored.append((req, scored))
+            offset += n
+            if req.kv_len + n == req.seq_len:  # this step completes the request's KV: sample its next token
+                sample_rows.append(offset - 1)
+                sampled.append(req)
+        seq_lens = [req.kv_len + n for req, n in batch]
+        device = self.device
+        forward = ForwardBatch(
+            mode=ForwardMode.EXTEND,
+            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
+            positions=(torch.cat(positions, dim=1) if mrope else torch.tensor(positions, dtype=torch.int64)).to(
+                device, non_blocking=True),
+            out_cache_loc=torch.cat([
+                self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] for req, n in batch
+            ]),
+            req_pool_indices=torch.tensor([r.req_pool_idx for r, _ in batch], dtype=torch.int64).to(device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64).to(device, non_blocking=True),
+            seq_lens_cpu=seq_lens,
+            extend_lens_cpu=[n for _, n in batch],
+            req_to_token=self.req_pool.req_to_token,
+            kv_pool=self.kv_pool,
+            attn_backend=self.runner.attn_backend,
+            logits_indices=torch.tensor(prompt_rows + sample_rows, dtype=torch.int64).to(device, non_blocking=True),
+            mm_inputs=[req.mm for req, _ in batch],
+        )
+        return forward, prompt_rows, prompt_scored, sampled
+
+    def _decode_batch(self, batch: list[tuple[Req, int]]) -> ForwardBatch:
+        """The decode step's inputs, from what `_schedule_decode` already put on the device."""
+        dev, slots = self._decode_inputs
+        self._decode_inputs = None
+        seq_lens_cpu = [req.kv_len + 1 for req, _ in batch]
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=dev[0],
+            positions=dev[3].expand(3, -1) if self._mrope else dev[1],
+            out_cache_loc=slots,
+            req_pool_indices=dev[2],
+            seq_lens=dev[1] + 1,
+            seq_lens_cpu=seq_lens_cpu,
+            extend_lens_cpu=[1] * len(batch),
+            req_to_token=self.req_pool.req_to_token,
+            kv_pool=self.kv_pool,
+            attn_backend=self.runner.attn_backend,
+            logits_indices=None,  # every row samples
+        )
 
     def _record_input_logprobs(self, scored: list[tuple[Req, range]], logits: torch.Tensor) -> None:
         """Log-probs of prompt tokens; the logits at position p score the prompt token at p + 1."""
@@ -438,16 +478,21 @@ class Scheduler:
                 req.input_top.append(list(zip(ids, vals, strict=True)))
 
     def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        vocab = self.model_config.vocab_size
-        sampling = SamplingBatch.build(
-            [r.params for r in reqs], [r.penalty for r in reqs], [len(r.output_ids) for r in reqs],
-            vocab, self.device, self.runner.generator, stop_ids=[r.stop_ids(vocab) for r in reqs],
-        )
-        out = self.runner.sample(logits, sampling)
-        next_ids = out.next_token_ids.tolist()
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
-        top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        logprobs = top_ids = top_vals = None
+        if all(r.params.is_plain_greedy and not r.held_back for r in reqs):
+            # a benchmark's or an eval's case: one argmax and one copy to the host, no per-row sampler tensors
+            next_ids = logits.argmax(dim=-1).tolist()
+        else:
+            sampling = SamplingBatch.build(
+                [r.params for r in reqs], [r.penalty for r in reqs], [len(r.output_ids) for r in reqs],
+                self.model_config.vocab_size, self.device, self.runner.generator,
+                stop_ids=[r.stop_ids(self.model_config.vocab_size) for r in reqs],
+            )
+            out = self.runner.sample(logits, sampling)
+            next_ids = out.next_token_ids.tolist()
+            logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+            top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
+            top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         for i, req in enumerate(reqs):
             if req.finished:  # aborted while this step ran
                 continue

@@ -32,6 +32,10 @@ class RequestState:
     # Text before this offset came while min_new_tokens held the request back: a stop string ending there did not
     # end it (scheduler/req.py), so it does not cut the text either.
     stop_search_from: int = 0
+    # Fold in ids only and detokenize once when the request finishes: for a caller that reads the text only at
+    # the end (the in-process Engine's non-streaming generate), which keeps per-token work off its thread.
+    defer_text: bool = False
+    detokenized: int = 0  # output ids already given to the detokenizer
 
     @classmethod
     def create(cls, rid: str, params: SamplingParams, prompt_ids: list[int], tokenizer: Any) -> RequestState:
@@ -45,8 +49,6 @@ class RequestState:
 
     def absorb(self, out: TokenOutput) -> None:
         self.last = out
-        # Stop strings count from the min_new_tokens-th token on: find the text before it.
-        held = self.params.min_new_tokens - 1 - len(self.output_ids)
         self.output_ids.extend(out.new_token_ids)
         if out.token_logprobs:
             self.token_logprobs.extend(out.token_logprobs)
@@ -57,12 +59,18 @@ class RequestState:
             self.input_top_logprobs = out.input_top_logprobs
         if out.logits:
             self.logits.extend(out.logits)
+        if self.defer_text and out.finished_reason is None:
+            return
+        new = self.output_ids[self.detokenized :]
+        # Stop strings count from the min_new_tokens-th token on: find the text before it.
+        held = self.params.min_new_tokens - 1 - self.detokenized
         if held > 0:
-            self.detokenizer.append(out.new_token_ids[:held])
+            self.detokenizer.append(new[:held])
             self.stop_search_from = len(self.detokenizer.text)
-            self.detokenizer.append(out.new_token_ids[held:])
+            self.detokenizer.append(new[held:])
         else:
-            self.detokenizer.append(out.new_token_ids)
+            self.detokenizer.append(new)
+        self.detokenized = len(self.output_ids)
         if out.finished_reason is not None:
             self.detokenizer.finish()
 

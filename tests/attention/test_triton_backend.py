@@ -136,7 +136,7 @@ def test_window_of_one_sees_only_itself():
 
 
 def test_default_blocks_and_splits():
-    """The production configuration (blocks of 64, splits of >= 256 keys) on shapes it reaches in one block."""
+    """The production configuration (blocks of 64, splits of >= 64 keys): 90 keys take two of each."""
     backend = TritonAttentionBackend(DEVICE)
     compare(ForwardMode.DECODE, [(3, 1), (90, 1)], 8, 2, 128, None, BF16, backend=backend)
     compare(ForwardMode.EXTEND, [(90, 40), (7, 7)], 8, 2, 128, 32, BF16, backend=backend)

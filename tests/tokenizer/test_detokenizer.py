@@ -218,3 +218,32 @@ def test_stop_holdback() -> None:
     assert stop_holdback("", ["abc"]) == 0
     assert stop_holdback("aaa", ["aaaa"]) == 3
     assert stop_holdback("anything", []) == 0
+
+
+@pytest.mark.parametrize("min_new_tokens", [0, 4])
+def test_request_state_deferring_text_gives_the_same_result(tokenizer, min_new_tokens: int) -> None:
+    """The in-process Engine's non-streaming wait detokenizes once at the end: same text, same stop-string cut
+    (a stop string ending inside the min_new_tokens stretch does not count) as folding token by token."""
+    from mmserve.messages import TokenOutput
+    from mmserve.sampling_params import SamplingParams
+    from mmserve.tokenizer.request_state import RequestState
+
+    ids = tokenizer.encode(TEXTS["accented"] + " " + TEXTS["english"], add_special_tokens=False)
+    params = SamplingParams.from_dict({"max_new_tokens": len(ids), "min_new_tokens": min_new_tokens,
+                                       "stop": ["Ca", "fox"]})
+    states = []
+    for defer in (False, True):
+        state = RequestState.create("r", params, [1, 2], tokenizer)
+        state.defer_text = defer
+        for i, t in enumerate(ids):
+            last = i == len(ids) - 1
+            state.absorb(TokenOutput(rid="r", new_token_ids=[t], finished_reason={"type": "length"} if last else None,
+                                     prompt_tokens=2, completion_tokens=i + 1, cached_tokens=0))
+            if defer and not last:
+                assert state.detokenizer.text == ""  # nothing decoded before the end
+        states.append(state)
+    eager, deferred = states
+    assert deferred.visible_text() == eager.visible_text()
+    assert deferred.stop_search_from == eager.stop_search_from
+    # "Ca" opens the text: it cuts there unless min_new_tokens held it back; then "fox" cuts later
+    assert eager.visible_text() == ("" if min_new_tokens == 0 else eager.detokenizer.text.split("fox")[0])
