@@ -72,6 +72,8 @@ class ServerArgs:
     cuda_graph_max_bs: int | None = _flag(None, "Largest decode batch replayed from a CUDA graph (default: 256, "
                                           "or --max-running-requests when smaller); larger batches run eagerly.")
     disable_cuda_graph: bool = _flag(False, "Run decode steps eagerly instead of from captured CUDA graphs.")
+    disable_overlap_schedule: bool = _flag(False, "Read each decode step's sampled ids before launching the next "
+                                           "(by default the GPU runs a step while the CPU finishes the last).")
     random_seed: int = _flag(0, "Seed of the sampler for requests that give no seed.")
     tp_size: int = _flag(1, "Tensor-parallel degree (GPUs per model; only 1 so far).")
     # Server

@@ -104,6 +104,15 @@ class Req:
         """Still short of min_new_tokens: only the length limit may end the request."""
         return len(self.output_ids) < self.params.min_new_tokens
 
+    @property
+    def can_sample_ahead(self) -> bool:
+        """Whether the next token can be sampled before this step's token is known on the host (overlap
+        scheduling): nothing per step is read back (log-probs, logits), and the sampler's input does not depend on
+        the tokens so far (penalties count them, a seed picks noise by step, min_new_tokens masks EOS by count)."""
+        p = self.params
+        return not (self.return_logits or p.logprobs or p.top_logprobs_num or p.needs_penalty_state
+                    or p.seed is not None or self.held_back)
+
     def stop_ids(self, vocab_size: int) -> list[int]:
         """Token ids the sampler must not pick yet: those that would end a request still held back (EOS unless
         ignore_eos, and stop_token_ids), as vLLM's and SGLang's min_tokens; [] once min_new_tokens are out."""

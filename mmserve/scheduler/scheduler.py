@@ -42,10 +42,21 @@ class SchedulerStats:
     steps: int = 0
     prefill_steps: int = 0
     decode_steps: int = 0
+    overlapped_steps: int = 0  # decode steps launched before the previous step's ids were read
     retractions: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
+
+
+@dataclass
+class _InflightDecode:
+    """A decode step launched and not yet read back (overlap scheduling)."""
+
+    reqs: list[Req]
+    next_ids: torch.Tensor  # [B] sampled ids on the device: a chained step's input ids
+    host_ids: torch.Tensor  # [B] their copy in pinned host memory, complete once `ready` has passed
+    ready: torch.cuda.Event | None  # None on the CPU, where nothing runs asynchronously
 
 
 class Scheduler:
@@ -71,6 +82,10 @@ class Scheduler:
         self._pin = self.device.type == "cuda"  # host staging in pinned memory, so copies to the GPU never wait
         # the decode step's device inputs ([token, kv_len, row(, M-RoPE position)] x B) and its new slots
         self._decode_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        # overlap scheduling (see step()); on the CPU nothing runs asynchronously, so it would only cost a step's
+        # work per finished request (tests turn it on to check the bookkeeping)
+        self.overlap = self.device.type == "cuda" and not args.disable_overlap_schedule
+        self._inflight: _InflightDecode | None = None
 
     # ----- requests in and out -----
 
@@ -157,7 +172,7 @@ class Scheduler:
             req.abort("aborted by the client")
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self._inflight)
 
     @property
     def num_running(self) -> int:
@@ -166,7 +181,18 @@ class Scheduler:
     # ----- one step -----
 
     def step(self) -> list[TokenOutput]:
-        """Run one batch and return what each affected request produced."""
+        """Run one batch and return what each affected request produced.
+
+        With overlap scheduling a decode step is launched and left running: the next call launches the step after
+        it from the sampled ids still on the device, and only then reads the first step's ids and does its
+        bookkeeping (stop checks, finishing, outputs) while the GPU works on the second. A step that needs the ids
+        on the host first (a prefill, a retraction, sampling that depends on them) waits for them instead."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            if self._can_chain(prev):
+                self._chain(prev)
+                return self._collect_outputs()
+            self._process_decode(prev)
         self._drop_finished_before_running()
         batch = self._schedule_prefill()
         mode = ForwardMode.EXTEND
@@ -175,10 +201,78 @@ class Scheduler:
         if batch:
             self._step_committed = False
             try:
-                self._run(batch, mode)
+                if mode == ForwardMode.DECODE and self.overlap and all(r.can_sample_ahead for r, _ in batch):
+                    self._inflight = self._launch_decode(batch)
+                else:
+                    self._run(batch, mode)
             except Exception as exc:  # noqa: BLE001 - one batch's failure must not end the engine
                 self._fail_batch(batch, exc)
         return self._collect_outputs()
+
+    # ----- overlap scheduling -----
+
+    def _can_chain(self, prev: _InflightDecode) -> bool:
+        """Whether the step after `prev` can be launched before `prev`'s ids are read: only more decoding of the
+        same requests (nothing to admit), with free slots at hand (no eviction, no retraction)."""
+        keep = [r for r in prev.reqs if not r.finished]
+        return (self.overlap and bool(keep) and not self.waiting and self.chunked is None
+                and all(r.can_sample_ahead for r in keep) and self.kv_pool.available_size() >= len(keep))
+
+    def _chain(self, prev: _InflightDecode) -> None:
+        keep = [i for i, r in enumerate(prev.reqs) if not r.finished]  # aborted ones drop out now
+        reqs = [prev.reqs[i] for i in keep]
+        input_ids = prev.next_ids
+        if len(keep) < len(prev.reqs):
+            input_ids = input_ids[torch.tensor(keep, dtype=torch.int64, device=self.device)]
+        self.new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
+        batch = self._place_decode(reqs)
+        self._step_committed = False
+        self.stats.overlapped_steps += 1
+        try:
+            self._inflight = self._launch_decode(batch, input_ids)
+        except Exception as exc:  # noqa: BLE001 - as in step()
+            self._fail_batch(batch, exc)
+        self._process_decode(prev)
+
+    def _launch_decode(self, batch: list[tuple[Req, int]], input_ids: torch.Tensor | None = None) -> _InflightDecode:
+        """Run a decode step and sample on the device without waiting: the ids come back to pinned host memory
+        behind an event. `input_ids` on the device replace the requests' last tokens (a chained step)."""
+        forward = self._decode_batch(batch)
+        if input_ids is not None:
+            forward.input_ids = input_ids
+        logits = self.runner.forward(forward)
+        self.stats.steps += 1
+        self.stats.decode_steps += 1
+        reqs = [req for req, _ in batch]
+        for req in reqs:
+            req.kv_len += 1
+        self._step_committed = True
+        if all(r.params.is_plain_greedy for r in reqs):
+            next_ids = logits.argmax(dim=-1)
+        else:  # sampling that does not depend on this step's ids (Req.can_sample_ahead)
+            next_ids = self.runner.sample(logits, self._sampling_batch(reqs)).next_token_ids
+        if self.device.type != "cuda":
+            return _InflightDecode(reqs, next_ids, next_ids, None)
+        host = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+        host.copy_(next_ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _InflightDecode(reqs, next_ids, host, ready)
+
+    def _process_decode(self, prev: _InflightDecode) -> None:
+        """Read a launched step's ids and append them; requests that finish leave (their KV, including what a
+        chained step is computing now, goes to the prefix cache: later steps read it after it is written)."""
+        if prev.ready is not None:
+            prev.ready.synchronize()
+        for req, token in zip(prev.reqs, prev.host_ids.tolist(), strict=True):
+            if req.finished:  # aborted since the launch, or finished by the step before: its token is dropped
+                continue
+            req.append_token(token)
+            self.stats.generated_tokens += 1
+        for req in prev.reqs:
+            if req.finished and req.status != ReqStatus.FINISHED:
+                self.running.remove(req)
+                self._release(req)
 
     def _fail_batch(self, batch: list[tuple[Req, int]], exc: Exception) -> None:
         """A step raised: end the requests it ran with a 500 and free everything they held, so the engine goes on.
@@ -349,12 +443,14 @@ class Scheduler:
         while self._available_tokens() < len(self.running) and len(self.running) > 1:
             self._retract(self.running.pop())
             self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
-        slots = self._alloc_slots(len(self.running))
+        return self._place_decode(self.running)
+
+    def _place_decode(self, reqs: list[Req]) -> list[tuple[Req, int]]:
+        slots = self._alloc_slots(len(reqs))
         if slots is None:
             raise RuntimeError("KV cache exhausted with a single running request")
         # One host-to-device copy of the step's per-request integers and one write of the new slots into the
         # request-to-token table: no per-request tensor work, whatever the batch size.
-        reqs = self.running
         rows = [[r.last_token for r in reqs], [r.kv_len for r in reqs], [r.req_pool_idx for r in reqs]]
         if self._mrope:  # a generated token's M-RoPE position: its index plus the request's media offset
             rows.append([r.kv_len + (r.mm.mrope_delta if r.mm is not None else 0) for r in reqs])
@@ -477,18 +573,19 @@ class Scheduler:
             for ids, vals in zip(top.indices.tolist(), top.values.tolist(), strict=True):
                 req.input_top.append(list(zip(ids, vals, strict=True)))
 
+    def _sampling_batch(self, reqs: list[Req]) -> SamplingBatch:
+        vocab = self.model_config.vocab_size
+        return SamplingBatch.build([r.params for r in reqs], [r.penalty for r in reqs],
+                                   [len(r.output_ids) for r in reqs], vocab, self.device, self.runner.generator,
+                                   stop_ids=[r.stop_ids(vocab) for r in reqs])
+
     def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor) -> None:
         logprobs = top_ids = top_vals = None
         if all(r.params.is_plain_greedy and not r.held_back for r in reqs):
             # a benchmark's or an eval's case: one argmax and one copy to the host, no per-row sampler tensors
             next_ids = logits.argmax(dim=-1).tolist()
         else:
-            sampling = SamplingBatch.build(
-                [r.params for r in reqs], [r.penalty for r in reqs], [len(r.output_ids) for r in reqs],
-                self.model_config.vocab_size, self.device, self.runner.generator,
-                stop_ids=[r.stop_ids(self.model_config.vocab_size) for r in reqs],
-            )
-            out = self.runner.sample(logits, sampling)
+            out = self.runner.sample(logits, self._sampling_batch(reqs))
             next_ids = out.next_token_ids.tolist()
             logprobs = out.logprobs.tolist() if out.logprobs is not None else None
             top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
