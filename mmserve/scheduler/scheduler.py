@@ -213,9 +213,11 @@ class Scheduler:
 
     def _can_chain(self, prev: _InflightDecode) -> bool:
         """Whether the step after `prev` can be launched before `prev`'s ids are read: only more decoding of the
-        same requests (nothing to admit), with free slots at hand (no eviction, no retraction)."""
+        same requests (nothing waiting, or no free row for it), with free slots at hand (no eviction, no
+        retraction)."""
         keep = [r for r in prev.reqs if not r.finished]
-        return (self.overlap and bool(keep) and not self.waiting and self.chunked is None
+        nothing_to_admit = not self.waiting or len(self.running) >= self.max_running
+        return (self.overlap and bool(keep) and nothing_to_admit and self.chunked is None
                 and all(r.can_sample_ahead for r in keep) and self.kv_pool.available_size() >= len(keep))
 
     def _chain(self, prev: _InflightDecode) -> None:
