@@ -191,3 +191,20 @@ def test_shutdown_frees_the_model(model_path):
     finally:
         if gc_was_enabled:
             gc.enable()
+
+
+
+def test_warm_up_leaves_nothing_behind(model_path):
+    """The start-up warm-up (run on GPUs) puts prompts through every kind of step, then empties the prefix cache
+    and the counters."""
+    from mmserve.config import ServerArgs
+    from mmserve.engine_core import EngineCore
+
+    core = EngineCore(ServerArgs(model_path=model_path, dtype="float32"))
+    ran = core.warm_up()
+    assert ran.prefill_steps >= 8 and ran.decode_steps >= 3 and ran.cached_tokens > 0
+    sched, runner = core.scheduler, core.runner
+    assert not sched.has_work() and sched.tree.total_size() == 0
+    assert sched.stats.generated_tokens == sched.stats.prompt_tokens == sched.stats.steps == 0
+    assert runner.kv_pool.available_size() == runner.kv_pool.size
+    assert runner.req_to_token_pool.available_size() == runner.req_to_token_pool.size
