@@ -54,7 +54,9 @@ class EngineCore:
         counters start from zero. Returns the counters of the warm-up itself."""
         start = time.perf_counter()
         sched, vocab = self.scheduler, self.model_config.vocab_size
-        longest = max(1, min(512, self.model_config.context_len - 8, sched.chunk_size or 512))
+        # every prompt (with its cached-prefix variant's 3 more tokens and its output) fits the context and the cache
+        longest = max(1, min(512, self.model_config.context_len - 8, sched.chunk_size or 512,
+                             self.runner.kv_pool.size - 8))
         lengths = sorted({min(n, longest) for n in (1, 7, 16, 100, 129, longest)})
         params = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
 

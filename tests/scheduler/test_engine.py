@@ -194,15 +194,17 @@ def test_shutdown_frees_the_model(model_path):
 
 
 
-def test_warm_up_leaves_nothing_behind(model_path):
+@pytest.mark.parametrize("kv_tokens", [None, 24])
+def test_warm_up_leaves_nothing_behind(model_path, kv_tokens):
     """The start-up warm-up (run on GPUs) puts prompts through every kind of step, then empties the prefix cache
-    and the counters."""
+    and the counters; its prompts fit a small cache too."""
     from mmserve.config import ServerArgs
     from mmserve.engine_core import EngineCore
 
-    core = EngineCore(ServerArgs(model_path=model_path, dtype="float32"))
+    core = EngineCore(ServerArgs(model_path=model_path, dtype="float32", max_total_tokens=kv_tokens))
     ran = core.warm_up()
-    assert ran.prefill_steps >= 8 and ran.decode_steps >= 3 and ran.cached_tokens > 0
+    assert ran.prefill_steps >= 6 and ran.decode_steps >= 3
+    assert ran.cached_tokens > 0 or kv_tokens  # a small cache may have evicted the prefix before its reuse
     sched, runner = core.scheduler, core.runner
     assert not sched.has_work() and sched.tree.total_size() == 0
     assert sched.stats.generated_tokens == sched.stats.prompt_tokens == sched.stats.steps == 0
