@@ -7,9 +7,16 @@ import importlib.util
 import os
 from pathlib import Path
 
-import pytest
 import torch
-from tiny_models import build_tiny_model, build_tiny_qwen2_vl
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET when it is first
+    # imported (its library functions) and when a kernel is decorated, and transformers imports it, so this comes
+    # before anything else: otherwise the order in which test files run decides whether the kernels' tests work.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from tiny_models import build_tiny_model, build_tiny_qwen2_vl  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -2,6 +2,9 @@
 
 `RotaryEmbedding` precomputes cos/sin for every position up to the context length, so applying it is
 an index and a few multiplies per layer: no per-step recomputation, and the table can live on the GPU.
+
+On CUDA one Triton kernel rotates q and k in place (`fused_ops.rotary_embedding`), reading the tables and the
+positions on the device; the eager code is the CPU path and the reference for the kernel.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mmserve.layers import fused_ops
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -97,7 +102,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embeddings to q and k of shape [tokens, heads, head_dim] at the given positions."""
+    """Applies rotary embeddings to q and k of shape [tokens, heads, head_dim] at the given positions.
+
+    Use the returned tensors: the kernel path rotates q and k in place and returns them, the eager path returns
+    new ones."""
 
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any], rotary_dim: int | None = None):
         super().__init__()
@@ -110,11 +118,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", emb.sin() * scale, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.is_cuda or fused_ops.run_on_cpu:
+            return fused_ops.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache, self.rotary_dim)
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rotary_dim == self.head_dim:
             return x * cos + rotate_half(x) * sin
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
@@ -147,6 +157,9 @@ class MRotaryEmbedding(RotaryEmbedding):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() == 1:
             return super().forward(positions, q, k)
+        if q.is_cuda or fused_ops.run_on_cpu:
+            return fused_ops.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache, self.rotary_dim,
+                                              self.band_rows)
         half = self.rotary_dim // 2
         # [3, T, half] -> per band, the row it belongs to -> [T, half]
         index = self.band_rows.view(1, 1, half).expand(1, positions.shape[1], half)
@@ -154,4 +167,4 @@ class MRotaryEmbedding(RotaryEmbedding):
         sin = self.sin_cache[:, :half][positions].gather(0, index).squeeze(0)
         cos = torch.cat((cos, cos), dim=-1).unsqueeze(1).to(q.dtype)
         sin = torch.cat((sin, sin), dim=-1).unsqueeze(1).to(q.dtype)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
