@@ -47,16 +47,23 @@ class AttentionBackend(ABC):
         q = q.view(tokens, layer.num_heads, layer.head_dim)
         k = k.view(tokens, layer.num_kv_heads, layer.head_dim)
         v = v.view(tokens, layer.num_kv_heads, -1)
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        self.save_kv(k, v, layer, batch)
         if batch.mode == ForwardMode.DECODE:
             out = self.forward_decode(q, layer, batch)
         else:
-            out = self.forward_extend(q, layer, batch)
+            out = self.forward_extend(q, layer, batch, k, v)
         return out.reshape(tokens, -1)
 
+    def save_kv(self, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch) -> None:
+        """Write the step's keys and values ([T, kv_heads, dim]) into their slots of the pool."""
+        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+
     @abstractmethod
-    def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
-        """Attention of each request's new tokens over its cached prefix and themselves; q: [T, heads, dim]."""
+    def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, k: torch.Tensor,
+                       v: torch.Tensor) -> torch.Tensor:
+        """Attention of each request's new tokens over its cached prefix and themselves; q: [T, heads, dim]. k and
+        v are the step's own keys and values (already saved to the pool), for a backend that can use them
+        directly where nothing is cached."""
 
     @abstractmethod
     def forward_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:

@@ -87,7 +87,8 @@ class TorchAttentionBackend(AttentionBackend):
         )
         return out.squeeze(0).transpose(0, 1)
 
-    def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+    def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, k: torch.Tensor,
+                       v: torch.Tensor) -> torch.Tensor:
         meta: _Metadata = batch.attn_metadata
         outs = [
             self._attend(q[start : start + n], layer, batch, i)

@@ -15,6 +15,7 @@ and the split scratch allocated once per bucket at capture instead of per step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,8 @@ from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
     from mmserve.attention.triton_kernels import DecodeBlocks, ExtendBlocks
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,8 +47,30 @@ class _ExtendMetadata:
     q_starts: torch.Tensor  # [B] int32: offset of request i's new tokens in the flattened batch
     extend_lens: torch.Tensor  # [B] int32
     max_extend_len: int  # sizes the grid's query-block axis
-    # a single prompt with nothing cached: its slots, for torch's flash attention instead of the kernel (see below)
-    dense_slots: torch.Tensor | None = None
+    # nothing cached for any request: [B + 1] int32 offsets of the prompts, for torch's flash attention over the
+    # step's own keys and values instead of the kernel (see forward_extend)
+    cu_seqlens: torch.Tensor | None = None
+
+
+_flash_varlen_failed = False
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                 scale: float) -> torch.Tensor | None:
+    """Causal attention of packed prompts (q [T, heads, dim], k/v [T, kv_heads, dim], prompt i at rows
+    cu_seqlens[i]:cu_seqlens[i + 1]) with the flash kernel torch ships, or None where it does not apply (not CUDA,
+    not half precision, head dim over 256) or this torch build refused the call once (then logged, never retried)."""
+    global _flash_varlen_failed
+    if (_flash_varlen_failed or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16)
+            or q.shape[-1] > 256 or q.shape[-1] % 8):
+        return None
+    try:
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0,
+                                                       True, False, scale=scale)[0]
+    except (RuntimeError, TypeError) as exc:
+        _flash_varlen_failed = True
+        logger.warning("torch's flash attention refused packed prompts (%s); using SDPA and the extend kernel", exc)
+        return None
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -75,9 +100,9 @@ class TritonAttentionBackend(AttentionBackend):
         self.min_split_len = min_split_len
         self.decode_blocks = decode_blocks
         self.extend_blocks = extend_blocks
-        # One prompt with no cached prefix is plain causal attention, where torch's flash kernel beat the extend
+        # Prompts with no cached prefix are plain causal attention, where torch's flash kernel beat the extend
         # kernel on the H100 (0.3-0.8x for one prompt of 2k-8k tokens: docs/benchmarks.md). On by default on CUDA;
-        # the interpreter's tests keep the kernel on every shape.
+        # the interpreter's tests keep the kernel on every shape unless they ask.
         self.dense_prefill = device.type == "cuda" if dense_prefill is None else dense_prefill
         # Enough decode programs to fill the GPU a few times over; on the interpreter, exercise every split.
         self.target_programs = (4 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -98,30 +123,43 @@ class TritonAttentionBackend(AttentionBackend):
         for n in batch.extend_lens_cpu:
             starts.append(offset)
             offset += n
-        # one host-to-device copy for both per-request vectors, from pinned memory so that it never waits
+        # one host-to-device copy for the per-request vectors, from pinned memory so that it never waits; with
+        # nothing cached, the prompts' offsets (starts plus the total) ride along for flash attention
         device = batch.seq_lens.device
-        lens = torch.tensor([starts, batch.extend_lens_cpu], dtype=torch.int32, pin_memory=device.type == "cuda")
-        lens = lens.to(device, non_blocking=True)
-        dense = None
-        if self.dense_prefill and batch.batch_size == 1 and batch.prefix_lens_cpu[0] == 0:
-            dense = batch.req_to_token[batch.req_pool_indices[0], : batch.extend_lens_cpu[0]]
+        fresh = self.dense_prefill and not any(batch.prefix_lens_cpu)
+        rows = [starts, batch.extend_lens_cpu] + ([starts[1:] + [offset]] if fresh else [])
+        lens = torch.tensor(rows, dtype=torch.int32, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        cu_seqlens = torch.cat([lens[0, :1], lens[2]]) if fresh else None
         batch.attn_metadata = _ExtendMetadata(batch.req_pool_indices, batch.seq_lens, lens[0], lens[1],
-                                              max(batch.extend_lens_cpu), dense)
+                                              max(batch.extend_lens_cpu), cu_seqlens)
 
-    def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+    def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, k: torch.Tensor,
+                       v: torch.Tensor) -> torch.Tensor:
         meta: _ExtendMetadata = batch.attn_metadata
+        # Prompts with nothing cached are plain causal attention over the step's own keys and values, where torch's
+        # flash kernel beat the extend kernel on the H100 (docs/benchmarks.md): its varlen form, called directly
+        # (SDPA's dispatch costs ~60 us of CPU a layer), for half precision; SDPA for one prompt otherwise.
+        if meta.cu_seqlens is not None and (layer.sliding_window is None
+                                            or layer.sliding_window >= meta.max_extend_len):
+            out = flash_varlen(q, k, v, meta.cu_seqlens, meta.max_extend_len, layer.scaling)
+            if out is not None:
+                return out
+            if batch.batch_size == 1:
+                out = F.scaled_dot_product_attention(
+                    q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                    is_causal=True, scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
+                return out.squeeze(0).transpose(0, 1)
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
-        if meta.dense_slots is not None and (layer.sliding_window is None or layer.sliding_window >= q.shape[0]):
-            k, v = k_buf[meta.dense_slots].to(q.dtype), v_buf[meta.dense_slots].to(q.dtype)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                is_causal=True, scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
-            return out.squeeze(0).transpose(0, 1)
         return self.kernels.extend_attention(
             q, k_buf, v_buf, batch.req_to_token, meta.req_pool_indices, meta.seq_lens, meta.q_starts,
             meta.extend_lens, meta.max_extend_len, layer.scaling, layer.sliding_window,
             blocks=self.extend_blocks,
         )
+
+    def save_kv(self, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch) -> None:
+        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        if k.dtype != k_buf.dtype or not self.kernels.store_kv(k, v, k_buf, v_buf, batch.out_cache_loc):
+            super().save_kv(k, v, layer, batch)
 
     def forward_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         meta: _DecodeMetadata = batch.attn_metadata

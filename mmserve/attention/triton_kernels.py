@@ -194,6 +194,39 @@ def _extend_kernel(
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+@triton.jit
+def _store_kv_kernel(K, V, KBuf, VBuf, Loc, stride_kt, stride_vt, stride_kbt, stride_vbt,
+                     K_WIDTH: tl.constexpr, V_WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One token's K and V rows (all KV heads) into its slot of the pool: one launch for both, where indexed
+    assignment takes one per tensor."""
+    t = tl.program_id(0)
+    slot = tl.load(Loc + t)
+    offs = tl.arange(0, BLOCK_K)
+    k = tl.load(K + t * stride_kt + offs, mask=offs < K_WIDTH)
+    tl.store(KBuf + slot * stride_kbt + offs, k.to(KBuf.dtype.element_ty), mask=offs < K_WIDTH)
+    offs = tl.arange(0, BLOCK_V)
+    v = tl.load(V + t * stride_vt + offs, mask=offs < V_WIDTH)
+    tl.store(VBuf + slot * stride_vbt + offs, v.to(VBuf.dtype.element_ty), mask=offs < V_WIDTH)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor) -> bool:
+    """`k_buf[loc] = k; v_buf[loc] = v` for k, v [T, kv_heads, dim] whose rows are contiguous (views of the qkv
+    projection are); False, with nothing written, for layouts it does not take."""
+    tokens = k.shape[0]
+    if tokens == 0:
+        return True
+    if not (k.stride(2) == 1 and k.stride(1) == k.shape[2] and v.stride(2) == 1 and v.stride(1) == v.shape[2]
+            and k_buf.is_contiguous() and v_buf.is_contiguous() and loc.is_contiguous()):
+        return False
+    k_width, v_width = k.shape[1] * k.shape[2], v.shape[1] * v.shape[2]
+    _store_kv_kernel[(tokens,)](
+        k, v, k_buf, v_buf, loc, k.stride(0), v.stride(0), k_buf.stride(0), v_buf.stride(0),
+        K_WIDTH=k_width, V_WIDTH=v_width, BLOCK_K=triton.next_power_of_2(k_width),
+        BLOCK_V=triton.next_power_of_2(v_width), num_warps=4 if max(k_width, v_width) >= 1024 else 2,
+    )
+    return True
+
+
 def interpreting() -> bool:
     """Whether these kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported)."""
     return isinstance(_extend_kernel, InterpretedFunction)

@@ -310,13 +310,15 @@ def run_hf(args: argparse.Namespace, server_args: ServerArgs, only: set[str], vo
                 f"{args.t1_output_len})")
         figures["T1"] = Figure(speeds)
     if "T2" in only:
-        say(f"transformers T2: {args.t2_prompts} prompts x {args.t2_input_len} in / {args.t2_output_len} out, "
+        # the reference's rate over its first --hf-t2-prompts prompts (whole batches of the same shape run at the
+        # same rate; a slow reference, e.g. a mixture of experts looping over experts, need not run them all)
+        num = min(args.t2_prompts, args.hf_t2_prompts or args.t2_prompts)
+        say(f"transformers T2: {num} prompts x {args.t2_input_len} in / {args.t2_output_len} out, "
             f"batches of {args.hf_batch_size}, {args.hf_runs} runs")
         runs = []
         for i in range(args.hf_runs):
-            seconds = hf_batched(model, prompts.take(args.t2_prompts, args.t2_input_len), args.t2_output_len,
-                                 args.hf_batch_size)
-            runs.append(args.t2_prompts * (args.t2_input_len + args.t2_output_len) / seconds)
+            seconds = hf_batched(model, prompts.take(num, args.t2_input_len), args.t2_output_len, args.hf_batch_size)
+            runs.append(num * (args.t2_input_len + args.t2_output_len) / seconds)
             say(f"  run {i + 1}: {seconds:.2f} s, {_num(runs[-1])} total tok/s")
         figures["T2"] = Figure(runs)
     del model
@@ -425,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
                         "floor always runs).")
     parser.add_argument("--runs", type=int, default=3, help="Runs of each mmserve measurement (default: 3).")
     parser.add_argument("--hf-runs", type=int, default=1, help="Runs of each transformers measurement (default: 1).")
+    parser.add_argument("--hf-t2-prompts", type=int, default=None,
+                        help="Time transformers on only the first N of T2's prompts (its rate; default: all).")
     parser.add_argument("--no-hf", action="store_true", help="Skip the transformers reference rows.")
     parser.add_argument("--hf-batch-size", type=int, default=64, help="transformers' batch for T2 (default: 64).")
     parser.add_argument("--json", type=Path, help="Also write the table to this file as JSON.")

@@ -144,12 +144,13 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def capturable(model: nn.Module) -> bool:
-    """Whether every expert bank of the model runs without a host sync on its device and dtype (the grouped
-    matmul), which a CUDA graph needs."""
+    """Whether every expert bank of the model runs without a host sync, which a CUDA graph needs: torch's grouped
+    matmul in bfloat16 (its native kernel; other dtypes take a fallback that copies through the host, which torch
+    2.11 refuses inside a capture), not the per-expert loop."""
     for module in model.modules():
         if isinstance(module, FusedExperts):
             p = module.gate_up_proj
-            return grouped_mm_works(p.device, p.dtype)
+            return p.dtype == torch.bfloat16 and grouped_mm_works(p.device, p.dtype)
     return True
 
 

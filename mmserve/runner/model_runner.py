@@ -60,7 +60,13 @@ class ModelRunner:
         self.graph_runner: CudaGraphRunner | None = None
         if self._use_cuda_graphs():
             self.graph_runner = CudaGraphRunner(self, min(args.cuda_graph_max_bs or 256, self.max_running_requests))
-            self.graph_runner.capture()
+            try:
+                self.graph_runner.capture()
+            except RuntimeError as exc:  # an operation that cannot be captured: serve eagerly rather than not at all
+                logger.warning("CUDA graph capture failed, decoding without graphs (%s)", exc)
+                self.graph_runner = None
+                torch.cuda.synchronize(device)
+        if self.graph_runner is not None:
             logger.info("CUDA graphs: %d decode batch sizes up to %d captured in %.1f s, %.0f MiB of graph memory; "
                         "KV cache of %d tokens", len(self.graph_runner.batch_sizes), self.graph_runner.max_bs,
                         self.graph_runner.capture_seconds, self.graph_runner.graph_bytes / 2**20,
@@ -74,8 +80,8 @@ class ModelRunner:
                         type(self.attn_backend).__name__)
             return False
         if not moe.capturable(self.model):
-            logger.info("CUDA graphs off: torch's grouped matmul does not run %s experts on this GPU, and the "
-                        "per-expert loop reads counts back to the host", self.dtype)
+            logger.info("CUDA graphs off: the %s experts run without torch's native grouped matmul, which "
+                        "reads counts back to the host", self.dtype)
             return False
         return True
 

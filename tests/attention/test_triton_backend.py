@@ -114,13 +114,39 @@ def test_extend_without_prefix_single_request():
     compare(ForwardMode.EXTEND, [(45, 45)], 4, 2, 64, 10, BF16)
 
 
-def test_dense_prefill_of_one_prompt_matches_torch():
-    """The CUDA default for one prompt with nothing cached: torch's causal SDPA on the prompt's own slots (the kernel
-    for every other extend, and for a window shorter than the prompt)."""
+def test_dense_prefill_of_fresh_prompts_matches_torch():
+    """The CUDA default for prompts with nothing cached: torch's flash attention (packed prompts, half precision)
+    or its SDPA (one prompt otherwise) over the step's own keys and values; the kernel for the rest (a cached
+    prefix anywhere in the batch, a window shorter than a prompt, several float32 prompts)."""
     dense = TritonAttentionBackend(DEVICE, dense_prefill=True)
     compare(ForwardMode.EXTEND, [(45, 45)], 4, 2, 64, None, F32, backend=dense)
     compare(ForwardMode.EXTEND, [(45, 45)], 4, 2, 64, 10, F32, backend=dense)  # the window: the kernel
     compare(ForwardMode.EXTEND, [(40, 20)], 4, 2, 64, None, F32, backend=dense)  # a prefix: the kernel
+    for dtype in (BF16, F16):
+        compare(ForwardMode.EXTEND, [(45, 45), (3, 3), (30, 30), (1, 1)], 8, 2, 128, None, dtype, backend=dense)
+        compare(ForwardMode.EXTEND, [(45, 45), (17, 17)], 4, 4, 64, 64, dtype, backend=dense)  # window >= prompts
+        compare(ForwardMode.EXTEND, [(45, 45), (17, 9)], 4, 2, 64, None, dtype, backend=dense)  # one has a prefix
+    compare(ForwardMode.EXTEND, [(45, 45), (3, 3)], 4, 2, 64, None, F32, backend=dense)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_store_kv_writes_each_row_to_its_slot(dtype):
+    """The Triton store of a step's K and V (strided views of a qkv projection, as the models pass them) into
+    scattered slots equals indexed assignment, and touches nothing else; layouts it does not take are refused."""
+    g = torch.Generator().manual_seed(3)
+    tokens, kv_heads, head_dim = 7, 2, 40
+    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * head_dim, generator=g).to(dtype).to(DEVICE)
+    _, k, v = qkv.split([4 * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    k, v = k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    loc = (torch.randperm(30, generator=g)[:tokens] + 1).to(DEVICE)
+    want = KVPool(30, 1, kv_heads, head_dim, dtype, DEVICE)
+    want.set_kv(0, loc, k, v)
+    got = KVPool(30, 1, kv_heads, head_dim, dtype, DEVICE)
+    assert triton_kernels.store_kv(k, v, got.k_buffers[0], got.v_buffers[0], loc)
+    assert torch.equal(got.k_buffers[0], want.k_buffers[0]) and torch.equal(got.v_buffers[0], want.v_buffers[0])
+    assert got.k_buffers[0].abs().sum() > 0
+    transposed = k.transpose(1, 2).contiguous().transpose(1, 2)  # heads not contiguous within a row
+    assert not triton_kernels.store_kv(transposed, v, got.k_buffers[0], got.v_buffers[0], loc)
 
 
 def test_peaked_softmax_stays_finite():
