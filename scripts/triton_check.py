@@ -117,7 +117,8 @@ class Setup:
         q = self.q.view(-1, h, d)
         if self.case.mode == DECODE:
             return lambda: backend.forward_decode(q, self.layer, batch)
-        return lambda: backend.forward_extend(q, self.layer, batch)
+        k, v = self.k.view(-1, self.case.kv_heads, d), self.v.view(-1, self.case.kv_heads, d)
+        return lambda: backend.forward_extend(q, self.layer, batch, k, v)
 
 
 def random_lens(count: int, low: int, high: int, seed: int) -> list[int]:
@@ -260,11 +261,42 @@ def run_sweep(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def run_decode_sweep(device: str) -> None:
+    """Decode at the batch sizes of offline throughput runs (many requests, short to medium contexts): block
+    sizes, warps, stages, and how many programs the split count aims for (the default aims for 4 per SM)."""
+    dtype = torch.bfloat16
+    cases = [Case(DECODE, 32, 8, 128, [(384, 1)] * 256), Case(DECODE, 32, 8, 128, [(n, 1) for n in
+             random_lens(256, 256, 768, 3)]), Case(DECODE, 32, 8, 128, [(1024, 1)] * 128),
+             Case(DECODE, 32, 8, 128, [(2048, 1)] * 32), Case(DECODE, 32, 8, 128, [(200, 1)] * 1)]
+    grid = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (1, 4, 16)))
+    for case in cases:
+        setup = Setup(case, dtype, device)
+        kv_bytes = sum(s for s, _ in case.lens) * case.kv_heads * case.head_dim * 2 * 2
+        default = TritonAttentionBackend(device)
+        default_ms = median_ms(setup.attention_call(default), repeats=15)
+        results = []
+        for block_n, warps, stages, aim in grid:
+            backend = TritonAttentionBackend(device, decode_blocks=DecodeBlocks(block_n, warps, stages))
+            backend.target_programs = default.target_programs * aim
+            try:
+                results.append((median_ms(setup.attention_call(backend), repeats=15), block_n, warps, stages, aim))
+            except Exception as e:  # noqa: BLE001 - past the shared-memory limit
+                results.append((float("inf"), block_n, warps, stages, f"{aim} ({type(e).__name__})"))
+        results.sort(key=lambda r: r[0])
+        print(f"\n{case.describe()}: default {default_ms:.3f} ms ({kv_bytes / default_ms / 1e6:.0f} GB/s); best:")
+        for ms, block_n, warps, stages, aim in results[:6]:
+            print(f"  {ms:8.3f} ms ({kv_bytes / ms / 1e6:5.0f} GB/s)  block_n={block_n} warps={warps} "
+                  f"stages={stages} programs x{aim}")
+        del setup
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of kernel configurations")
+    parser.add_argument("--sweep-decode", action="store_true", help="time decode configurations at large batches")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ok = True
@@ -275,6 +307,8 @@ def main() -> None:
         run_timing(device)
     if device == "cuda" and args.sweep:
         run_sweep(device)
+    if device == "cuda" and args.sweep_decode:
+        run_decode_sweep(device)
     sys.exit(0 if ok else 1)
 
 
