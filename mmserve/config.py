@@ -59,7 +59,8 @@ class ServerArgs:
     mem_fraction_static: float | None = _flag(None, "GPU: fraction of memory for weights + KV cache "
                                               "(default 0.85).")
     max_total_tokens: int | None = _flag(None, "Size of the KV cache in tokens (overrides the memory budget).")
-    max_running_requests: int | None = _flag(None, "Most requests decoding at once (default: from memory).")
+    max_running_requests: int | None = _flag(None, "Most requests decoding at once (default: 512 on a GPU, 32 "
+                                                "on the CPU, fewer when the KV cache is smaller).")
     max_queued_requests: int | None = _flag(None, "Most requests waiting; more are refused (default: no limit).")
     chunked_prefill_size: int | None = _flag(None, "Longest prefill chunk in tokens (default 8192 on GPU, "
                                              "512 on CPU; -1 disables chunking).")
@@ -69,7 +70,7 @@ class ServerArgs:
     disable_radix_cache: bool = _flag(False, "Do not reuse KV of shared prefixes across requests.")
     attention_backend: str = _flag("auto", "Attention implementation: torch (reference, any device), triton "
                                    "(paged GPU kernels) or auto (triton on CUDA, torch elsewhere).")
-    cuda_graph_max_bs: int | None = _flag(None, "Largest decode batch replayed from a CUDA graph (default: 256, "
+    cuda_graph_max_bs: int | None = _flag(None, "Largest decode batch replayed from a CUDA graph (default: 512, "
                                           "or --max-running-requests when smaller); larger batches run eagerly.")
     disable_cuda_graph: bool = _flag(False, "Run decode steps eagerly instead of from captured CUDA graphs.")
     disable_overlap_schedule: bool = _flag(False, "Read each decode step's sampled ids before launching the next "

@@ -259,11 +259,12 @@ class ExtendBlocks:
 
 
 def default_decode_blocks(dtype: torch.dtype, block_d: int) -> DecodeBlocks:
-    # Chosen from sm_90 register and shared-memory counts (no spills), not yet from timings: scripts/triton_check.py
-    # --sweep times the alternatives. float32 needs smaller tiles: its "ieee" dots run on the FMA units.
+    # Half precision: four pipeline stages, from `scripts/triton_check.py --sweep-decode` on the H100 (1.13-1.26x
+    # over two stages from batch 32 to 256, docs/benchmarks.md); block sizes from sm_90 register and shared-memory
+    # counts. float32 needs smaller tiles: its "ieee" dots run on the FMA units.
     if dtype == torch.float32:
         return DecodeBlocks(16, 8, 1)
-    return DecodeBlocks(64 if block_d <= 128 else 32, 4, 2)
+    return DecodeBlocks(64 if block_d <= 128 else 32, 4, 4)
 
 
 def default_extend_blocks(dtype: torch.dtype, block_d: int) -> ExtendBlocks:
