@@ -2,7 +2,8 @@
 # The project's one GPU script, run on the device machine from the repository root:
 #   1. the model-vs-transformers and scheduler tests on CUDA (our engine on the GPU, transformers on the CPU), with
 #      the default attention backend (triton on CUDA), and the Triton kernels against the torch backend
-#   2. the offline benchmark at real model shapes (random weights), beside transformers' generate
+#   2. the benchmarks at real model shapes (random weights), beside transformers' generate: bench.fastpath (issue
+#      15's table) and bench.offline per preset
 # Needs .gpu/tokenizer (SmolLM2's tokenizer saved in HF layout) carried along: the GPU image has no GGUF reader.
 # Logs go to $OUT; the last lines printed are the benchmark tables.
 set -uo pipefail
@@ -23,6 +24,12 @@ MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cachep
   tests/server/test_errors.py tests/attention 2>&1 | tee "$OUT/tests.log" | tail -15
 # the Triton attention kernels against the torch backend at real shapes, and their timing per layer call
 python3 scripts/triton_check.py 2>&1 | tee "$OUT/triton_check.log" | tail -3
+# issue 15's table (batch-1 decode against the copy floor, time to first token, offline T2/T3, transformers beside);
+# FASTPATH=0 skips it (about 3 minutes)
+if [ "${FASTPATH:-1}" != 0 ]; then
+  python3 -m mmserve.bench.fastpath --preset llama-3.1-8b --tokenizer-dir .gpu/tokenizer --json "$OUT/fastpath.json" \
+    2>&1 | tee "$OUT/fastpath.log" | tail -12
+fi
 # PRESETS="" runs the tests only; PRESETS=qwen3-30b-a3b the MoE shape (about 90 s more, 61 GB of weights)
 for preset in ${PRESETS-qwen2.5-0.5b llama-3.1-8b}; do
   python3 -m mmserve.bench.offline --preset "$preset" --tokenizer-dir .gpu/tokenizer \
