@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mmserve.bench.offline import progress, random_prompts, say
+from mmserve.bench.offline import load_hf_model, progress, random_prompts, say
 from mmserve.bench.presets import add_preset_args, apply_preset
 from mmserve.config import ServerArgs
 
@@ -326,25 +326,6 @@ def run_hf(args: argparse.Namespace, server_args: ServerArgs, only: set[str], vo
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return figures
-
-
-def load_hf_model(server_args: ServerArgs) -> torch.nn.Module:
-    """The transformers model of `server_args` (random weights with --load-format dummy) on its device."""
-    from transformers import AutoModelForCausalLM
-
-    from mmserve.config import resolve_dtype
-    from mmserve.models.loader import load_hf_config, resolve_model_path, split_gguf
-
-    path = resolve_model_path(server_args.model_path)
-    device = server_args.resolved_device()
-    config = load_hf_config(path)
-    dtype = resolve_dtype(server_args.dtype, config, device)
-    say(f"transformers: loading {server_args.model_path}")
-    if server_args.load_format == "dummy":
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    folder, gguf = split_gguf(path)
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(device).eval()
 
 
 def hf_batched(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, batch_size: int) -> float:

@@ -87,7 +87,8 @@ def run_mmserve(args: argparse.Namespace, server_args: ServerArgs) -> dict[str, 
     return result
 
 
-def run_hf(args: argparse.Namespace, server_args: ServerArgs, vocab: int) -> dict[str, float]:
+def load_hf_model(server_args: ServerArgs) -> torch.nn.Module:
+    """The transformers model of `server_args` (random weights with --load-format dummy) on its device."""
     from transformers import AutoModelForCausalLM
 
     from mmserve.config import resolve_dtype
@@ -100,10 +101,14 @@ def run_hf(args: argparse.Namespace, server_args: ServerArgs, vocab: int) -> dic
     say(f"transformers: loading {server_args.model_path}")
     if server_args.load_format == "dummy":
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    else:
-        folder, gguf = split_gguf(path)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(device).eval()
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    folder, gguf = split_gguf(path)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(device).eval()
+
+
+def run_hf(args: argparse.Namespace, server_args: ServerArgs, vocab: int) -> dict[str, float]:
+    model = load_hf_model(server_args)
+    device = server_args.resolved_device()
     prompts = torch.tensor(random_prompts(vocab, args.num_prompts, args.input_len, args.seed), device=device)
     mask = torch.ones_like(prompts)
     kwargs = dict(do_sample=False, max_new_tokens=args.output_len, min_new_tokens=args.output_len,
