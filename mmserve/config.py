@@ -73,6 +73,9 @@ class ServerArgs:
     cuda_graph_max_bs: int | None = _flag(None, "Largest decode batch replayed from a CUDA graph (default: 512, "
                                           "or --max-running-requests when smaller); larger batches run eagerly.")
     disable_cuda_graph: bool = _flag(False, "Run decode steps eagerly instead of from captured CUDA graphs.")
+    enable_mixed_chunk: bool = _flag(False, "Decode the running requests in the same step as a prefill chunk, so "
+                                     "a long prompt does not stall them (their attention then runs in the extend "
+                                     "kernel rather than flash attention).")
     disable_overlap_schedule: bool = _flag(False, "Read each decode step's sampled ids before launching the next "
                                            "(by default the GPU runs a step while the CPU finishes the last).")
     random_seed: int = _flag(0, "Seed of the sampler for requests that give no seed.")

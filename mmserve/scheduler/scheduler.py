@@ -43,6 +43,7 @@ class SchedulerStats:
     prefill_steps: int = 0
     decode_steps: int = 0
     overlapped_steps: int = 0  # decode steps launched before the previous step's ids were read
+    mixed_steps: int = 0  # prefill steps that also decoded the running requests (--enable-mixed-chunk)
     retractions: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -194,8 +195,12 @@ class Scheduler:
                 return self._collect_outputs()
             self._process_decode(prev)
         self._drop_finished_before_running()
-        batch = self._schedule_prefill()
+        # decode rows mixed into a prefill step take part of its token budget: not more than half of it
+        mixed = self.args.enable_mixed_chunk and 0 < len(self.running) <= self._prefill_budget() // 2
+        batch = self._schedule_prefill(reserve=len(self.running) if mixed else 0)
         mode = ForwardMode.EXTEND
+        if batch and mixed:
+            batch += self._mixed_decode_rows()
         if not batch:
             batch, mode = self._schedule_decode(), ForwardMode.DECODE
         if batch:
@@ -380,11 +385,15 @@ class Scheduler:
     def _reserved_tokens(self, reqs: list[Req]) -> int:
         return int(sum(min(r.remaining_new_tokens, _MAX_RESERVE_PER_REQ) for r in reqs) * self.new_token_ratio)
 
-    def _schedule_prefill(self) -> list[tuple[Req, int]]:
-        """(request, tokens to extend) pairs for a prefill step, or [] when nothing can be admitted."""
-        budget = self.args.max_prefill_tokens
-        if self.chunk_size is not None:
-            budget = min(budget, self.chunk_size)
+    def _prefill_budget(self) -> int:
+        """Most tokens one prefill step computes."""
+        return self.args.max_prefill_tokens if self.chunk_size is None else min(self.args.max_prefill_tokens,
+                                                                                self.chunk_size)
+
+    def _schedule_prefill(self, reserve: int = 0) -> list[tuple[Req, int]]:
+        """(request, tokens to extend) pairs for a prefill step, or [] when nothing can be admitted. `reserve`
+        tokens of the step's budget are kept for decode rows mixed in (--enable-mixed-chunk)."""
+        budget = self._prefill_budget() - reserve
         picked: list[tuple[Req, int]] = []
         reserved = self._reserved_tokens(self.running)
         if self.chunked is not None:
@@ -437,6 +446,19 @@ class Scheduler:
     def _place(self, req: Req, slots: torch.Tensor, n: int) -> None:
         self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] = slots
         req.status = ReqStatus.RUNNING
+
+    def _mixed_decode_rows(self) -> list[tuple[Req, int]]:
+        """The running requests' next tokens as rows of a prefill step (--enable-mixed-chunk), so that a long
+        prompt does not stall their decoding; none when their slots would need an eviction past what is free."""
+        if self.kv_pool.available_size() + self.tree.evictable_size() < len(self.running):
+            return []
+        slots = self._alloc_slots(len(self.running))
+        if slots is None:
+            return []
+        self.stats.mixed_steps += 1
+        for i, req in enumerate(self.running):
+            self._place(req, slots[i : i + 1], 1)
+        return [(req, 1) for req in self.running]
 
     def _schedule_decode(self) -> list[tuple[Req, int]]:
         if not self.running:
@@ -608,8 +630,13 @@ class Scheduler:
             self.stats.generated_tokens += 1
 
     def _after_step(self, batch: list[tuple[Req, int]], mode: ForwardMode, sampled: set[Req]) -> None:
+        decoding = set(self.running) if mode == ForwardMode.EXTEND else set()  # decode rows of a mixed step
         for req, _ in batch:
-            if mode == ForwardMode.EXTEND:
+            if req in decoding:
+                if req.finished:
+                    self.running.remove(req)
+                    self._release(req)
+            elif mode == ForwardMode.EXTEND:
                 if req.finished:
                     self._release(req)
                     continue
