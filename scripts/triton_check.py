@@ -32,7 +32,7 @@ from mmserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from mmserve.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from mmserve.attention.triton_kernels import DecodeBlocks, ExtendBlocks  # noqa: E402
 from mmserve.cache.kv_pool import KVPool, ReqToTokenPool  # noqa: E402
-from mmserve.runner.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from mmserve.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 
 DECODE, EXTEND = ForwardMode.DECODE, ForwardMode.EXTEND
 
@@ -99,10 +99,9 @@ class Setup:
             positions=torch.zeros(tokens, dtype=torch.int64, device=self.device), out_cache_loc=self.out_cache_loc,
             req_pool_indices=torch.arange(len(lens), device=self.device),
             seq_lens=torch.tensor([s for s, _ in lens], device=self.device), seq_lens_cpu=[s for s, _ in lens],
-            extend_lens_cpu=[e for _, e in lens], req_to_token=self.table.req_to_token, kv_pool=self.pool,
-            attn_backend=backend, logits_indices=None,
+            extend_lens_cpu=[e for _, e in lens], logits_indices=None,
         )
-        backend.init_forward_metadata(batch)
+        backend.bind(self.pool, self.table.req_to_token).init_forward_metadata(batch)
         return batch
 
     def run(self, backend: AttentionBackend) -> torch.Tensor:

@@ -11,7 +11,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
+from mmserve.cache.kv_pool import KVPool
+from mmserve.forward_batch import ForwardBatch, ForwardMode
 
 
 class Attention(nn.Module):
@@ -26,16 +27,34 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.scaling = scaling if scaling is not None else head_dim**-0.5
         self.sliding_window = sliding_window  # a query sees the last `sliding_window` positions, itself included
+        self.backend: AttentionBackend | None = None  # bound by the model runner (`bind_attention`)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q: [T, heads * head_dim], k/v: [T, kv_heads * head_dim] -> [T, heads * head_dim]."""
-        return batch.attn_backend.forward(q, k, v, self, batch)
+        if self.backend is None:
+            raise RuntimeError(f"attention layer {self.layer_id} has no backend: bind_attention(model, backend) first")
+        return self.backend.forward(q, k, v, self, batch)
+
+
+def bind_attention(model: nn.Module, backend: AttentionBackend) -> None:
+    """Point every attention layer of `model` at `backend`."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
 
 
 class AttentionBackend(ABC):
     # Whether a decode step can be captured in a CUDA graph (see runner/cuda_graph.py for what that asks): the
     # metadata built by `init_forward_metadata` over the graph runner's static buffers stays valid for every replay.
     supports_cuda_graph = False
+    kv_pool: KVPool
+    req_to_token: torch.Tensor
+
+    def bind(self, kv_pool: KVPool, req_to_token: torch.Tensor) -> AttentionBackend:
+        """Give the backend the KV pool and the request-to-token table it reads (once, when the runner builds
+        them; tests bind their own)."""
+        self.kv_pool, self.req_to_token = kv_pool, req_to_token
+        return self
 
     @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
@@ -56,7 +75,7 @@ class AttentionBackend(ABC):
 
     def save_kv(self, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch) -> None:
         """Write the step's keys and values ([T, kv_heads, dim]) into their slots of the pool."""
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        self.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
 
     @abstractmethod
     def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, k: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mmserve.attention.base import Attention, AttentionBackend
-from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
+from mmserve.forward_batch import ForwardBatch, ForwardMode
 
 
 @dataclass
@@ -29,7 +29,7 @@ class _Metadata:
 
 class TorchAttentionBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        rows = batch.req_to_token[batch.req_pool_indices]
+        rows = self.req_to_token[batch.req_pool_indices]
         slots = [rows[i, :n] for i, n in enumerate(batch.seq_lens_cpu)]
         starts, offset = [], 0
         for n in batch.extend_lens_cpu:
@@ -69,7 +69,7 @@ class TorchAttentionBackend(AttentionBackend):
     def _attend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, i: int) -> torch.Tensor:
         """q: [n, heads, dim] of request i -> [n, heads, dim]."""
         meta: _Metadata = batch.attn_metadata
-        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
         slots = meta.slots[i]
         k, v = k_buf[slots].to(q.dtype), v_buf[slots].to(q.dtype)
         n, kv_len = q.shape[0], slots.shape[0]
@@ -98,7 +98,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         meta: _Metadata = batch.attn_metadata
-        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
         k = k_buf[meta.decode_slots].to(q.dtype).transpose(1, 2)  # [B, kv_heads, max_len, dim]
         v = v_buf[meta.decode_slots].to(q.dtype).transpose(1, 2)
         out = F.scaled_dot_product_attention(

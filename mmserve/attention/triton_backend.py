@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mmserve.attention.base import Attention, AttentionBackend
-from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
+from mmserve.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
     from mmserve.attention.triton_kernels import DecodeBlocks, ExtendBlocks
@@ -116,7 +116,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         if batch.mode == ForwardMode.DECODE:
-            splits = self.num_kv_splits(batch.batch_size, batch.kv_pool.num_kv_heads)
+            splits = self.num_kv_splits(batch.batch_size, self.kv_pool.num_kv_heads)
             batch.attn_metadata = _DecodeMetadata(batch.req_pool_indices, batch.seq_lens, splits)
             return
         starts, offset = [], 0
@@ -149,27 +149,27 @@ class TritonAttentionBackend(AttentionBackend):
                     q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
                     is_causal=True, scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
                 return out.squeeze(0).transpose(0, 1)
-        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
         return self.kernels.extend_attention(
-            q, k_buf, v_buf, batch.req_to_token, meta.req_pool_indices, meta.seq_lens, meta.q_starts,
+            q, k_buf, v_buf, self.req_to_token, meta.req_pool_indices, meta.seq_lens, meta.q_starts,
             meta.extend_lens, meta.max_extend_len, layer.scaling, layer.sliding_window,
             blocks=self.extend_blocks,
         )
 
     def save_kv(self, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch) -> None:
-        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
         if k.dtype != k_buf.dtype or not self.kernels.store_kv(k, v, k_buf, v_buf, batch.out_cache_loc):
             super().save_kv(k, v, layer, batch)
 
     def forward_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         meta: _DecodeMetadata = batch.attn_metadata
-        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
         heads, v_dim = layer.num_heads, v_buf.shape[2]
         if (heads, v_dim) not in meta.scratch:
             meta.scratch[heads, v_dim] = self.kernels.decode_scratch(q.shape[0], heads, meta.num_kv_splits, v_dim,
                                                                      q.device)
         return self.kernels.decode_attention(
-            q, k_buf, v_buf, batch.req_to_token, meta.req_pool_indices, meta.seq_lens, layer.scaling,
+            q, k_buf, v_buf, self.req_to_token, meta.req_pool_indices, meta.seq_lens, layer.scaling,
             layer.sliding_window, meta.num_kv_splits, self.min_split_len, blocks=self.decode_blocks,
             scratch=meta.scratch[heads, v_dim],
         )

@@ -12,7 +12,7 @@ from mmserve.distributed.parallel_state import tp_all_gather
 from mmserve.layers.embedding import ParallelLMHead
 
 if TYPE_CHECKING:
-    from mmserve.runner.forward_batch import ForwardBatch
+    from mmserve.forward_batch import ForwardBatch
 
 
 class LogitsProcessor(nn.Module):

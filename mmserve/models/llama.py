@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 
 from mmserve.attention.base import Attention
 from mmserve.distributed.parallel_state import get_tp_size
+from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from mmserve.layers.linear import QKVParallelLinear, RowParallelLinear, default_weight_loader
 from mmserve.layers.logits import LogitsProcessor
@@ -22,7 +23,6 @@ from mmserve.layers.mlp import GatedMLP
 from mmserve.layers.moe import expert_weight_target
 from mmserve.layers.norm import RMSNorm
 from mmserve.layers.rotary import MRotaryEmbedding, RotaryEmbedding, rope_parameters
-from mmserve.runner.forward_batch import ForwardBatch
 
 
 def head_dim_of(config: PretrainedConfig) -> int:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.activation import get_act_fn
 from mmserve.layers.embedding import ParallelLMHead
 from mmserve.layers.linear import default_weight_loader
@@ -25,7 +26,6 @@ from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
 from mmserve.multimodal.mrope import mrope_positions
-from mmserve.runner.forward_batch import ForwardBatch
 
 _ENCODER_CACHE_BYTES = 512 << 20
 

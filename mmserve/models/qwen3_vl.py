@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from mmserve.forward_batch import ForwardBatch, ForwardMode
 from mmserve.layers.rotary import rope_parameters
 from mmserve.models.llama import LlamaModel
 from mmserve.models.qwen2_vl import (
@@ -41,7 +42,6 @@ from mmserve.models.qwen2_vl import (
 from mmserve.models.qwen3_moe import qwen_moe_mlp
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.inputs import MultimodalInputs
-from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
 
 
 class PatchMerger(nn.Module):

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import torch
 
+from mmserve.forward_batch import ForwardBatch, ForwardMode
 from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalItem, is_pad
-from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
 
 
 def embed_multimodal(input_ids: torch.Tensor, batch: ForwardBatch,

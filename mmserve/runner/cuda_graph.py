@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
+from mmserve.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
     from mmserve.runner.model_runner import ModelRunner
@@ -66,7 +66,6 @@ class CudaGraphRunner:
 
     def static_batch(self, bs: int) -> ForwardBatch:
         """A decode batch over the first `bs` rows of the static buffers (all rows of length 0 until filled)."""
-        runner = self.runner
         return ForwardBatch(
             mode=ForwardMode.DECODE,
             input_ids=self.input_ids[:bs],
@@ -76,9 +75,6 @@ class CudaGraphRunner:
             seq_lens=self.seq_lens[:bs],
             seq_lens_cpu=[0] * bs,  # graphs must not depend on host values; backends that read these cannot capture
             extend_lens_cpu=[1] * bs,
-            req_to_token=runner.req_to_token_pool.req_to_token,
-            kv_pool=runner.kv_pool,
-            attn_backend=runner.attn_backend,
             logits_indices=None,
         )
 

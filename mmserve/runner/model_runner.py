@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mmserve.attention.base import create_attention_backend
+from mmserve.attention.base import bind_attention, create_attention_backend
 from mmserve.cache.kv_pool import KVPool, ReqToTokenPool
 from mmserve.config import ModelConfig, ServerArgs
 from mmserve.distributed.parallel_state import get_tp_size
+from mmserve.forward_batch import ForwardBatch
 from mmserve.layers import moe
 from mmserve.models.loader import iterate_weights
 from mmserve.models.registry import ModelRegistry
 from mmserve.runner.cuda_graph import CudaGraphRunner
-from mmserve.runner.forward_batch import ForwardBatch
 from mmserve.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ class ModelRunner:
                               max(1, model_config.num_kv_heads // tp), model_config.head_dim, self.dtype, device)
         # A few spare rows: a request being prefilled in chunks holds one beside the running batch.
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 8, model_config.context_len + 1, device)
-        self.attn_backend = create_attention_backend(args.attention_backend, device)
+        self.attn_backend = create_attention_backend(args.attention_backend, device).bind(
+            self.kv_pool, self.req_to_token_pool.req_to_token)
+        bind_attention(self.model, self.attn_backend)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device).manual_seed(args.random_seed)
         self.graph_runner: CudaGraphRunner | None = None

@@ -17,9 +17,9 @@ import torch
 
 from mmserve.cache.radix_cache import RadixCache
 from mmserve.config import ModelConfig, ServerArgs
+from mmserve.forward_batch import ForwardBatch, ForwardMode
 from mmserve.messages import GenerateRequest, TokenOutput
 from mmserve.multimodal.inputs import MultimodalInputs, from_wire
-from mmserve.runner.forward_batch import ForwardBatch, ForwardMode
 from mmserve.runner.model_runner import ModelRunner
 from mmserve.runner.sampler import PenaltyState, SamplingBatch
 from mmserve.sampling_params import SamplingParams
@@ -547,9 +547,6 @@ class Scheduler:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64).to(device, non_blocking=True),
             seq_lens_cpu=seq_lens,
             extend_lens_cpu=[n for _, n in batch],
-            req_to_token=self.req_pool.req_to_token,
-            kv_pool=self.kv_pool,
-            attn_backend=self.runner.attn_backend,
             logits_indices=torch.tensor(prompt_rows + sample_rows, dtype=torch.int64).to(device, non_blocking=True),
             mm_inputs=[req.mm for req, _ in batch],
         )
@@ -569,9 +566,6 @@ class Scheduler:
             seq_lens=dev[1] + 1,
             seq_lens_cpu=seq_lens_cpu,
             extend_lens_cpu=[1] * len(batch),
-            req_to_token=self.req_pool.req_to_token,
-            kv_pool=self.kv_pool,
-            attn_backend=self.runner.attn_backend,
             logits_indices=None,  # every row samples
         )
 

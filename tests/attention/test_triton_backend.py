@@ -27,7 +27,7 @@ from mmserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from mmserve.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from mmserve.attention.triton_kernels import DecodeBlocks, ExtendBlocks, decode_attention  # noqa: E402
 from mmserve.cache.kv_pool import KVPool, ReqToTokenPool  # noqa: E402
-from mmserve.runner.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from mmserve.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 TOLERANCE = {F32: 2e-5, F16: 4e-3, BF16: 3e-2}
@@ -71,10 +71,9 @@ def compare(mode: ForwardMode, lens: list[tuple[int, int]], heads: int, kv_heads
             positions=torch.zeros(tokens, dtype=torch.int64, device=DEVICE), out_cache_loc=torch.cat(out_loc),
             req_pool_indices=torch.tensor(rows, device=DEVICE),
             seq_lens=torch.tensor([s for s, _ in lens], device=DEVICE), seq_lens_cpu=[s for s, _ in lens],
-            extend_lens_cpu=[e for _, e in lens], req_to_token=table.req_to_token, kv_pool=pool, attn_backend=be,
-            logits_indices=None,
+            extend_lens_cpu=[e for _, e in lens], logits_indices=None,
         )
-        be.init_forward_metadata(batch)
+        be.bind(pool, table.req_to_token).init_forward_metadata(batch)
         outs.append(be.forward(q, k, v, layer, batch).float())
     expected, got = outs
     assert got.shape == expected.shape == (tokens, heads * head_dim)

@@ -3,19 +3,19 @@
 Tokens of all requests are concatenated on one axis (no padding). An EXTEND step runs new prompt tokens
 (a whole prompt, a chunk of one, or a recomputation after retraction) on top of a cached prefix; a DECODE
 step runs exactly one token per request.
+
+A noun of the ground floor: it imports nothing of mmserve and holds tensors and numbers, no objects (the attention
+backend got the KV pool and the request-to-token table when it was built; models reach the backend through their
+`Attention` layers, which the runner binds to it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from mmserve.attention.base import AttentionBackend
-    from mmserve.cache.kv_pool import KVPool
 
 
 class ForwardMode(Enum):
@@ -33,9 +33,6 @@ class ForwardBatch:
     seq_lens: torch.Tensor  # [B] KV length of each request after this step
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]  # new tokens of each request in this step (1 for decode)
-    req_to_token: torch.Tensor
-    kv_pool: KVPool
-    attn_backend: AttentionBackend
     logits_indices: torch.Tensor | None  # rows of the hidden states whose logits are needed (None: all)
     attn_metadata: Any = field(default=None)  # filled by the backend's init_forward_metadata
     mm_inputs: list[Any] | None = None  # per request: MultimodalInputs or None (EXTEND steps only)
