@@ -6,11 +6,11 @@ longest extend as a host int that sizes the grid); the per-layer calls then only
 per-request Python. Kernels live in `triton_kernels.py`; the torch backend is the reference they are tested
 against (on CPU under `TRITON_INTERPRET=1`).
 
-CUDA graphs (decode) need little more: the kernels read `req_pool_indices` and `seq_lens` from device memory, the
-grid depends only on the batch size and `num_kv_splits` (itself a function of the batch size), and a padding row
-of length 0 gets zeros without reading anything. What capture/replay hooks would add: static `req_pool_indices`
-and `seq_lens` buffers of the bucket's size that replay fills (padding with length 0), metadata pointing at them,
-and the split scratch allocated once per bucket at capture instead of per step.
+Decode can be captured in a CUDA graph (`supports_cuda_graph`; runner/cuda_graph.py): the kernels read
+`req_pool_indices` and `seq_lens` from device memory, the grid depends only on the batch size and `num_kv_splits`
+(itself a function of the batch size), and a padding row of length 0 gets zeros without reading anything. The
+graph runner builds each bucket's metadata once over its static buffers; the split scratch is allocated by the
+first layer of the warm-up before capture and kept with that metadata.
 """
 
 from __future__ import annotations
