@@ -37,7 +37,21 @@ class Engine:
 
     def __init__(self, **kwargs: Any):
         self.args = ServerArgs(**kwargs)
-        self.core = EngineCore(self.args)
+        self._inbox: queue.Queue = queue.Queue()
+        self._queues: dict[str, queue.Queue] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        # The core is built in the thread that steps it. On the CPU, a model stepped from another thread than the
+        # one that loaded it ran 1.4x slower on 2 cores (torch's OpenMP team belongs to the loading thread); the
+        # engine process does the same (engine_process._serve).
+        built = threading.Event()
+        self._thread = threading.Thread(target=self._build_and_loop, args=(built,), name="mmserve-scheduler",
+                                        daemon=True)
+        self._thread.start()
+        built.wait()
+        if self._error is not None:
+            raise self._error
         self.tokenizer = self.core.tokenizer
         self.model_config = self.core.model_config
         self.device = self.core.device
@@ -49,13 +63,6 @@ class Engine:
             folder, _ = split_gguf(self.core.checkpoint)
             self.processor = MultimodalProcessor(self.args, type(self.core.runner.model), self.model_config.hf_config,
                                                  folder)
-        self._inbox: queue.Queue = queue.Queue()
-        self._queues: dict[str, queue.Queue] = {}
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="mmserve-scheduler", daemon=True)
-        self._thread.start()
         ready = self.core.ready()
         logger.info("engine ready: %s, %s, context %d, KV cache %d tokens", self.args.model_path, ready.dtype,
                     ready.context_len, ready.max_total_tokens)
@@ -224,6 +231,16 @@ class Engine:
                 self.abort(state.rid)
 
     # ----- scheduler thread -----
+
+    def _build_and_loop(self, built: threading.Event) -> None:
+        try:
+            self.core = EngineCore(self.args)
+        except BaseException as exc:  # noqa: BLE001 - raised again by __init__ in the caller's thread
+            self._error = exc
+            return
+        finally:
+            built.set()
+        self._loop()
 
     def _loop(self) -> None:
         core = self.core
