@@ -55,14 +55,18 @@ class Engine:
         self.tokenizer = self.core.tokenizer
         self.model_config = self.core.model_config
         self.device = self.core.device
-        self.chat_template = resolve_chat_template(self.args.chat_template, self.tokenizer)
-        self.processor = None
-        if self.core.is_multimodal:
-            from mmserve.multimodal.processor import MultimodalProcessor
+        try:
+            self.chat_template = resolve_chat_template(self.args.chat_template, self.tokenizer)
+            self.processor = None
+            if self.core.is_multimodal:
+                from mmserve.multimodal.processor import MultimodalProcessor
 
-            folder, _ = split_gguf(self.core.checkpoint)
-            self.processor = MultimodalProcessor(self.args, type(self.core.runner.model), self.model_config.hf_config,
-                                                 folder)
+                folder, _ = split_gguf(self.core.checkpoint)
+                self.processor = MultimodalProcessor(self.args, type(self.core.runner.model),
+                                                     self.model_config.hf_config, folder)
+        except BaseException:  # the scheduler thread already holds the model: stop it and free that first
+            self.shutdown()
+            raise
         ready = self.core.ready()
         logger.info("engine ready: %s, %s, context %d, KV cache %d tokens", self.args.model_path, ready.dtype,
                     ready.context_len, ready.max_total_tokens)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -108,8 +109,11 @@ def test_named_chat_template_is_used(tiny_model_dir):
         text = engine.tokenizer.decode(ids)
         assert "<|start_header_id|>user<|end_header_id|>" in text and text.endswith(
             "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    schedulers = sum(t.name == "mmserve-scheduler" for t in threading.enumerate())
     with pytest.raises(ValueError, match="chatml"):
         Engine(model_path=str(tiny_model_dir("qwen2")), chat_template="no-such-template")
+    # the scheduler thread that had built the model for it is stopped, not left holding the model
+    assert sum(t.name == "mmserve-scheduler" for t in threading.enumerate()) == schedulers
 
 
 def test_generate_command_prints_the_answer(tiny_model_dir, capsys):
