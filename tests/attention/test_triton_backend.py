@@ -8,27 +8,20 @@ and the backend is built with small blocks and splits so that short sequences st
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
+from mmserve import Engine
+from mmserve.attention import triton_kernels
+from mmserve.attention.base import Attention, create_attention_backend
+from mmserve.attention.torch_backend import TorchAttentionBackend
+from mmserve.attention.triton_backend import TritonAttentionBackend
+from mmserve.attention.triton_kernels import DecodeBlocks, ExtendBlocks, decode_attention
+from mmserve.cache.kv_pool import KVPool, ReqToTokenPool
+from mmserve.forward_batch import ForwardBatch, ForwardMode
+
+# without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET, set by tests/conftest.py)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    # Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. when mmserve.attention.triton_kernels
-    # is first imported (below, or lazily by the backend), not when triton itself is imported.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-from mmserve import Engine  # noqa: E402
-from mmserve.attention import triton_kernels  # noqa: E402
-from mmserve.attention.base import Attention, create_attention_backend  # noqa: E402
-from mmserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
-from mmserve.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from mmserve.attention.triton_kernels import DecodeBlocks, ExtendBlocks, decode_attention  # noqa: E402
-from mmserve.cache.kv_pool import KVPool, ReqToTokenPool  # noqa: E402
-from mmserve.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
-
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 TOLERANCE = {F32: 2e-5, F16: 4e-3, BF16: 3e-2}
 

@@ -11,38 +11,24 @@ tensors (slow per program: shapes stay small), with `run_on_cpu` set to send CPU
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
+from mmserve.layers import fused_ops
+from mmserve.layers.activation import GatedActivation
+from mmserve.layers.norm import RMSNorm
+from mmserve.layers.rotary import MRotaryEmbedding, RotaryEmbedding
+
+# Without a GPU the kernels run in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET before anything
+# imports triton (transformers does), which its library functions (tl.sum, ...) need as much as our kernels.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    # Triton reads TRITON_INTERPRET when @triton.jit decorates a function (ours, and its own library's such as tl.sum),
-    # i.e. when triton and mmserve.layers.fused_kernels are first imported: at the first kernel call, after this line,
-    # unless an earlier test module imported triton (checked below).
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-from mmserve.layers import fused_ops  # noqa: E402
-from mmserve.layers.activation import GatedActivation  # noqa: E402
-from mmserve.layers.norm import RMSNorm  # noqa: E402
-from mmserve.layers.rotary import MRotaryEmbedding, RotaryEmbedding  # noqa: E402
 
 # exp(-x) overflows to inf for very negative x, in the interpreter's numpy too; act(x) is then -0, as in eager
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-
-if DEVICE == "cpu":
-    import triton.language as tl  # noqa: E402
-    from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-    if not isinstance(tl.sum, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (transformers imports it), so its library "
-                    "functions cannot run in the interpreter: run this module before those that import transformers, "
-                    "or set TRITON_INTERPRET=1 in the environment", allow_module_level=True)
 
 F32, BF16 = torch.float32, torch.bfloat16
 # A last-place difference in rsqrt (the GPU's is approximate) or in the order of the sum of squares can flip the

@@ -7,21 +7,15 @@ the forward not captured) with the Triton kernels in the interpreter, so CI chec
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+from engine_helpers import assert_pool_consistent
+from vl_helpers import IMAGE, picture
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first decorated (see tests/attention)
+from mmserve import Engine
+from mmserve.runner.cuda_graph import CudaGraphRunner, graph_batch_sizes
 
-import pytest  # noqa: E402
-from engine_helpers import assert_pool_consistent  # noqa: E402
-from vl_helpers import IMAGE, picture  # noqa: E402
-
-from mmserve import Engine  # noqa: E402
-from mmserve.runner.cuda_graph import CudaGraphRunner, graph_batch_sizes  # noqa: E402
-
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels in Triton's interpreter
 GREEDY = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
 PROMPTS = ["The quick brown fox", "Hello", "A much longer prompt about the weather in the mountains today",
            "One two three four five", "Paris is"]

@@ -15,17 +15,6 @@ from mmserve import Engine
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def model_path(tiny_model_dir):
-    return str(tiny_model_dir("qwen2"))
-
-
-@pytest.fixture(scope="module")
-def engine(model_path):
-    with Engine(model_path=model_path, dtype="float32") as e:
-        yield e
-
-
 def test_shared_prefix_is_reused_and_outputs_unchanged(engine, model_path):
     prefix = "A shared system prompt that many requests start with, followed by the question: "
     first = engine.generate(prefix + "what is one plus one?", GREEDY)

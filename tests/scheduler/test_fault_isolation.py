@@ -25,11 +25,6 @@ POISON = 4242  # a token id only the poisoned prompt holds
 
 
 @pytest.fixture(scope="module")
-def model_path(tiny_model_dir):
-    return str(tiny_model_dir("qwen2"))
-
-
-@pytest.fixture(scope="module")
 def engine(model_path):
     with Engine(model_path=model_path, dtype="float32", max_logprobs=5) as e:
         yield e

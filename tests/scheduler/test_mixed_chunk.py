@@ -4,7 +4,6 @@ requests finishing inside mixed steps, and the KV pool ends clean."""
 
 from __future__ import annotations
 
-import pytest
 from engine_helpers import assert_pool_consistent
 from vl_helpers import IMAGE, picture
 
@@ -38,11 +37,6 @@ def _run_core(model_path: str, mixed: bool) -> tuple[dict[str, list[int]], int]:
     sched, pool = core.scheduler, core.runner.kv_pool
     assert pool.available_size() + sched.tree.total_size() == pool.size and sched.tree.protected_size() == 0
     return tokens, sched.stats.mixed_steps
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model_dir):
-    return str(tiny_model_dir("qwen2"))
 
 
 def test_mixed_steps_give_the_same_tokens(model_path):

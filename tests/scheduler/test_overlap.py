@@ -11,18 +11,12 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 from engine_helpers import assert_pool_consistent
 
 from mmserve import Engine
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 PROMPTS = [f"Prompt {i} is about topic {i * 7} and more" for i in range(5)]
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model_dir):
-    return str(tiny_model_dir("qwen2"))
 
 
 def _engine(model_path: str, overlap: bool, **kwargs) -> Engine:

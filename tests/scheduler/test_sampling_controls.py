@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmserve import Engine
 from mmserve.sampling_params import SamplingParams
 from mmserve.scheduler.req import Req
 from mmserve.tokenizer.detokenizer import IncrementalDetokenizer
@@ -14,17 +13,6 @@ from mmserve.tokenizer.detokenizer import IncrementalDetokenizer
 EOS = 2  # tests/tiny_models.py
 GREEDY = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
 PROMPT = "The cat sat on the mat and then"
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model_dir):
-    return str(tiny_model_dir("qwen2"))
-
-
-@pytest.fixture(scope="module")
-def engine(model_path):
-    with Engine(model_path=model_path, dtype="float32") as e:
-        yield e
 
 
 @pytest.fixture(scope="module")
