@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
 
 from mmserve.bench.presets import add_preset_args, apply_preset
 from mmserve.config import ServerArgs
@@ -33,21 +32,16 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from mmserve.bench.fastpath import ttft as request_seconds
     from mmserve.engine import Engine
 
     rng = random.Random(args.seed)
-    params = {"temperature": 0, "max_new_tokens": 1, "ignore_eos": True}
     rows = []
     with Engine(**vars(server_args)) as engine:
         vocab = min(engine.model_config.vocab_size, 32000)
 
         def ttft(n: int) -> float:
-            ids = [rng.randrange(100, vocab) for _ in range(n)]
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            engine.generate(input_ids=ids, sampling_params=params)
-            return (time.perf_counter() - start) * 1000
+            return 1000 * request_seconds(engine, [rng.randrange(100, vocab) for _ in range(n)])
 
         ttft(64)  # the engine's own first-call costs, at a length not measured below
         for n in lengths:
