@@ -72,7 +72,11 @@ class ServerArgs:
                                    "(paged GPU kernels) or auto (triton on CUDA, torch elsewhere).")
     cuda_graph_max_bs: int | None = _flag(None, "Largest decode batch replayed from a CUDA graph (default: 512, "
                                           "or --max-running-requests when smaller); larger batches run eagerly.")
-    disable_cuda_graph: bool = _flag(False, "Run decode steps eagerly instead of from captured CUDA graphs.")
+    disable_cuda_graph: bool = _flag(False, "Run decode and prefill steps eagerly instead of from captured CUDA "
+                                     "graphs.")
+    cuda_graph_max_prefill_tokens: int = _flag(1024, "Largest prefill step (in tokens, text only, up to 16 "
+                                               "requests) replayed from a CUDA graph; 0 captures none. Short "
+                                               "prompts are otherwise bound by launching their kernels.")
     enable_mixed_chunk: bool = _flag(False, "Decode the running requests in the same step as a prefill chunk, so "
                                      "a long prompt does not stall them (their attention then runs in the extend "
                                      "kernel rather than flash attention).")
@@ -107,6 +111,8 @@ class ServerArgs:
             raise ValueError(f"context_length must be >= 1, got {self.context_length}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
+        if self.cuda_graph_max_prefill_tokens < 0:
+            raise ValueError(f"cuda_graph_max_prefill_tokens must be >= 0, got {self.cuda_graph_max_prefill_tokens}")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if not 0 <= self.port <= 65535:

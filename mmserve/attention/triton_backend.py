@@ -133,6 +133,15 @@ class TritonAttentionBackend(AttentionBackend):
         batch.attn_metadata = _ExtendMetadata(batch.req_pool_indices, batch.seq_lens, lens[0], lens[1],
                                               max(batch.extend_lens_cpu), cu_seqlens)
 
+    def init_graph_extend_metadata(self, batch: ForwardBatch, q_starts: torch.Tensor, extend_lens: torch.Tensor,
+                                   cu_seqlens: torch.Tensor | None) -> None:
+        """Extend metadata over a prefill graph's static buffers (runner/cuda_graph.py): the per-request vectors
+        are device tensors the runner rewrites before each replay, the grid is sized by the bucket's token count,
+        and `cu_seqlens` (None: some request has a cached prefix) selects flash attention at capture time."""
+        batch.attn_metadata = _ExtendMetadata(batch.req_pool_indices, batch.seq_lens, q_starts, extend_lens,
+                                              batch.input_ids.shape[0],
+                                              cu_seqlens if self.dense_prefill else None)
+
     def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, k: torch.Tensor,
                        v: torch.Tensor) -> torch.Tensor:
         meta: _ExtendMetadata = batch.attn_metadata

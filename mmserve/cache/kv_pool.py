@@ -20,9 +20,12 @@ class ReqToTokenPool:
         self.size: int = size
         self.max_context_len: int = max_context_len
         self.device: torch.device = torch.device(device)
+        # One row more than `size`, never handed out and left all zeros: every position of it maps to the KV
+        # pool's dummy slot 0, for padding requests (the prefill CUDA graphs' padding tokens attend through it).
         self.req_to_token: torch.Tensor = torch.zeros(
-            (size, max_context_len), dtype=torch.int64, device=self.device
+            (size + 1, max_context_len), dtype=torch.int64, device=self.device
         )
+        self.padding_row: int = size
         # Requests come and go one at a time, so a Python list is cheap here; reversed so that row 0 is
         # handed out first, which keeps debugging output readable.
         self._free_rows: list[int] = list(range(size - 1, -1, -1))

@@ -22,7 +22,7 @@ from mmserve.forward_batch import ForwardBatch
 from mmserve.layers import moe
 from mmserve.models.loader import iterate_weights
 from mmserve.models.registry import ModelRegistry
-from mmserve.runner.cuda_graph import CudaGraphRunner
+from mmserve.runner.cuda_graph import CudaGraphRunner, PrefillGraphRunner
 from mmserve.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
 logger = logging.getLogger(__name__)
@@ -62,19 +62,40 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device).manual_seed(args.random_seed)
         self.graph_runner: CudaGraphRunner | None = None
+        self.prefill_graph_runner: PrefillGraphRunner | None = None
         if self._use_cuda_graphs():
-            self.graph_runner = CudaGraphRunner(self, min(args.cuda_graph_max_bs or 512, self.max_running_requests))
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """Prefill graphs (largest first: they need the most memory), then decode graphs, in one memory pool."""
+        args, device = self.args, self.device
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
+        free_before = torch.cuda.mem_get_info(device)[0]
+        if args.cuda_graph_max_prefill_tokens and hasattr(self.attn_backend, "init_graph_extend_metadata"):
+            self.prefill_graph_runner = PrefillGraphRunner(self, min(args.cuda_graph_max_prefill_tokens,
+                                                                     self.config.context_len))
             try:
-                self.graph_runner.capture()
-            except RuntimeError as exc:  # an operation that cannot be captured: serve eagerly rather than not at all
-                logger.warning("CUDA graph capture failed, decoding without graphs (%s)", exc)
-                self.graph_runner = None
+                self.prefill_graph_runner.capture(pool, stream)
+            except RuntimeError as exc:  # an operation that cannot be captured: prefill eagerly
+                logger.warning("prefill CUDA graph capture failed, prefilling without graphs (%s)", exc)
+                self.prefill_graph_runner = None
                 torch.cuda.synchronize(device)
-        if self.graph_runner is not None:
-            logger.info("CUDA graphs: %d decode batch sizes up to %d captured in %.1f s, %.0f MiB of graph memory; "
-                        "KV cache of %d tokens", len(self.graph_runner.batch_sizes), self.graph_runner.max_bs,
-                        self.graph_runner.capture_seconds, self.graph_runner.graph_bytes / 2**20,
-                        self.max_total_tokens)
+        self.graph_runner = CudaGraphRunner(self, min(args.cuda_graph_max_bs or 512, self.max_running_requests))
+        try:
+            self.graph_runner.capture(pool, stream)
+        except RuntimeError as exc:  # serve eagerly rather than not at all
+            logger.warning("CUDA graph capture failed, decoding without graphs (%s)", exc)
+            self.graph_runner = None
+            torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)
+        graph_mib = max(0, free_before - torch.cuda.mem_get_info(device)[0]) / 2**20
+        prefill = self.prefill_graph_runner
+        decode = self.graph_runner
+        logger.info("CUDA graphs: decode %s, prefill %s; %.0f MiB of graph memory; KV cache of %d tokens",
+                    f"{len(decode.batch_sizes)} batch sizes up to {decode.max_bs} ({decode.capture_seconds:.1f} s)"
+                    if decode else "off",
+                    f"{len(prefill.token_buckets)} sizes up to {prefill.max_tokens} tokens "
+                    f"({prefill.capture_seconds:.1f} s)" if prefill else "off", graph_mib, self.max_total_tokens)
 
     def _use_cuda_graphs(self) -> bool:
         if self.device.type != "cuda" or self.args.disable_cuda_graph:
@@ -129,10 +150,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits of the rows in batch.logits_indices (all rows when None). A decode batch that a captured
-        graph covers replays it; the logits are then valid until the next forward."""
+        """float32 logits of the rows in batch.logits_indices (all rows when None). A decode batch or a short
+        text prefill that a captured graph covers replays it; the logits are then valid until the next forward."""
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.replay(batch)
+        if self.prefill_graph_runner is not None and self.prefill_graph_runner.can_run(batch):
+            return self.prefill_graph_runner.replay(batch)
         self.attn_backend.init_forward_metadata(batch)
         return self.run_model(batch)
 

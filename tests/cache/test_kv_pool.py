@@ -84,8 +84,9 @@ def test_bytes_per_token() -> None:
 
 def test_req_to_token_pool_alloc_free_reuse() -> None:
     pool = ReqToTokenPool(3, max_context_len=16, device="cpu")
-    assert pool.req_to_token.shape == (3, 16) and pool.req_to_token.dtype == torch.int64
-    assert pool.req_to_token.abs().sum() == 0
+    # three rows to hand out and the padding row, which never is
+    assert pool.req_to_token.shape == (4, 16) and pool.req_to_token.dtype == torch.int64
+    assert pool.req_to_token.abs().sum() == 0 and pool.padding_row == 3
     rows = [pool.alloc() for _ in range(3)]
     assert sorted(rows) == [0, 1, 2]  # type: ignore[type-var]
     assert pool.available_size() == 0

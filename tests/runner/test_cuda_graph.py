@@ -13,7 +13,10 @@ from engine_helpers import assert_pool_consistent
 from vl_helpers import IMAGE, picture
 
 from mmserve import Engine
-from mmserve.runner.cuda_graph import CudaGraphRunner, graph_batch_sizes
+from mmserve.config import ServerArgs
+from mmserve.engine_core import EngineCore
+from mmserve.messages import GenerateRequest
+from mmserve.runner.cuda_graph import CudaGraphRunner, PrefillGraphRunner, graph_batch_sizes, prefill_token_buckets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels in Triton's interpreter
 GREEDY = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
@@ -93,3 +96,101 @@ def test_graphs_follow_the_flags(tiny_model_dir):
         with Engine(model_path=path, dtype="float32", max_running_requests=6, cuda_graph_max_bs=64) as engine:
             assert engine.runner.graph_runner.batch_sizes == [1, 2, 3, 4, 6]
             assert engine.runner.graph_runner.graphs.keys() == {1, 2, 3, 4, 6}
+
+
+# ----- prefill graphs -----
+
+
+def test_prefill_token_buckets():
+    assert prefill_token_buckets(16) == [16]
+    assert prefill_token_buckets(100) == [16, 32, 64, 100]
+    buckets = prefill_token_buckets(1024)
+    assert buckets[:5] == [16, 32, 64, 128, 192] and buckets[-3:] == [768, 896, 1024]
+    assert buckets == sorted(set(buckets))
+    with pytest.raises(ValueError, match="cuda_graph_max_prefill_tokens"):
+        prefill_token_buckets(0)
+
+
+def _with_prefill_graphs(engine: Engine | EngineCore, max_tokens: int) -> PrefillGraphRunner:
+    runner = engine.runner
+    graphs = PrefillGraphRunner(runner, max_tokens, use_graphs=False)
+    graphs.capture()
+    runner.prefill_graph_runner = graphs
+    return graphs
+
+
+def _count_replays(graphs) -> list[tuple[int, int, bool]]:
+    """(tokens, requests, any cached prefix) of every step the runner replays."""
+    seen = []
+    original = graphs.replay
+    graphs.replay = lambda batch: (seen.append((batch.input_ids.shape[0], batch.batch_size,
+                                                any(batch.prefix_lens_cpu))), original(batch))[1]
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_padded_prefill_graphs_match_eager_prefill(tiny_model_dir, family):
+    """Prompts alone and together, fresh and behind a cached prefix, a window shorter than the prompts (Mistral's
+    8), prefilled through the padded static buffers (buckets of 16/32/48 tokens, 16 request rows, one padding
+    request), give the eager engine's tokens; the padding writes nothing but the dummy slot."""
+    path = str(tiny_model_dir(family))
+    long = PROMPTS[2] + " and the rivers below them"
+    with Engine(model_path=path, dtype="float32", attention_backend="triton", device=DEVICE,
+                disable_cuda_graph=True) as engine:
+        eager = [_tokens(engine, [p]) for p in PROMPTS] + [_tokens(engine, PROMPTS), _tokens(engine, [long])]
+    kwargs = {} if DEVICE == "cuda" else {"disable_cuda_graph": True}
+    with Engine(model_path=path, dtype="float32", attention_backend="triton", device=DEVICE,
+                cuda_graph_max_prefill_tokens=48, **kwargs) as engine:
+        graphs = engine.runner.prefill_graph_runner if DEVICE == "cuda" else _with_prefill_graphs(engine, 48)
+        assert graphs.token_buckets == [16, 32, 48]
+        replays = _count_replays(graphs)
+        got = [_tokens(engine, [p]) for p in PROMPTS] + [_tokens(engine, PROMPTS), _tokens(engine, [long])]
+        assert got == eager
+        assert any(n == 1 and not cached for _, n, cached in replays)  # a prompt alone
+        assert any(n > 1 for _, n, _ in replays)  # several prompts in one step
+        assert any(cached for _, _, cached in replays)  # behind the cache (PROMPTS again, then `long`)
+        assert engine.runner.kv_pool.k_buffers[0][0].abs().sum() > 0  # the padding did write the dummy slot
+        assert_pool_consistent(engine)
+
+
+def _input_logprobs(path: str, graph_tokens: int) -> tuple[list[float | None], list[int]]:
+    """Prompt log-probs of a 40-token prompt from position 0 (41 logits rows in its step), through EngineCore."""
+    kwargs = {"disable_cuda_graph": True} if graph_tokens == 0 or DEVICE != "cuda" else {}
+    core = EngineCore(ServerArgs(model_path=path, dtype="float32", attention_backend="triton", device=DEVICE,
+                                 cuda_graph_max_prefill_tokens=graph_tokens, **kwargs))
+    if graph_tokens and DEVICE != "cuda":
+        _with_prefill_graphs(core, graph_tokens)
+    core.handle(GenerateRequest("scored", list(range(100, 140)), {**GREEDY, "max_new_tokens": 2},
+                                logprob_start_len=0))
+    logprobs, tokens = [], []
+    while core.has_work():
+        for out in core.step():
+            tokens.extend(out.new_token_ids)
+            logprobs.extend(out.input_token_logprobs or [])
+    return logprobs, tokens
+
+
+def test_prefill_graphs_leave_what_they_cannot_run_to_the_eager_path(tiny_model_dir):
+    """More than 16 requests, prompt log-probs over more than 16 rows: eager, with the same results; a prompt
+    longer than the largest bucket runs its chunks (no logits rows but the last chunk's) through the graphs."""
+    path = str(tiny_model_dir("qwen2"))
+    many = [f"Request number {i} asks" for i in range(17)]
+    long = " ".join(["word"] * 60)
+    with Engine(model_path=path, dtype="float32", attention_backend="triton", device=DEVICE,
+                disable_cuda_graph=True, chunked_prefill_size=16) as engine:
+        eager = (_tokens(engine, many), _tokens(engine, [long]))
+    kwargs = {} if DEVICE == "cuda" else {"disable_cuda_graph": True}
+    with Engine(model_path=path, dtype="float32", attention_backend="triton", device=DEVICE,
+                cuda_graph_max_prefill_tokens=32, chunked_prefill_size=16, **kwargs) as engine:
+        graphs = engine.runner.prefill_graph_runner if DEVICE == "cuda" else _with_prefill_graphs(engine, 32)
+        replays = _count_replays(graphs)
+        assert _tokens(engine, many) == eager[0]
+        assert all(n <= 16 for _, n, _ in replays)
+        replays.clear()
+        assert _tokens(engine, [long]) == eager[1]
+        assert len(replays) >= 3 and all(t <= 16 for t, _, _ in replays)  # chunks of 16 through the graphs
+        assert_pool_consistent(engine)
+    want, want_tokens = _input_logprobs(path, 0)
+    got, got_tokens = _input_logprobs(path, 32)
+    assert got_tokens == want_tokens and len(got) == len(want) == 40 and got[0] is None
+    assert got[1:] == pytest.approx(want[1:], abs=1e-4)
