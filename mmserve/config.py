@@ -65,6 +65,9 @@ class ServerArgs:
     chunked_prefill_size: int | None = _flag(None, "Longest prefill chunk in tokens (default 8192 on GPU, "
                                              "512 on CPU; -1 disables chunking).")
     max_prefill_tokens: int = _flag(16384, "Token budget of one prefill batch.")
+    max_encoder_tokens_per_step: int | None = _flag(None, "Most media placeholder tokens (vision-encoder output "
+                                                     "rows) encoded in one prefill step; requests with more wait "
+                                                     "for a later step (default: the step's token budget).")
     schedule_policy: str = _flag("fcfs", "Waiting-queue order: fcfs or lpm (longest prefix match first).",
                                  choices=["fcfs", "lpm"])
     disable_radix_cache: bool = _flag(False, "Do not reuse KV of shared prefixes across requests.")
@@ -111,6 +114,8 @@ class ServerArgs:
             raise ValueError(f"context_length must be >= 1, got {self.context_length}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
+        if self.max_encoder_tokens_per_step is not None and self.max_encoder_tokens_per_step < 1:
+            raise ValueError(f"max_encoder_tokens_per_step must be >= 1, got {self.max_encoder_tokens_per_step}")
         if self.cuda_graph_max_prefill_tokens < 0:
             raise ValueError(f"cuda_graph_max_prefill_tokens must be >= 0, got {self.cuda_graph_max_prefill_tokens}")
         if self.max_running_requests is not None and self.max_running_requests < 1:

@@ -37,11 +37,17 @@ def embed_multimodal(input_ids: torch.Tensor, batch: ForwardBatch,
                 placements.append((item, slice(offset + lo - start, offset + hi - start),
                                    slice(lo - item.offset, hi - item.offset)))
         offset += n
-    missing = list({item.hash: item for item, _, _ in placements if item.hash not in cache}.values())
-    if missing:
-        for item, out in zip(missing, encode(missing), strict=True):
-            assert out.shape[0] == item.length, f"encoder gave {out.shape[0]} rows for {item.length} placeholders"
-            cache.put(item.hash, out)
-    for item, rows, part in placements:
-        embeds[rows] = cache.get(item.hash)[part].to(embeds.dtype)
+    # every item this step places stays in the cache while the others are stored (they may exceed its budget)
+    needed = [item.hash for item, _, _ in placements]
+    cache.pin(needed)
+    try:
+        missing = list({item.hash: item for item, _, _ in placements if item.hash not in cache}.values())
+        if missing:
+            for item, out in zip(missing, encode(missing), strict=True):
+                assert out.shape[0] == item.length, f"encoder gave {out.shape[0]} rows for {item.length} placeholders"
+                cache.put(item.hash, out)
+        for item, rows, part in placements:
+            embeds[rows] = cache.get(item.hash)[part].to(embeds.dtype)
+    finally:
+        cache.unpin(needed)
     return embeds

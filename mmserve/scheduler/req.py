@@ -52,6 +52,8 @@ class Req:
     input_logprobs: list[float | None] = field(default_factory=list)
     input_top: list[list[tuple[int, float]]] = field(default_factory=list)
     input_logprobs_sent: bool = False
+    # encoder-cache keys this request pinned while its prompt is prefilled in chunks (Scheduler._pin_media)
+    encoder_pins: list[int] | None = None
 
     @property
     def wants_input_logprobs(self) -> bool:

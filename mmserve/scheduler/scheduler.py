@@ -87,6 +87,8 @@ class Scheduler:
         # work per finished request (tests turn it on to check the bookkeeping)
         self.overlap = self.device.type == "cuda" and not args.disable_overlap_schedule
         self._inflight: _InflightDecode | None = None
+        # a vision-language model's encoder outputs by media hash: the step's encoder work is budgeted from it
+        self.encoder_cache = getattr(runner.model, "encoder_cache", None)
 
     # ----- requests in and out -----
 
@@ -367,6 +369,7 @@ class Scheduler:
 
     def _release(self, req: Req) -> None:
         """A request leaves the engine: its KV goes to the prefix cache, its row back to the pool."""
+        self._unpin_media(req)
         if req.req_pool_idx is not None:
             self._cache_prefix(req, finished=True)
             self.req_pool.free(req.req_pool_idx)
@@ -374,6 +377,7 @@ class Scheduler:
         req.status = ReqStatus.FINISHED
 
     def _retract(self, req: Req) -> None:
+        self._unpin_media(req)
         self._cache_prefix(req, finished=True)
         self.req_pool.free(req.req_pool_idx)
         req.req_pool_idx, req.kv_len, req.status = None, 0, ReqStatus.WAITING
@@ -390,15 +394,50 @@ class Scheduler:
         return self.args.max_prefill_tokens if self.chunk_size is None else min(self.args.max_prefill_tokens,
                                                                                 self.chunk_size)
 
+    # ----- media: the encoder's share of a step -----
+
+    def _encoder_rows(self, req: Req, n: int, counted: set[int]) -> list[int]:
+        """Keys of the media items that req's next n tokens would send through the encoder this step: items
+        overlapping those tokens that are neither cached nor already counted for the step."""
+        if req.mm is None or self.encoder_cache is None:
+            return []
+        start, end = req.kv_len, req.kv_len + n
+        return [item.hash for item in req.mm.items if item.offset < end and item.end > start
+                and item.hash not in self.encoder_cache and item.hash not in counted]
+
+    def _encoder_cost(self, req: Req, keys: list[int]) -> int:
+        lengths = {item.hash: item.length for item in req.mm.items} if keys else {}
+        return sum(lengths[k] for k in keys)
+
+    def _pin_media(self, req: Req, n: int) -> None:
+        """A prompt continues in later chunks: keep its media items from this chunk on in the encoder cache until
+        its last chunk has run, so no later chunk encodes an item twice."""
+        if req.mm is None or self.encoder_cache is None or req.encoder_pins is not None:
+            return
+        req.encoder_pins = [item.hash for item in req.mm.items if item.end > req.kv_len + n]
+        self.encoder_cache.pin(req.encoder_pins)
+
+    def _unpin_media(self, req: Req) -> None:
+        if req.encoder_pins is not None:
+            self.encoder_cache.unpin(req.encoder_pins)
+            req.encoder_pins = None
+
     def _schedule_prefill(self, reserve: int = 0) -> list[tuple[Req, int]]:
         """(request, tokens to extend) pairs for a prefill step, or [] when nothing can be admitted. `reserve`
-        tokens of the step's budget are kept for decode rows mixed in (--enable-mixed-chunk)."""
+        tokens of the step's budget are kept for decode rows mixed in (--enable-mixed-chunk). Media items the step
+        would encode count against --max-encoder-tokens-per-step (by their placeholder tokens, i.e. encoder
+        output rows): a request whose new items would pass it waits for a later step, unless nothing else runs."""
         budget = self._prefill_budget() - reserve
+        encoder_budget = self.args.max_encoder_tokens_per_step or self._prefill_budget()
+        counted: set[int] = set()
         picked: list[tuple[Req, int]] = []
         reserved = self._reserved_tokens(self.running)
         if self.chunked is not None:
             req, self.chunked = self.chunked, None
             n = min(req.extend_len, budget)
+            keys = self._encoder_rows(req, n, counted)
+            counted.update(keys)
+            encoder_budget -= self._encoder_cost(req, keys)
             slots = self._alloc_slots(n)
             if slots is None:  # cannot happen: admission reserved the whole prompt
                 raise RuntimeError("KV cache exhausted during a chunked prefill")
@@ -421,6 +460,11 @@ class Scheduler:
                 self._unadmit(req)
                 break
             n = min(need, budget)
+            keys = self._encoder_rows(req, n, counted)
+            cost = self._encoder_cost(req, keys)
+            if cost > encoder_budget and picked:
+                self._unadmit(req)
+                break
             slots = self._alloc_slots(n)
             if slots is None:
                 self._unadmit(req)
@@ -428,9 +472,12 @@ class Scheduler:
             self.waiting.remove(req)
             self._place(req, slots, n)
             picked.append((req, n))
+            counted.update(keys)
+            encoder_budget -= cost
             reserved += self._reserved_tokens([req])
             budget -= n
             if n < need:
+                self._pin_media(req, n)
                 break  # this one continues as the chunked request; nothing more fits this step
         return picked
 
@@ -638,6 +685,7 @@ class Scheduler:
                 if req not in sampled:  # a prompt chunk: the rest of the prompt follows next step
                     self.chunked = req
                 else:
+                    self._unpin_media(req)  # its prompt is done: the encoder outputs served their chunks
                     self.running.append(req)
             elif req.finished:
                 self.running.remove(req)
