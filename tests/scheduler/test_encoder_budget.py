@@ -43,15 +43,18 @@ def test_cache_pins_outlive_the_budget():
 
 
 def test_encoder_budget_spreads_images_over_steps(tiny_qwen2_vl_dir):
+    """With a budget below one image, every prefill step takes one request (each has a new image): four steps of
+    one request for four requests however they arrive, and the tokens of unbudgeted steps."""
     path = str(tiny_qwen2_vl_dir)
     with Engine(model_path=path, dtype="float32") as engine:
         together = _tokens(engine)
-        steps_together = engine.scheduler.stats.prefill_steps
     with Engine(model_path=path, dtype="float32", max_encoder_tokens_per_step=1) as engine:
+        sizes = []
+        forward = engine.runner.forward
+        engine.runner.forward = lambda batch: (sizes.append((batch.mode.name, batch.batch_size)), forward(batch))[1]
         spread = _tokens(engine)
-        stats = engine.scheduler.stats
-        # every request has a new image, so each step takes one request: four prefill steps, not one
-        assert steps_together == 1 and stats.prefill_steps == len(PROMPTS)
+        assert [n for mode, n in sizes if mode == "EXTEND"] == [1, 1, 1, 1]
+        assert engine.scheduler.stats.prefill_steps == len(PROMPTS)
         assert engine.runner.model.encoder_cache.stores == 5
     assert spread == together
 
