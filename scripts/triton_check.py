@@ -2,7 +2,8 @@
 
 On a GPU (from the repository root):   python scripts/triton_check.py [--sweep] [--skip-check] [--skip-timing]
   1. correctness: paged decode and extend at head dims 64/80/128/256, GQA ratios 1/4/7/8, lengths 1..8192, with and
-     without sliding windows, in bfloat16. Both backends are compared with the torch backend run in float32 on the
+     without sliding windows, extend with bidirectional spans (256-token images, as Gemma 3's), and encoder-only
+     layers, in bfloat16. Both backends are compared with the torch backend run in float32 on the
      same data; the Triton error must stay within max(2 x the torch-bf16 error, 2e-2), and no output may be NaN/inf.
   2. timing: one layer's decode and extend attention (the kernels alone, KV already in the pool; metadata prepared
      once per step as in the engine, not timed), median of CUDA-event timings, torch vs triton, as one table.
@@ -27,7 +28,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmserve.attention.base import Attention, AttentionBackend  # noqa: E402
+from mmserve.attention.base import Attention, AttentionBackend, AttentionType  # noqa: E402
 from mmserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from mmserve.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from mmserve.attention.triton_kernels import DecodeBlocks, ExtendBlocks  # noqa: E402
@@ -35,6 +36,7 @@ from mmserve.cache.kv_pool import KVPool, ReqToTokenPool  # noqa: E402
 from mmserve.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 
 DECODE, EXTEND = ForwardMode.DECODE, ForwardMode.EXTEND
+BIDI, ENCODER = AttentionType.DECODER_BIDIRECTIONAL, AttentionType.ENCODER_ONLY
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Case:
     head_dim: int
     lens: list[tuple[int, int]]  # (seq_len, extend_len) per request
     window: int | None = None
+    attn_type: AttentionType = AttentionType.DECODER
+    spans: list[list[tuple[int, int]]] | None = None  # per request, for BIDI layers (see `image_spans`)
 
     def describe(self) -> str:
         seqs = sorted({s for s, _ in self.lens})
@@ -52,8 +56,20 @@ class Case:
         span = lambda xs: str(xs[0]) if len(xs) == 1 else f"{xs[0]}..{xs[-1]}"
         what = f"kv {span(seqs)}" + ("" if self.mode == DECODE else f" new {span(exts)}")
         window = f" w{self.window}" if self.window else ""
+        kind = {BIDI: f" spans {sum(map(len, self.spans or []))}", ENCODER: " encoder"}.get(self.attn_type, "")
         return (f"{self.mode.name.lower():6} h{self.heads}/kv{self.kv_heads} d{self.head_dim:<3} B={len(self.lens):<3} "
-                f"{what}{window}")
+                f"{what}{window}{kind}")
+
+
+def image_spans(lens: list[tuple[int, int]], size: int, gap: int) -> list[list[tuple[int, int]]]:
+    """Bidirectional spans of `size` tokens every `gap` tokens in each request's new tokens, the first starting two
+    tokens before them where a prefix is cached (an image whose start came from the cache)."""
+    spans = []
+    for seq_len, extend_len in lens:
+        prefix = seq_len - extend_len
+        start = prefix - 2 if prefix >= 2 else prefix + 1
+        spans.append([(a, a + size) for a in range(start, seq_len - size + 1, size + gap)])
+    return spans
 
 
 class Setup:
@@ -78,7 +94,7 @@ class Setup:
         h, kv, d = case.heads, case.kv_heads, case.head_dim
         qkv = torch.randn(tokens, (h + 2 * kv) * d, generator=g, device=device, dtype=torch.float32).to(dtype)
         self.q, self.k, self.v = qkv.split([h * d, kv * d, kv * d], dim=1)  # strided views, as in the model
-        self.layer = Attention(h, d, kv, 0, sliding_window=case.window)
+        self.layer = Attention(h, d, kv, 0, sliding_window=case.window, attn_type=case.attn_type)
 
     def to(self, dtype: torch.dtype) -> Setup:
         """The same data in another dtype (the float32 reference)."""
@@ -99,7 +115,7 @@ class Setup:
             positions=torch.zeros(tokens, dtype=torch.int64, device=self.device), out_cache_loc=self.out_cache_loc,
             req_pool_indices=torch.arange(len(lens), device=self.device),
             seq_lens=torch.tensor([s for s, _ in lens], device=self.device), seq_lens_cpu=[s for s, _ in lens],
-            extend_lens_cpu=[e for _, e in lens], logits_indices=None,
+            extend_lens_cpu=[e for _, e in lens], logits_indices=None, bidirectional_spans=self.case.spans,
         )
         backend.bind(self.pool, self.table.req_to_token).init_forward_metadata(batch)
         return batch
@@ -117,6 +133,8 @@ class Setup:
         if self.case.mode == DECODE:
             return lambda: backend.forward_decode(q, self.layer, batch)
         k, v = self.k.view(-1, self.case.kv_heads, d), self.v.view(-1, self.case.kv_heads, d)
+        if self.case.attn_type is ENCODER:
+            return lambda: backend.forward_encoder(q, k, v, self.layer, batch)
         return lambda: backend.forward_extend(q, self.layer, batch, k, v)
 
 
@@ -132,6 +150,10 @@ def check_cases(tiny: bool) -> list[Case]:
             Case(DECODE, 6, 2, 80, [(30, 1), (5, 1)], window=7),
             Case(EXTEND, 4, 2, 64, [(30, 30), (40, 9), (3, 1)]),
             Case(EXTEND, 4, 4, 80, [(33, 20)], window=6),
+            Case(EXTEND, 4, 2, 64, [(30, 30), (40, 25)], None, BIDI, image_spans([(30, 30), (40, 25)], 9, 3)),
+            Case(EXTEND, 4, 2, 64, [(40, 25)], 5, BIDI, image_spans([(40, 25)], 9, 3)),
+            Case(EXTEND, 4, 2, 64, [(30, 30), (7, 7)], None, ENCODER),
+            Case(EXTEND, 4, 2, 64, [(30, 30)], 6, ENCODER),
         ]
     cases = []
     shapes = [(32, 8, 128), (28, 4, 128), (14, 2, 64), (32, 32, 80), (16, 8, 256), (64, 8, 128)]
@@ -142,6 +164,12 @@ def check_cases(tiny: bool) -> list[Case]:
         extend = [(8192, 8192), (8192, 512), (3000, 1), (100, 100), (5000, 2000), (1, 1), (700, 333)]
         for window in (None, 4096, 100):
             cases.append(Case(EXTEND, h, kv, d, extend, window))
+        fresh = [(3000, 3000), (300, 300), (1, 1), (700, 700)]
+        for lens in (extend, fresh):  # with a cached prefix: the kernel; fresh: the kernel, not flash attention
+            for window in (None, 512, 100):
+                cases.append(Case(EXTEND, h, kv, d, lens, window, BIDI, image_spans(lens, 256, 200)))
+        for window in (None, 100):  # flash attention (non-causal), then the kernel's encoder variant
+            cases.append(Case(EXTEND, h, kv, d, fresh, window, ENCODER))
     return cases
 
 
@@ -188,6 +216,13 @@ def timing_cases() -> list[Case]:
     cases.append(Case(EXTEND, 16, 8, 256, [(4096, 4096)]))
     cases.append(Case(DECODE, 32, 32, 80, [(2048, 1)] * 16))
     cases.append(Case(EXTEND, 32, 32, 80, [(2048, 2048)]))
+    # Gemma 3's shape (16/8 heads of 256): a prompt with four images, alone and behind a cached prefix; an encoder
+    lens = [(2048, 2048)]
+    cases.append(Case(EXTEND, 16, 8, 256, lens, None, BIDI, image_spans(lens, 256, 200)))
+    cases.append(Case(EXTEND, 16, 8, 256, lens, 512, BIDI, image_spans(lens, 256, 200)))
+    lens = [(4096, 2048)]
+    cases.append(Case(EXTEND, 16, 8, 256, lens, None, BIDI, image_spans(lens, 256, 200)))
+    cases.append(Case(EXTEND, 16, 16, 64, [(512, 512)] * 16, None, ENCODER))
     return cases
 
 

@@ -2,24 +2,44 @@
 
 A backend is chosen once at start. Per step, `init_forward_metadata` prepares whatever it needs for the
 whole batch (index lists, masks, kernel arguments) so the per-layer call does no batch bookkeeping.
+
+Each layer declares how it attends (`AttentionType`); the backend reads it per call, so one model may mix types.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from enum import Enum, auto
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmserve.cache.kv_pool import KVPool
 from mmserve.forward_batch import ForwardBatch, ForwardMode
 
 
+class AttentionType(Enum):
+    """How a layer's queries see keys. A sliding window `w` bounds every type: a decoder's query at p sees no key at
+    or before p - w (spans included); an encoder's window is symmetric."""
+
+    DECODER = auto()  # causal over the paged KV cache (cached prefix and the step's tokens)
+    # causal, except that tokens of the same bidirectional span (ForwardBatch.bidirectional_spans) see each other
+    # both ways: Gemma 3's image tokens (transformers: OR(causal, same span), AND the window on sliding layers)
+    DECODER_BIDIRECTIONAL = auto()
+    # every token of a request's step sees every other one (within |p - q| < w with a window, as transformers'
+    # bidirectional Gemma 3); no KV is written or read: encoders and embedding models
+    ENCODER_ONLY = auto()
+    CROSS = auto()  # decoder queries over per-request encoder states (Llama 3.2 Vision): declared, not built yet
+
+
 class Attention(nn.Module):
-    """Causal self-attention over the paged KV cache for one layer (q, k, v already projected and rotated)."""
+    """Self-attention of one layer (q, k, v already projected and rotated), over the paged KV cache unless the
+    layer is encoder-only."""
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, layer_id: int,
-                 scaling: float | None = None, sliding_window: int | None = None):
+                 scaling: float | None = None, sliding_window: int | None = None,
+                 attn_type: AttentionType = AttentionType.DECODER):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -27,6 +47,7 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.scaling = scaling if scaling is not None else head_dim**-0.5
         self.sliding_window = sliding_window  # a query sees the last `sliding_window` positions, itself included
+        self.attn_type = attn_type
         self.backend: AttentionBackend | None = None  # bound by the model runner (`bind_attention`)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -66,6 +87,10 @@ class AttentionBackend(ABC):
         q = q.view(tokens, layer.num_heads, layer.head_dim)
         k = k.view(tokens, layer.num_kv_heads, layer.head_dim)
         v = v.view(tokens, layer.num_kv_heads, -1)
+        if layer.attn_type is AttentionType.ENCODER_ONLY:
+            return self.forward_encoder(q, k, v, layer, batch).reshape(tokens, -1)
+        if layer.attn_type is AttentionType.CROSS:
+            return self.forward_cross(q, k, v, layer, batch)
         self.save_kv(k, v, layer, batch)
         if batch.mode == ForwardMode.DECODE:
             out = self.forward_decode(q, layer, batch)
@@ -87,6 +112,44 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         """Attention of one new token per request over its whole KV; q: [B, heads, dim]."""
+
+    def forward_encoder(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+                        batch: ForwardBatch) -> torch.Tensor:
+        """Bidirectional attention within each request's tokens of the step (q [T, heads, dim], k/v [T, kv_heads,
+        dim]), nothing read from or written to the pool. The reference: SDPA per request (a loop on the host);
+        a GPU backend overrides it."""
+        assert batch.mode == ForwardMode.EXTEND, "an encoder-only layer runs whole sequences, never decode steps"
+        outs, start = [], 0
+        for n in batch.extend_lens_cpu:
+            outs.append(sdpa(q[start : start + n], k[start : start + n], v[start : start + n], layer,
+                             encoder_window_mask(n, layer.sliding_window, q.device)))
+            start += n
+        return torch.cat(outs, dim=0)
+
+    def forward_cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+                      batch: ForwardBatch) -> torch.Tensor:
+        raise NotImplementedError(
+            f"attention layer {layer.layer_id} is cross-attention, which no backend implements yet: its encoder "
+            "states need per-request storage, designed with Llama 3.2 Vision (MllamaForConditionalGeneration)")
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, mask: torch.Tensor | None,
+         causal: bool = False) -> torch.Tensor:
+    """SDPA of one sequence in the flattened layout: q [n, heads, dim], k/v [m, kv_heads, dim] -> [n, heads, dim];
+    `mask`: bool [n, m], True = attend."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, is_causal=causal, scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads,
+    )
+    return out.squeeze(0).transpose(0, 1)
+
+
+def encoder_window_mask(n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """An encoder's window over n tokens: True where |p - q| < window (None: no window within the sequence)."""
+    if window is None or window >= n:
+        return None
+    pos = torch.arange(n, device=device)
+    return (pos[:, None] - pos[None, :]).abs() < window
 
 
 def create_attention_backend(name: str, device: torch.device) -> AttentionBackend:

@@ -1,10 +1,12 @@
 """The Triton attention backend: paged decode (split-KV) and extend kernels reading the KV pool in place.
 
 `init_forward_metadata` turns the step's per-request lengths into device tensors once (extend: query offsets and
-extend lengths in one pinned host-to-device copy; prefix lengths are seq_len - extend_len in the kernel; the
-longest extend as a host int that sizes the grid); the per-layer calls then only launch kernels: no host sync, no
-per-request Python. Kernels live in `triton_kernels.py`; the torch backend is the reference they are tested
-against (on CPU under `TRITON_INTERPRET=1`).
+extend lengths in one pinned host-to-device copy, with each new token's last visible key when bidirectional spans
+hold some; prefix lengths are seq_len - extend_len in the kernel; the longest extend as a host int that sizes the
+grid); the per-layer calls then only launch kernels: no host sync, no per-request Python. Encoder-only layers run
+over the step's own K and V: torch's flash kernel (non-causal) or the extend kernel's encoder variant. Kernels live
+in `triton_kernels.py`; the torch backend is the reference they are tested against (on CPU under
+`TRITON_INTERPRET=1`).
 
 Decode can be captured in a CUDA graph (`supports_cuda_graph`; runner/cuda_graph.py): the kernels read
 `req_pool_indices` and `seq_lens` from device memory, the grid depends only on the batch size and `num_kv_splits`
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from mmserve.attention.base import Attention, AttentionBackend
+from mmserve.attention.base import Attention, AttentionBackend, AttentionType
 from mmserve.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
@@ -50,23 +52,26 @@ class _ExtendMetadata:
     # nothing cached for any request: [B + 1] int32 offsets of the prompts, for torch's flash attention over the
     # step's own keys and values instead of the kernel (see forward_extend)
     cu_seqlens: torch.Tensor | None = None
+    # [T] int32: the last key position each new token sees in a bidirectional layer (None: no span holds a query)
+    last_keys: torch.Tensor | None = None
 
 
 _flash_varlen_failed = False
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                 scale: float) -> torch.Tensor | None:
-    """Causal attention of packed prompts (q [T, heads, dim], k/v [T, kv_heads, dim], prompt i at rows
-    cu_seqlens[i]:cu_seqlens[i + 1]) with the flash kernel torch ships, or None where it does not apply (not CUDA,
-    not half precision, head dim over 256) or this torch build refused the call once (then logged, never retried)."""
+                 scale: float, causal: bool = True) -> torch.Tensor | None:
+    """Causal (or with `causal=False` full) attention of packed prompts (q [T, heads, dim], k/v [T, kv_heads, dim],
+    prompt i at rows cu_seqlens[i]:cu_seqlens[i + 1]) with the flash kernel torch ships, or None where it does not
+    apply (not CUDA, not half precision, head dim over 256) or this torch build refused the call once (then logged,
+    never retried)."""
     global _flash_varlen_failed
     if (_flash_varlen_failed or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16)
             or q.shape[-1] > 256 or q.shape[-1] % 8):
         return None
     try:
         return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0,
-                                                       True, False, scale=scale)[0]
+                                                       causal, False, scale=scale)[0]
     except (RuntimeError, TypeError) as exc:
         _flash_varlen_failed = True
         logger.warning("torch's flash attention refused packed prompts (%s); using SDPA and the extend kernel", exc)
@@ -123,15 +128,18 @@ class TritonAttentionBackend(AttentionBackend):
         for n in batch.extend_lens_cpu:
             starts.append(offset)
             offset += n
-        # one host-to-device copy for the per-request vectors, from pinned memory so that it never waits; with
-        # nothing cached, the prompts' offsets (starts plus the total) ride along for flash attention
+        # one host-to-device copy for the per-request vectors, from pinned memory so that it never waits: the query
+        # offsets and their total (with nothing cached, the prompts' offsets for flash attention), the extend
+        # lengths, and the new tokens' last visible keys when spans hold some
         device = batch.seq_lens.device
+        b = batch.batch_size
+        last_keys = batch.span_last_keys()
+        host = starts + [offset] + batch.extend_lens_cpu + (last_keys or [])
+        lens = torch.tensor(host, dtype=torch.int32, pin_memory=device.type == "cuda").to(device, non_blocking=True)
         fresh = self.dense_prefill and not any(batch.prefix_lens_cpu)
-        rows = [starts, batch.extend_lens_cpu] + ([starts[1:] + [offset]] if fresh else [])
-        lens = torch.tensor(rows, dtype=torch.int32, pin_memory=device.type == "cuda").to(device, non_blocking=True)
-        cu_seqlens = torch.cat([lens[0, :1], lens[2]]) if fresh else None
-        batch.attn_metadata = _ExtendMetadata(batch.req_pool_indices, batch.seq_lens, lens[0], lens[1],
-                                              max(batch.extend_lens_cpu), cu_seqlens)
+        batch.attn_metadata = _ExtendMetadata(
+            batch.req_pool_indices, batch.seq_lens, lens[:b], lens[b + 1 : 2 * b + 1], max(batch.extend_lens_cpu),
+            lens[: b + 1] if fresh else None, None if last_keys is None else lens[2 * b + 1 :])
 
     def init_graph_extend_metadata(self, batch: ForwardBatch, q_starts: torch.Tensor, extend_lens: torch.Tensor,
                                    cu_seqlens: torch.Tensor | None) -> None:
@@ -145,11 +153,13 @@ class TritonAttentionBackend(AttentionBackend):
     def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, k: torch.Tensor,
                        v: torch.Tensor) -> torch.Tensor:
         meta: _ExtendMetadata = batch.attn_metadata
+        spans = meta.last_keys is not None and layer.attn_type is AttentionType.DECODER_BIDIRECTIONAL
         # Prompts with nothing cached are plain causal attention over the step's own keys and values, where torch's
         # flash kernel beat the extend kernel on the H100 (docs/benchmarks.md): its varlen form, called directly
-        # (SDPA's dispatch costs ~60 us of CPU a layer), for half precision; SDPA for one prompt otherwise.
-        if meta.cu_seqlens is not None and (layer.sliding_window is None
-                                            or layer.sliding_window >= meta.max_extend_len):
+        # (SDPA's dispatch costs ~60 us of CPU a layer), for half precision; SDPA for one prompt otherwise. Not so
+        # where bidirectional spans bend the causal mask: those go to the kernel.
+        if meta.cu_seqlens is not None and not spans and (layer.sliding_window is None
+                                                          or layer.sliding_window >= meta.max_extend_len):
             out = flash_varlen(q, k, v, meta.cu_seqlens, meta.max_extend_len, layer.scaling)
             if out is not None:
                 return out
@@ -162,8 +172,20 @@ class TritonAttentionBackend(AttentionBackend):
         return self.kernels.extend_attention(
             q, k_buf, v_buf, self.req_to_token, meta.req_pool_indices, meta.seq_lens, meta.q_starts,
             meta.extend_lens, meta.max_extend_len, layer.scaling, layer.sliding_window,
-            blocks=self.extend_blocks,
+            blocks=self.extend_blocks, last_keys=meta.last_keys if spans else None,
         )
+
+    def forward_encoder(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+                        batch: ForwardBatch) -> torch.Tensor:
+        assert batch.mode == ForwardMode.EXTEND, "an encoder-only layer runs whole sequences, never decode steps"
+        meta: _ExtendMetadata = batch.attn_metadata
+        if meta.cu_seqlens is not None and (layer.sliding_window is None
+                                            or layer.sliding_window >= meta.max_extend_len):
+            out = flash_varlen(q, k, v, meta.cu_seqlens, meta.max_extend_len, layer.scaling, causal=False)
+            if out is not None:
+                return out
+        return self.kernels.encoder_attention(q, k, v, meta.q_starts, meta.extend_lens, meta.max_extend_len,
+                                              layer.scaling, layer.sliding_window, blocks=self.extend_blocks)
 
     def save_kv(self, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch) -> None:
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)

@@ -11,7 +11,10 @@ each at least `min_split_len` tokens), so the grid depends only on the batch siz
 
 Extend runs one program per (query head, request, block of new tokens) over the request's cached prefix and its
 new tokens, with the causal mask and the sliding window; programs whose block lies past their request's extend
-length exit at once, so the grid is sized by the longest extend of the step.
+length exit at once, so the grid is sized by the longest extend of the step. Two compile-time variants of it:
+bidirectional spans (`SPANS`: each query's last visible key comes from a per-token table, the end of its span or
+itself) and encoder-only (`ENCODER`: no pool, the step's own K and V per request, every token of the sequence
+visible, a window symmetric).
 
 A sliding window `w` lets a query at position p see keys at positions > p - w; no window is passed as a window
 longer than any sequence (`NO_WINDOW`), so the kernels have no branch for it.
@@ -128,12 +131,12 @@ def _decode_reduce_kernel(
 
 @triton.jit
 def _extend_kernel(
-    Q, K, V, Out, ReqToToken, ReqPoolIdx, SeqLens, QStarts, ExtendLens,
+    Q, K, V, Out, ReqToToken, ReqPoolIdx, SeqLens, QStarts, ExtendLens, LastKeys,
     scale_log2, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_req,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPANS: tl.constexpr, ENCODER: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # heads vary fastest, so the query heads sharing a KV head run side by side and find its blocks in L2; the
     # last query blocks (the longest causal rows) start first, so the grid's tail is short
@@ -142,10 +145,13 @@ def _extend_kernel(
     m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M
     extend_len = tl.load(ExtendLens + b)
     if m0 < extend_len:
-        seq_len = tl.load(SeqLens + b).to(tl.int32)  # positions in int32: cheaper masks and fewer registers
+        if ENCODER:  # the step's own tokens are the whole sequence; K and V are the step's, row per token
+            seq_len = extend_len
+        else:
+            seq_len = tl.load(SeqLens + b).to(tl.int32)  # positions in int32: cheaper masks and fewer registers
+            row = tl.load(ReqPoolIdx + b)
         prefix_len = seq_len - extend_len
         q_start = tl.load(QStarts + b)
-        row = tl.load(ReqPoolIdx + b)
         kv_head = h // GROUP
 
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -159,20 +165,35 @@ def _extend_kernel(
         q = tl.load(Q + tokens[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(DOT_DTYPE)
 
-        # keys from the first one the block's first query can see to the block's last query
+        # the last key each query sees: itself (causal), its span's last token, or (encoder) the window's far end
+        if ENCODER:
+            last = q_pos + window - 1
+        elif SPANS:
+            last = tl.load(LastKeys + tokens, mask=m_mask, other=0)
+        else:
+            last = q_pos
+        # keys from the first one the block's first query can see to the last one any of its queries sees
         lo = tl.maximum(prefix_len + m0 - window + 1, 0)
-        hi = tl.minimum(prefix_len + m0 + BLOCK_M, seq_len)
+        if SPANS:
+            hi = tl.minimum(tl.max(last, 0) + 1, seq_len)
+        elif ENCODER:
+            hi = tl.minimum(m0 + BLOCK_M - 1 + window, seq_len)
+        else:
+            hi = tl.minimum(prefix_len + m0 + BLOCK_M, seq_len)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
             k_pos = n0 + tl.arange(0, BLOCK_N)
             k_mask = k_pos < hi
-            slots = tl.load(ReqToToken + row * stride_req + k_pos, mask=k_mask, other=0).to(tl.int64)
+            if ENCODER:
+                slots = (q_start + k_pos).to(tl.int64)
+            else:
+                slots = tl.load(ReqToToken + row * stride_req + k_pos, mask=k_mask, other=0).to(tl.int64)
             k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
                         mask=k_mask[:, None] & d_mask[None, :], other=0.0)
             qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * scale_log2
-            allowed = (k_mask[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            allowed = (k_mask[None, :] & (k_pos[None, :] <= last[:, None])
                        & (k_pos[None, :] > q_pos[:, None] - window))
             qk = tl.where(allowed, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -338,24 +359,49 @@ def extend_attention(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, q_starts: torch.Tensor, extend_lens: torch.Tensor,
     max_extend_len: int, scaling: float, window: int | None, blocks: ExtendBlocks | None = None,
+    last_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [T, heads, head_dim] (request i's new tokens at q_starts[i] .. + extend_lens[i]) -> [T, heads, v_dim]."""
+    """q: [T, heads, head_dim] (request i's new tokens at q_starts[i] .. + extend_lens[i]) -> [T, heads, v_dim].
+
+    Causal over the request's KV in the pool, or with `last_keys` ([T] int32, the last key position each new token
+    sees: the end of its bidirectional span, else itself) causal but for the spans; the window bounds both."""
+    _check_shapes(q, k_buf, v_buf, req_to_token)
+    return _launch_extend(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, q_starts, extend_lens,
+                          max_extend_len, scaling, window, blocks, last_keys, encoder=False)
+
+
+def encoder_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: torch.Tensor, extend_lens: torch.Tensor,
+    max_extend_len: int, scaling: float, window: int | None, blocks: ExtendBlocks | None = None,
+) -> torch.Tensor:
+    """Bidirectional attention within each packed sequence (rows q_starts[i] .. + extend_lens[i] of q [T, heads,
+    head_dim] and of k, v [T, kv_heads, dim], read in place) -> [T, heads, v_dim]; a window sees |p - q| < window."""
+    _check_shapes(q, k, v, q_starts)
+    return _launch_extend(q, k, v, q_starts, q_starts, extend_lens, q_starts, extend_lens, max_extend_len, scaling,
+                          window, blocks, None, encoder=True)
+
+
+def _launch_extend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor, q_starts: torch.Tensor, extend_lens: torch.Tensor, max_extend_len: int, scaling: float,
+    window: int | None, blocks: ExtendBlocks | None, last_keys: torch.Tensor | None, encoder: bool,
+) -> torch.Tensor:
     if q.stride(-1) != 1:
         q = q.contiguous()
-    _check_shapes(q, k_buf, v_buf, req_to_token)
     tokens, heads, head_dim = q.shape
-    kv_heads, v_dim = k_buf.shape[1], v_buf.shape[2]
+    kv_heads, v_dim = k.shape[1], v.shape[2]
     block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
     blocks = blocks or default_extend_blocks(q.dtype, max(block_d, block_dv))
     out = torch.empty((tokens, heads, v_dim), dtype=q.dtype, device=q.device)
-    batch = req_pool_indices.shape[0]
+    batch = q_starts.shape[0]
     _extend_kernel[(heads, batch, triton.cdiv(max_extend_len, blocks.block_m))](
-        q, k_buf, v_buf, out, req_to_token, req_pool_indices, seq_lens, q_starts, extend_lens,
+        q, k, v, out, req_to_token, req_pool_indices, seq_lens, q_starts, extend_lens,
+        q_starts if last_keys is None else last_keys,  # never read without spans
         scaling * _LOG2E, NO_WINDOW if window is None else window,
-        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0),
         GROUP=heads // kv_heads, HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, **_dot_args(q.dtype),
+        BLOCK_D=block_d, BLOCK_DV=block_dv, SPANS=last_keys is not None, ENCODER=encoder, **_dot_args(q.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
     return out

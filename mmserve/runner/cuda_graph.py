@@ -243,7 +243,8 @@ class PrefillGraphRunner:
         return (batch.mode == ForwardMode.EXTEND and 0 < batch.input_ids.shape[0] <= self.max_tokens
                 and batch.batch_size <= PREFILL_GRAPH_MAX_REQS and batch.logits_indices is not None
                 and batch.logits_indices.shape[0] <= PREFILL_GRAPH_MAX_REQS
-                and (batch.mm_inputs is None or all(m is None for m in batch.mm_inputs)))
+                and (batch.mm_inputs is None or all(m is None for m in batch.mm_inputs))
+                and batch.bidirectional_spans is None)  # the captured metadata has no spans
 
     def _set_padding(self, tokens: int, lens: list[int], bucket: int, seq_lens: list[int]) -> None:
         """The int rows of a step of `lens` new tokens per request (total `tokens`, KV lengths after the step
