@@ -47,9 +47,9 @@ class Figure:
         return statistics.median(self.runs)
 
     def cell(self, unit: str = "") -> str:
-        text = _num(self.median)
+        text = fmt_number(self.median)
         if len(self.runs) > 1:
-            text += f" [{_num(min(self.runs))}–{_num(max(self.runs))}]"
+            text += f" [{fmt_number(min(self.runs))}–{fmt_number(max(self.runs))}]"
         return f"{text} {unit}".rstrip()
 
     def to_json(self) -> dict[str, Any]:
@@ -65,10 +65,14 @@ class Row:
     hf: Figure | None = None
     detail: str = ""  # more text for the mmserve cell
     extra: dict[str, Any] = field(default_factory=dict)  # more numbers for the JSON
+    higher_is_better: bool = True  # False for times
 
     @property
     def ratio(self) -> float | None:
-        return self.ours.median / self.hf.median if self.hf is not None else None
+        """How many times better than transformers: our rate over theirs, or their time over ours."""
+        if self.hf is None:
+            return None
+        return self.ours.median / self.hf.median if self.higher_is_better else self.hf.median / self.ours.median
 
 
 @dataclass(frozen=True)
@@ -128,14 +132,15 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def decode_speed(engine: Any, ids: list[int], max_new_tokens: int) -> tuple[float, float]:
+def decode_speed(engine: Any, ids: list[int] | None, max_new_tokens: int, **request: Any) -> tuple[float, float]:
     """(time to first token in seconds, decode tok/s) of one streamed request: the tokens after the first chunk over
-    the time from the first chunk to the last."""
-    _sync(engine.device)
+    the time from the first chunk to the last. `request`: more arguments of `Engine.generate` (a prompt and its
+    images instead of `ids`)."""
+    sync(engine.device)
     start = time.perf_counter()
     first_at = last_at = 0.0
     first_count = count = 0
-    for chunk in engine.generate(input_ids=ids, sampling_params=_params(max_new_tokens), stream=True):
+    for chunk in engine.generate(input_ids=ids, sampling_params=greedy(max_new_tokens), stream=True, **request):
         if not chunk["output_ids"]:
             continue
         last_at = time.perf_counter()
@@ -147,11 +152,11 @@ def decode_speed(engine: Any, ids: list[int], max_new_tokens: int) -> tuple[floa
     return first_at - start, (count - first_count) / (last_at - first_at)
 
 
-def ttft(engine: Any, ids: list[int]) -> float:
-    """Seconds for one request of one output token."""
-    _sync(engine.device)
+def ttft(engine: Any, ids: list[int] | None = None, **request: Any) -> float:
+    """Seconds for one request of one output token; `request` as for `decode_speed`."""
+    sync(engine.device)
     start = time.perf_counter()
-    engine.generate(input_ids=ids, sampling_params=_params(1))
+    engine.generate(input_ids=ids, sampling_params=greedy(1), **request)
     return time.perf_counter() - start
 
 
@@ -161,25 +166,25 @@ def offline_throughput(engine: Any, prompts: list[list[int]], output_len: int, l
     before = (stats.generated_tokens, stats.cached_tokens, stats.retractions)
     with progress(f"{label} tokens generated", lambda: stats.generated_tokens - before[0],
                   len(prompts) * output_len):
-        _sync(engine.device)
+        sync(engine.device)
         start = time.perf_counter()
-        outs = engine.generate(input_ids=prompts, sampling_params=_params(output_len))
-        _sync(engine.device)
+        outs = engine.generate(input_ids=prompts, sampling_params=greedy(output_len))
+        sync(engine.device)
         seconds = time.perf_counter() - start
     generated = sum(len(o["output_ids"]) for o in outs)
     tok_s = (generated + sum(map(len, prompts))) / seconds
     cached, retracted = stats.cached_tokens - before[1], stats.retractions - before[2]
-    say(f"  {label}: {seconds:.2f} s, {_num(tok_s)} total tok/s, {generated} tokens out"
+    say(f"  {label}: {seconds:.2f} s, {fmt_number(tok_s)} total tok/s, {generated} tokens out"
         + (f", {cached} prompt tokens from the cache" if cached else "")
         + (f", {retracted} retractions" if retracted else ""))
     return tok_s
 
 
-def _params(max_new_tokens: int) -> dict[str, Any]:
+def greedy(max_new_tokens: int) -> dict[str, Any]:
     return {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -220,12 +225,8 @@ def run_mmserve(args: argparse.Namespace, server_args: ServerArgs, only: set[str
     say(f"mmserve: loading {args.preset or server_args.model_path}")
     with Engine(**vars(server_args)) as engine:
         device = engine.device
-        model_bytes = weight_bytes(engine.runner.model)
-        floor = Figure([bw / model_bytes for bw in floor_bw.runs])
-        copy = "copy" if device.type == "cuda" else "host copy"
-        rows["floor"] = Row("floor", f"batch-1 decode floor = {copy} bandwidth / weight bytes "
-                            f"({_num(floor_bw.median / 1e9)} GB/s / {model_bytes / 1e9:.2f} GB)", "tok/s", floor,
-                            extra={"copy_bytes_per_s": floor_bw.to_json(), "weight_bytes": model_bytes})
+        rows["floor"] = floor_row(engine, floor_bw)
+        floor = rows["floor"].ours
         prompts = PromptSource(engine.model_config.vocab_size, args.seed)
         warm_up(engine, args, only, prompts)
 
@@ -266,7 +267,7 @@ def run_mmserve(args: argparse.Namespace, server_args: ServerArgs, only: set[str
                     for i in range(args.runs)]
             rows[row_id] = Row(row_id, f"{num} × {n_in} in / {n_out} out, offline, total", "tok/s", Figure(runs))
 
-        env = {"device": _device_name(device), "dtype": str(engine.model_config.dtype).removeprefix("torch."),
+        env = {"device": device_name(device), "dtype": str(engine.model_config.dtype).removeprefix("torch."),
                "vocab_size": engine.model_config.vocab_size}
     del engine
     gc.collect()
@@ -276,15 +277,25 @@ def run_mmserve(args: argparse.Namespace, server_args: ServerArgs, only: set[str
     return rows, env
 
 
+def floor_row(engine: Any, floor_bw: Figure) -> Row:
+    """The batch-1 decode floor: `floor_bw` (copy_bandwidth) over the bytes of the engine's parameters."""
+    model_bytes = weight_bytes(engine.runner.model)
+    copy = "copy" if engine.device.type == "cuda" else "host copy"
+    return Row("floor", f"batch-1 decode floor = {copy} bandwidth / weight bytes "
+               f"({fmt_number(floor_bw.median / 1e9)} GB/s / {model_bytes / 1e9:.2f} GB)", "tok/s",
+               Figure([bw / model_bytes for bw in floor_bw.runs]),
+               extra={"copy_bytes_per_s": floor_bw.to_json(), "weight_bytes": model_bytes})
+
+
 def warm_up(engine: Any, args: argparse.Namespace, only: set[str], prompts: PromptSource) -> None:
     say("mmserve: warm-up")
-    engine.generate(input_ids=prompts.take(2, args.t1_input_len), sampling_params=_params(2))
+    engine.generate(input_ids=prompts.take(2, args.t1_input_len), sampling_params=greedy(2))
     decode_speed(engine, prompts.one(args.t1_input_len), min(8, args.t1_output_len))
     if "T1p" in only:
         ttft(engine, prompts.one(args.t1p_input_len))  # the seen length, seen
     if only & {"T2", "T3"}:  # the largest batch, so its allocations are made before anything is timed
-        engine.generate(input_ids=prompts.take(args.t2_prompts, args.t2_input_len), sampling_params=_params(4))
-    _sync(engine.device)
+        engine.generate(input_ids=prompts.take(args.t2_prompts, args.t2_input_len), sampling_params=greedy(4))
+    sync(engine.device)
 
 
 # ----- transformers -----
@@ -319,7 +330,7 @@ def run_hf(args: argparse.Namespace, server_args: ServerArgs, only: set[str], vo
         for i in range(args.hf_runs):
             seconds = hf_batched(model, prompts.take(num, args.t2_input_len), args.t2_output_len, args.hf_batch_size)
             runs.append(num * (args.t2_input_len + args.t2_output_len) / seconds)
-            say(f"  run {i + 1}: {seconds:.2f} s, {_num(runs[-1])} total tok/s")
+            say(f"  run {i + 1}: {seconds:.2f} s, {fmt_number(runs[-1])} total tok/s")
         figures["T2"] = Figure(runs)
     del model
     gc.collect()
@@ -344,26 +355,28 @@ def hf_generate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: in
     (one batch, so no padding is needed)."""
     device = next(model.parameters()).device
     ids = torch.tensor(prompts, device=device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
                    min_new_tokens=new_tokens, pad_token_id=0)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
 # ----- the table -----
 
 
-def build_table(rows: list[Row], hf_skipped: bool) -> tuple[list[list[str]], list[dict[str, Any]]]:
-    """The printed cells (a header first) and the same rows for the JSON."""
+def build_table(rows: list[Row], hf_skipped: bool, targets: dict[str, Target] = TARGETS,
+                hf_row_ids: tuple[str, ...] = ("T1", "T2")) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    """The printed cells (a header first) and the same rows for the JSON; `hf_row_ids`: the rows that have a
+    transformers reference (shown as skipped with --no-hf)."""
     cells = [["id", "workload", "mmserve (median [min–max])", "transformers", "vs transformers", "target", "met?"]]
     records = []
     for row in rows:
-        target = TARGETS.get(row.id)
+        target = targets.get(row.id)
         met = target.check(row) if target is not None else None
         ours = row.ours.cell(row.unit) + (f", {row.detail}" if row.detail else "")
-        hf = row.hf.cell(row.unit) if row.hf is not None else ("skipped" if hf_skipped and row.id in ("T1", "T2")
+        hf = row.hf.cell(row.unit) if row.hf is not None else ("skipped" if hf_skipped and row.id in hf_row_ids
                                                                  else "—")
         ratio = f"{row.ratio:.2f}×" if row.ratio is not None else "—"
         shown_met = "—" if target is None else {True: "yes", False: "no", None: "?"}[met]
@@ -381,24 +394,26 @@ def format_table(cells: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _num(x: float) -> str:
+def fmt_number(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.1f}"
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def _parse_only(text: str | None, parser: argparse.ArgumentParser) -> set[str]:
+def parse_only(text: str | None, parser: argparse.ArgumentParser, row_ids: tuple[str, ...] = ROW_IDS,
+               aliases: dict[str, str] | None = None) -> set[str]:
+    """The rows of --only (any case; `aliases`, lower case, name rows too), and the floor, which always runs."""
     if not text:
-        return set(ROW_IDS)
-    by_lower = {r.lower(): r for r in ROW_IDS} | {"t1'": "T1p"}
+        return set(row_ids)
+    by_lower = {r.lower(): r for r in row_ids} | ({"t1'": "T1p"} if aliases is None else aliases)
     wanted = {w.strip().lower() for w in text.split(",") if w.strip()}
     unknown = sorted(wanted - set(by_lower))
     if unknown:
-        parser.error(f"--only: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROW_IDS)}")
+        parser.error(f"--only: unknown row(s) {', '.join(unknown)}; choose from {', '.join(row_ids)}")
     return {by_lower[w] for w in wanted} | {"floor"}
 
 
@@ -430,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--t1-output-len must be at least 2 (decode speed needs tokens after the first)")
     if min(getattr(args, name.replace("-", "_")) for name, _ in sizes) < 1:
         parser.error("prompt counts and lengths must be at least 1")
-    only = _parse_only(args.only, parser)
+    only = parse_only(args.only, parser)
     logging.basicConfig(level=getattr(args, "log_level", ServerArgs.log_level).upper(), format="%(message)s")
     apply_preset(args, parser)
     server_args = ServerArgs.from_cli_args(args)
@@ -444,13 +459,8 @@ def main(argv: list[str] | None = None) -> None:
         for row_id, figure in run_hf(args, server_args, only, env["vocab_size"]).items():
             rows[row_id].hf = figure
 
-    import transformers
-
     ordered = [rows[r] for r in ROW_IDS if r in rows]
     cells, records = build_table(ordered, args.no_hf)
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    env |= {"model": args.preset or server_args.model_path, "torch": torch.__version__,
-            "transformers": transformers.__version__, "date": now, "runs": args.runs, "hf_runs": args.hf_runs}
     notes = [
         "floor: one large device-to-device copy timed with CUDA events (host copy on the CPU), read + write bytes, "
         "over the bytes of the engine's parameters",
@@ -461,8 +471,19 @@ def main(argv: list[str] | None = None) -> None:
         "transformers: batches of --hf-batch-size, one after another",
         "targets are issue 15's, for llama-3.1-8b on an H100",
     ]
+    report(args, server_args, env, cells, records, notes)
+
+
+def report(args: argparse.Namespace, server_args: ServerArgs, env: dict[str, Any], cells: list[list[str]],
+           records: list[dict[str, Any]], notes: list[str]) -> None:
+    """Print the table, its notes and a line on the machine and versions; with --json, write them to that file."""
+    import transformers
+
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    env |= {"model": args.preset or server_args.model_path, "torch": torch.__version__,
+            "transformers": transformers.__version__, "date": now, "runs": args.runs, "hf_runs": args.hf_runs}
     if any(r["met"] is None and r["target"] is not None for r in records):
-        notes.append("?: the figure meets its part of the target; the comparison with transformers was not run")
+        notes = [*notes, "?: the figure meets its part of the target; the comparison with transformers was not run"]
     print()
     print(format_table(cells))
     for note in notes:

@@ -88,8 +88,9 @@ def run_mmserve(args: argparse.Namespace, server_args: ServerArgs) -> dict[str, 
 
 
 def load_hf_model(server_args: ServerArgs) -> torch.nn.Module:
-    """The transformers model of `server_args` (random weights with --load-format dummy) on its device."""
-    from transformers import AutoModelForCausalLM
+    """The transformers model of `server_args` (random weights with --load-format dummy) on its device: a causal
+    LM, or an image-text-to-text model where the config has a vision tower."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from mmserve.config import resolve_dtype
     from mmserve.models.loader import load_hf_config, resolve_model_path, split_gguf
@@ -98,12 +99,13 @@ def load_hf_model(server_args: ServerArgs) -> torch.nn.Module:
     device = server_args.resolved_device()
     config = load_hf_config(path)
     dtype = resolve_dtype(server_args.dtype, config, device)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     say(f"transformers: loading {server_args.model_path}")
     if server_args.load_format == "dummy":
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+            return auto.from_config(config, dtype=dtype).eval()
     folder, gguf = split_gguf(path)
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(device).eval()
+    return auto.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(device).eval()
 
 
 def run_hf(args: argparse.Namespace, server_args: ServerArgs, vocab: int) -> dict[str, float]:
