@@ -115,7 +115,7 @@ class Setup:
             k = k.double().view(-1, self.kv_heads, self.head_dim).repeat_interleave(group, dim=1)
             v = v.double().view(-1, self.kv_heads, self.head_dim).repeat_interleave(group, dim=1)
             scores = torch.einsum("qhd,khd->hqk", q, k) * self.head_dim**-0.5
-            weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            weights = scores.masked_fill(~allowed.to(scores.device), float("-inf")).softmax(-1)
             outs.append(torch.einsum("hqk,khd->qhd", weights, v).flatten(1))
             start += n
         return torch.cat(outs).float()

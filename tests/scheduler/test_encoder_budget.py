@@ -77,8 +77,8 @@ def test_a_tiny_encoder_cache_still_serves_every_step(tiny_qwen2_vl_dir):
 
 
 @pytest.mark.parametrize("bad", [0, -3])
-def test_encoder_budget_flag_is_checked(bad):
+def test_encoder_budget_flag_is_checked(bad, tiny_qwen2_vl_dir):
     from mmserve.config import ServerArgs
 
     with pytest.raises(ValueError, match="max_encoder_tokens_per_step"):
-        ServerArgs(max_encoder_tokens_per_step=bad)
+        ServerArgs(model_path=str(tiny_qwen2_vl_dir), max_encoder_tokens_per_step=bad)
