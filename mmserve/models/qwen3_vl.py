@@ -16,7 +16,7 @@ What differs from `qwen2_vl.py`, and all this file holds:
   timestamp, and the reference gives each run the positions of a one-frame image; the ViT attends within a frame
   anyway, so each frame is its own item with grid (1, h, w).
 
-The processor cutting, encode, the rotary helpers and weight-name handling are Qwen2-VL's.
+The processor cutting, encode and weight-name handling are Qwen2-VL's; the ViT layers are `layers/vision.py`'s.
 """
 
 from __future__ import annotations
@@ -32,13 +32,20 @@ from transformers import PretrainedConfig
 
 from mmserve.forward_batch import ForwardBatch, ForwardMode
 from mmserve.layers.rotary import rope_parameters
-from mmserve.models.llama import LlamaModel
-from mmserve.models.qwen2_vl import (
-    Qwen2VLForConditionalGeneration,
+from mmserve.layers.vision import (
+    PackedSeqs,
+    PatchEmbed,
     VisionBlock,
+    VisionMLP,
     VisionRotary,
+    copy_to_device,
+    cu_seqlens,
+    frame_lengths,
+    host_grids,
     patch_positions,
 )
+from mmserve.models.llama import LlamaModel
+from mmserve.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from mmserve.models.qwen3_moe import qwen_moe_mlp
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.inputs import MultimodalInputs
@@ -65,29 +72,28 @@ class Qwen3VisionTransformer(nn.Module):
     def __init__(self, vc: PretrainedConfig):
         super().__init__()
         self.merge = vc.spatial_merge_size
-        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-        # the reference's Conv3d with stride = kernel is a matmul over each flattened patch
-        self.patch_embed = nn.ModuleDict({"proj": nn.Linear(patch_dim, vc.hidden_size, bias=True)})
-        self.pos_embed = nn.Embedding(vc.num_position_embeddings, vc.hidden_size)
+        dim = vc.hidden_size
+        self.patch_embed = PatchEmbed(vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, dim, bias=True)
+        self.pos_embed = nn.Embedding(vc.num_position_embeddings, dim)
         self.side = int(vc.num_position_embeddings**0.5)
         theta = (getattr(vc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        self.rotary = VisionRotary(vc.hidden_size // vc.num_heads, theta)
+        self.rotary = VisionRotary(dim // vc.num_heads, theta)
         self.blocks = nn.ModuleList(
-            VisionBlock(vc.hidden_size, vc.num_heads, vc.intermediate_size, vc.hidden_act,
-                        mlp_names=("linear_fc1", "linear_fc2")) for _ in range(vc.depth))
-        self.merger = PatchMerger(vc.hidden_size, vc.out_hidden_size, self.merge, norm_after_shuffle=False)
+            VisionBlock(dim, vc.num_heads, VisionMLP(dim, vc.intermediate_size, vc.hidden_act,
+                                                     names=("linear_fc1", "linear_fc2")))
+            for _ in range(vc.depth))
+        self.merger = PatchMerger(dim, vc.out_hidden_size, self.merge, norm_after_shuffle=False)
         self.deepstack_visual_indexes = list(vc.deepstack_visual_indexes)
         self.deepstack_merger_list = nn.ModuleList(
-            PatchMerger(vc.hidden_size, vc.out_hidden_size, self.merge, norm_after_shuffle=True)
+            PatchMerger(dim, vc.out_hidden_size, self.merge, norm_after_shuffle=True)
             for _ in self.deepstack_visual_indexes)
 
-    def position_embeddings(self, grid_thw: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+    def position_embeddings(self, hw: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """[patches, hidden] in float32: the side x side table resampled bilinearly, corners aligned, to each item's
-        (h, w) patch grid, at the (row, column) `hw` of every patch."""
-        sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid_thw.tolist()])
+        (h, w) patch grid (`sizes`, per patch), at the (row, column) `hw` of every patch."""
         side = self.side
         # corners aligned: patch 0 samples table row 0 and patch h - 1 samples table row side - 1
-        src = hw.float() * (side - 1) / (sizes.to(hw.device) - 1).clamp(min=1)
+        src = hw.float() * (side - 1) / (sizes - 1).clamp(min=1)
         lo = src.floor()
         frac = src - lo
         lo = lo.long()
@@ -100,16 +106,22 @@ class Qwen3VisionTransformer(nn.Module):
         return out
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """[merged tokens, out_hidden * (1 + DeepStack levels)]: the main merger's output, then each level's."""
-        x = self.patch_embed["proj"](pixel_values.to(self.patch_embed["proj"].weight.dtype))
-        hw = patch_positions(grid_thw, self.merge).to(x.device)
-        x = x + self.position_embeddings(grid_thw, hw).to(x.dtype)
-        cos, sin = self.rotary(hw)
-        # attention runs within each frame (pair) of each item
-        seqlens = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+        """[merged tokens, out_hidden * (1 + DeepStack levels)] of all items (grid_thw [items, 3] on the host): the
+        main merger's output, then each level's. Attention runs within each frame (pair) of each item."""
+        grids = host_grids(grid_thw)
+        x = self.patch_embed(pixel_values)
+        frames = frame_lengths(grids)
+        # each patch's item grid (h, w), which the position table is resampled to
+        sizes = torch.tensor([g[1:] for g in grids]).repeat_interleave(torch.tensor([t * h * w for t, h, w in grids]),
+                                                                      dim=0)
+        hw, sizes, cu_frames = copy_to_device([patch_positions(grids, self.merge), sizes, cu_seqlens(frames)],
+                                              x.device)
+        x = x + self.position_embeddings(hw, sizes).to(x.dtype)
+        rotary = self.rotary(hw)
+        seqs = PackedSeqs(cu_frames, frames)
         levels = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, seqlens)
+            x = block(x, rotary, seqs)
             if i in self.deepstack_visual_indexes:
                 levels.append(self.deepstack_merger_list[self.deepstack_visual_indexes.index(i)](x))
         return torch.cat([self.merger(x), *levels], dim=-1)

@@ -59,7 +59,7 @@ def test_test_images_have_several_windows_some_partial(hf):
         prompt, images = CASES[case]
         grids = processor(text=[prompt], images=images, return_tensors="pt")["image_grid_thw"]
         for grid in grids:
-            _, lengths = window_order(grid[None], vc.spatial_merge_size, window)
+            _, lengths = window_order([tuple(grid.tolist())], vc.spatial_merge_size, window)
             assert len(lengths) >= 4 and min(lengths) < full, (case, grid.tolist(), lengths)
             assert sum(lengths) == int(grid.prod())
 
