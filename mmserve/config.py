@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,16 @@ class ServerArgs:
                                             '"video": 1}\' (default: 16 images, 2 videos).')
     mm_process_config: str | None = _flag(None, 'Media preprocessing as JSON, e.g. \'{"video": {"fps": 1.0, '
                                           '"min_frames": 4, "max_frames": 64}}\'.')
-    mm_processor_workers: int = _flag(4, "Threads that load media and run the model's processor.")
+    mm_processor_workers: int = _flag(4, "Threads that decode media and run the model's processor (the images and "
+                                      "videos of one request in parallel too).")
+    mm_processor_cache_mb: int = _flag(512, "Processor outputs kept in the API process by media content and "
+                                       "processing settings, in MiB, so a repeated image skips decoding and the "
+                                       "processor; 0 disables.")
+    mm_processor_device: str = _flag("cpu", "Where the model's torchvision image and video processors run: cpu, "
+                                     "or cuda / cuda:N (a CUDA context in the API process, beside the engine's).")
+    mm_max_pixels: int | None = _flag(None, "Most pixels a request's mm_processor_kwargs (min_pixels, max_pixels) "
+                                      "may ask an image or video frame to be resized to (default: the model "
+                                      "processor's own maximum).")
     media_fetch_timeout: float = _flag(30.0, "Seconds one media URL may take to download, redirects included "
                                        "(a slower server is cut off; see also --media-min-bytes-per-s).")
     media_min_bytes_per_s: int = _flag(16 * 1024, "After the first 5 s, a media download slower than this on "
@@ -124,6 +134,14 @@ class ServerArgs:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.mm_processor_workers < 1:
+            raise ValueError(f"mm_processor_workers must be >= 1, got {self.mm_processor_workers}")
+        if self.mm_processor_cache_mb < 0:
+            raise ValueError(f"mm_processor_cache_mb must be >= 0, got {self.mm_processor_cache_mb}")
+        if self.mm_max_pixels is not None and self.mm_max_pixels < 1:
+            raise ValueError(f"mm_max_pixels must be >= 1, got {self.mm_max_pixels}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.mm_processor_device):
+            raise ValueError(f"mm_processor_device must be cpu, cuda or cuda:N, got {self.mm_processor_device!r}")
 
     def resolved_device(self) -> torch.device:
         """The device to run on; a ValueError naming --device when this machine has no such device."""
@@ -192,6 +210,7 @@ _SERVER_ONLY = {
     "served_model_name", "allowed_local_media_path", "allow_private_media_urls", "limit_mm_per_prompt",
     "mm_process_config", "mm_processor_workers", "media_fetch_timeout", "media_min_bytes_per_s",
     "video_decode_timeout", "max_mm_bytes_per_request", "max_mm_bytes_in_flight", "mm_cache_size_mb",
+    "mm_processor_cache_mb", "mm_max_pixels",
     "keep_mm_feature_on_device", "max_queued_requests", "schedule_policy", "host", "port", "api_key",
     "enable_metrics", "max_request_body_mb", "request_read_timeout", "max_logprobs", "max_engine_restarts",
 }

@@ -1,8 +1,9 @@
 """MultimodalItem and MultimodalInputs: what a request carries besides token ids.
 
-An item is one image or one video: its processor features (pixel values, grid), where its placeholder tokens
-sit in input_ids, and a content hash. Those placeholder positions hold a pad value derived from the hash and
-kept outside the vocabulary, so the radix cache shares a prefix only between requests with the same media.
+An item is one image or one video (or, for Qwen3-VL, one video frame): its processor features (pixel values, grid),
+where its placeholder tokens sit in input_ids, and a hash of what the encoder will make of it. Those placeholder
+positions hold a pad value derived from the hash and kept outside the vocabulary, so the radix cache shares a prefix
+only between requests with the same media prepared the same way.
 """
 
 from __future__ import annotations
@@ -23,13 +24,27 @@ _PAD_RANGE = 1 << 40
 
 
 def content_hash(*tensors: torch.Tensor) -> int:
-    """A 64-bit hash of tensors' bytes, shapes and dtypes (the processor output identifies the media)."""
+    """A 64-bit hash of tensors' bytes, shapes and dtypes: an item's hash when its producer set none (the processor
+    output identifies the media)."""
     h = hashlib.blake2b(digest_size=8)
     for t in tensors:
         t = t.detach().contiguous().cpu()
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return int.from_bytes(h.digest(), "little")
+    return _nonzero(int.from_bytes(h.digest(), "little"))
+
+
+def media_item_hash(media_key: bytes, part: int) -> int:
+    """The hash of the item that starts `part` tokens into the expansion of a media item whose identity is
+    `media_key` (its content digest and the settings it was prepared with; see MultimodalProcessor). One image or
+    video may become several items (Qwen3-VL: one per frame), each its own encoder output."""
+    h = hashlib.blake2b(media_key, digest_size=8)
+    h.update(part.to_bytes(8, "little"))
+    return _nonzero(int.from_bytes(h.digest(), "little"))
+
+
+def _nonzero(value: int) -> int:
+    return value or 1  # 0 means "not hashed yet" in MultimodalItem
 
 
 def pad_value(item_hash: int) -> int:
@@ -46,15 +61,19 @@ class MultimodalItem:
     features: dict[str, torch.Tensor]  # this item's slice of the processor output, e.g. pixel_values, grid_thw
     offset: int  # first placeholder position in input_ids
     length: int  # number of placeholder tokens (= rows of the encoder output)
+    # The encoder cache's key and the source of the pad value. The processor sets it from the media's content and
+    # the settings it was prepared with (media_item_hash), without reading the features; 0 until set, and then
+    # `ensure_hash` hashes the features.
     hash: int = 0
 
-    def __post_init__(self) -> None:
+    def ensure_hash(self) -> int:
         if not self.hash:
             self.hash = content_hash(*(self.features[k] for k in sorted(self.features)))
+        return self.hash
 
     @property
     def pad_value(self) -> int:
-        return pad_value(self.hash)
+        return pad_value(self.ensure_hash())
 
     @property
     def end(self) -> int:
@@ -108,7 +127,7 @@ def to_wire(mm: MultimodalInputs) -> WireMultimodal:
 
     return WireMultimodal(
         items=[WireItem(it.modality, {k: tensor_to_wire(v) for k, v in it.features.items()}, it.offset, it.length,
-                        it.hash) for it in mm.items],
+                        it.ensure_hash()) for it in mm.items],
         mrope_positions=None if mm.mrope_positions is None else tensor_to_wire(mm.mrope_positions),
         mrope_delta=mm.mrope_delta,
     )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import http.client
 import io
 import ipaddress
@@ -513,6 +514,22 @@ def _source_bytes(source: object, media_types: frozenset[str], policy: MediaPoli
     if scheme == "file":
         return _read_local(_file_url_path(text, label), policy, label)
     raise MediaError(f"{label}: unsupported URL scheme {scheme!r}; use data:, http(s):, file: or a local path")
+
+
+def media_bytes(source: MediaSource, modality: str, policy: MediaPolicy, label: str) -> bytes:
+    """The encoded bytes of an image or video source (a data URL decoded, a local file read, a URL downloaded),
+    checked as `open_image` and `open_video` check them: for telling a repeated image by its content before deciding
+    whether to decode it. PIL images are not sources of bytes."""
+    return _source_bytes(source, _IMAGE_MEDIA_TYPES if modality == "image" else _VIDEO_MEDIA_TYPES, policy, label)
+
+
+def media_digest(*parts: bytes) -> bytes:
+    """A 128-bit digest of media content (encoded bytes, or decoded pixels with their shape)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))  # so that the parts' boundaries count
+        h.update(part)
+    return h.digest()
 
 
 # ----------------------------------------------------------------------------------------------- images

@@ -1,39 +1,53 @@
 """MultimodalProcessor: prompt text with media placeholders + media sources -> expanded token ids and the
 request's MultimodalInputs, through the model's Hugging Face processor. Used by the in-process Engine and by
-the API server (downloads in the processor's own pool, the rest in the server's worker pool, off the event loop).
+the API server (downloads in the processor's own pool, the rest in worker threads, off the event loop).
 
 A request's media go through three steps: `download` (http(s) sources, concurrently, in a pool of their own so
 slow servers never hold the CPU workers), then in `process` the headers are read and the decoded bytes budgeted
-(per request, and across requests through `MediaMemory`) before any pixel is decoded, then decoding (images
-shrunk while decoding where the model's processor would shrink them anyway, videos sampled by seeking) and the
-Hugging Face processor."""
+(per request, and across requests through `MediaMemory`) before any pixel is decoded, then each image or video not
+in the processor cache is decoded (images shrunk while decoding where the model's processor would shrink them
+anyway, videos sampled by seeking) and run through the Hugging Face processor alone, in the `--mm-processor-workers`
+pool, several at once (decoding and the torchvision processors release the GIL). The placeholders of the prompt are
+expanded as the processor expanded each item, and the features joined, as one processor call over all items gives
+them.
+
+How media are prepared is a request's `MediaSettings`: the server's settings with the request's
+`mm_processor_kwargs` applied (pixel bounds, frame rate and counts), checked against the model family's list. An
+item's cache key, and the hash the engine's caches know it by, are its content digest plus those settings: the same
+image at another resolution is another encoder output."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
 from mmserve.config import ServerArgs
-from mmserve.multimodal.inputs import MultimodalInputs
+from mmserve.multimodal.inputs import MultimodalInputs, media_item_hash
 from mmserve.multimodal.media import (
     MediaError,
     MediaMemory,
     MediaPolicy,
-    PendingImage,
     VideoClip,
     VideoReader,
     fetch_bytes,
+    media_bytes,
+    media_digest,
     mib,
     open_image,
     open_video,
 )
+from mmserve.multimodal.processor_cache import ProcessedMedia, ProcessorCache
 
 _MIB = 1024 * 1024
 _DEFAULT_LIMITS = {"image": 16, "video": 2}
@@ -43,6 +57,43 @@ _DEFAULT_VIDEO = {"fps": 2.0, "min_frames": 4, "max_frames": 768}
 # most pixels an image, or a video frame, comes out with.
 _PIXEL_BUDGET_PROCESSORS = frozenset({"Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil", "Qwen2VLVideoProcessor",
                                       "Qwen3VLVideoProcessor"})
+
+# The mm_processor_kwargs a request may give, by model family (the HF config's model_type), and the media each
+# applies to: what the family's transformers processor takes. Pixel bounds go to the image processor and, where it
+# takes them, the video processor (Qwen3-VL's video processor bounds a whole clip's volume instead); frame rate and
+# counts steer mmserve's own frame sampling (the processor gets frames sampled already).
+_PIXELS = ("min_pixels", "max_pixels")
+_FRAMES = ("fps", "num_frames", "min_frames", "max_frames")
+_REQUEST_KWARGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "qwen2_vl": {"image": _PIXELS, "video": _PIXELS + _FRAMES},
+    "qwen2_5_vl": {"image": _PIXELS, "video": _PIXELS + _FRAMES},
+    "qwen3_vl": {"image": _PIXELS, "video": _FRAMES},
+    "qwen3_vl_moe": {"image": _PIXELS, "video": _FRAMES},
+}
+_MAX_FPS = 60.0  # a request's fps at most (or the server's own, if higher); the frame caps bound the work anyway
+# Processor outputs that belong to the prompt's text, not to one item's features
+_TEXT_OUTPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
+
+
+class MediaSettingsError(MediaError):
+    """A request's mm_processor_kwargs refused; `key` is the one at fault (None: the object itself)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """How one request's media are prepared: the server's settings with the request's mm_processor_kwargs applied.
+    Part of every item's cache key and hash."""
+
+    image_pixels: tuple[int, int] | None  # (min, max) pixels images are resized to; None: the processor's own
+    video_pixels: tuple[int, int] | None  # the same for video frames
+    fps: float  # video frames sampled per second
+    num_frames: int | None  # or this many frames per video, whatever its length (within the caps)
+    min_frames: int
+    max_frames: int
 
 
 def sample_frame_indices(total: int, fps: float, target_fps: float, min_frames: int, max_frames: int,
@@ -87,10 +138,23 @@ def resize_target_pixels(hf_sub_processor: Any) -> int | None:
     return int(longest) if longest else None
 
 
+def pixel_bounds(hf_sub_processor: Any) -> tuple[int, int] | None:
+    """(min, max) pixels the Hugging Face image or video processor resizes to, where it resizes to a pixel budget."""
+    longest = resize_target_pixels(hf_sub_processor)
+    if longest is None:
+        return None
+    size = hf_sub_processor.size
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    return int(shortest or getattr(hf_sub_processor, "min_pixels", None) or 1), longest
+
+
 @dataclass
 class _RequestBytes:
-    """Decoded RGB bytes a request holds at its peak: what every item keeps, plus the largest decode in flight
-    (items decode one at a time; while one decodes, its full-size pixels exist beside everything kept)."""
+    """The per-request limit on decoded RGB bytes, and what decides a video's frames: every item's kept bytes plus
+    the largest decode, as if items decoded one at a time and all were kept until the last is done (while one
+    decodes, its full-size pixels exist beside everything kept). It counts every item, cached or not, so what a
+    request is refused and which frames a video keeps never depend on the processor cache. What a request holds
+    while its items decode is `MultimodalProcessor._prepare_all`'s."""
 
     limit: int
     kept: int = 0
@@ -127,13 +191,46 @@ def _is_http(source: Any) -> bool:
     return isinstance(source, str) and source.lstrip()[:8].lower().startswith(("http://", "https://"))
 
 
+@dataclass
+class _Item:
+    """One image or video of a request, its header read and its decoded size budgeted, its pixels not decoded yet."""
+
+    modality: str
+    label: str
+    key: bytes  # content digest + the settings it is prepared with: its processor-cache key and its hashes' seed
+    kept: int  # decoded RGB bytes it holds until processed
+    decoding: int  # RGB bytes while it decodes
+    load: Callable[[], Any]  # its decoded image, or its frames and their metadata
+
+    @property
+    def peak(self) -> int:
+        return self.kept + self.decoding
+
+
+def _shown(value: Any) -> str:
+    """A client's value as JSON spells it, for messages."""
+    try:
+        return json.dumps(value)[:100]
+    except (TypeError, ValueError):
+        return repr(value)[:100]
+
+
+def _media_key(modality: str, digest: bytes, *settings: Any) -> bytes:
+    return media_digest(modality.encode(), digest, repr(settings).encode())
+
+
 class MultimodalProcessor:
     def __init__(self, args: ServerArgs, model_cls: type, hf_config: Any, folder: Path):
         from transformers import AutoProcessor
 
         self.model_cls = model_cls
         self.hf_config = hf_config
+        # transformers 5 loads the torchvision ("fast") image processor where there is one and torchvision is
+        # installed, and video processors are torchvision-based: they run on `--mm-processor-device`.
         self.hf = AutoProcessor.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+        self.device = args.mm_processor_device
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise ValueError(f"--mm-processor-device {self.device}: no CUDA GPU is available")
         self.policy = MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                                   allow_private_urls=args.allow_private_media_urls,
                                   fetch_timeout_s=args.media_fetch_timeout,
@@ -142,11 +239,15 @@ class MultimodalProcessor:
                                   max_bytes_per_request=args.max_mm_bytes_per_request * _MIB,
                                   max_bytes_in_flight=args.max_mm_bytes_in_flight * _MIB)
         self.memory = MediaMemory(self.policy.max_bytes_in_flight, self.policy.in_flight_wait_s)
+        self.cache = ProcessorCache(args.mm_processor_cache_mb * _MIB)
         # Downloads wait on the network, not the CPU: a pool of their own, larger than the CPU workers
         # (--mm-processor-workers), so slow servers cannot hold the threads other requests decode in. Threads
         # start on demand.
         self.download_pool = ThreadPoolExecutor(max(16, 8 * args.mm_processor_workers),
                                                 thread_name_prefix="mmserve-fetch")
+        # Decoding and the processor, one image or video per task, for all requests together.
+        self.worker_count = args.mm_processor_workers
+        self.workers = ThreadPoolExecutor(self.worker_count, thread_name_prefix="mmserve-mm")
         self.image_target_pixels = resize_target_pixels(getattr(self.hf, "image_processor", None))
         self.frame_target_pixels = resize_target_pixels(getattr(self.hf, "video_processor", None))
         self.video = dict(_DEFAULT_VIDEO)
@@ -163,6 +264,90 @@ class MultimodalProcessor:
             except (ValueError, AttributeError) as exc:
                 raise ValueError(f"--limit-mm-per-prompt must be a JSON object like '{{\"image\": 8}}', "
                                  f"got {args.limit_mm_per_prompt!r}") from exc
+        self.family = getattr(hf_config, "model_type", "")
+        self.request_kwargs = _REQUEST_KWARGS.get(self.family, {})
+        self.image_pixels = pixel_bounds(getattr(self.hf, "image_processor", None))
+        self.video_pixels = pixel_bounds(getattr(self.hf, "video_processor", None))
+        # What min_pixels and max_pixels may ask for: a bigger resize is a bigger tensor (and more tokens)
+        self.pixel_limit_source = ("the server's limit, --mm-max-pixels" if args.mm_max_pixels else
+                                   "the model processor's maximum; --mm-max-pixels raises it")
+        self.max_request_pixels = args.mm_max_pixels or max(
+            [bounds[1] for modality, bounds in (("image", self.image_pixels), ("video", self.video_pixels))
+             if bounds is not None and "max_pixels" in self.request_kwargs.get(modality, ())], default=1)
+        self.default_settings = MediaSettings(image_pixels=None, video_pixels=None, fps=float(self.video["fps"]),
+                                              num_frames=None, min_frames=int(self.video["min_frames"]),
+                                              max_frames=int(self.video["max_frames"]))
+        # Each placeholder token, and how many tokens the tokenizer puts around it alone (expansions are cut out of
+        # the processor's ids for the placeholder alone)
+        self.placeholders: dict[int, str] = {}
+        self.wrapping: dict[str, tuple[int, int]] = {}
+        for modality in ("image", "video"):
+            token = getattr(self.hf, f"{modality}_token", None)
+            token_id = getattr(self.hf, f"{modality}_token_id", None)
+            if token is None or token_id is None:
+                continue
+            alone = self.hf.tokenizer(token)["input_ids"]
+            if alone.count(token_id) != 1:
+                raise ValueError(f"the tokenizer does not keep the {modality} placeholder {token!r} as one token")
+            self.placeholders[token_id] = modality
+            self.wrapping[modality] = (alone.index(token_id), len(alone) - alone.index(token_id) - 1)
+
+    # ----- per-request settings
+
+    def settings_for(self, kwargs: dict[str, Any] | None) -> MediaSettings:
+        """A request's MediaSettings from its mm_processor_kwargs; MediaSettingsError names a key the model family
+        does not take or a value out of range."""
+        if not kwargs:
+            return self.default_settings
+        if not isinstance(kwargs, dict):
+            raise MediaSettingsError(f"mm_processor_kwargs must be an object, got {type(kwargs).__name__}")
+        allowed = [key for key in (*_PIXELS, *_FRAMES) if any(key in keys for keys in self.request_kwargs.values())]
+        for key, value in kwargs.items():
+            if key not in allowed:
+                takes = ", ".join(allowed) if allowed else "none"
+                raise MediaSettingsError(f"mm_processor_kwargs: unknown key {key!r} for this model "
+                                         f"({self.family or 'unknown family'} takes: {takes})", key)
+            self._check_value(key, value)
+        if "fps" in kwargs and "num_frames" in kwargs:
+            raise MediaSettingsError("mm_processor_kwargs: fps and num_frames are mutually exclusive", "num_frames")
+        for low, high in (("min_pixels", "max_pixels"), ("min_frames", "max_frames")):
+            if low in kwargs and high in kwargs and kwargs[low] > kwargs[high]:
+                raise MediaSettingsError(f"mm_processor_kwargs: {low} ({kwargs[low]}) must not exceed {high} "
+                                         f"({kwargs[high]})", low)
+        d = self.default_settings
+        return MediaSettings(image_pixels=self._pixels("image", self.image_pixels, kwargs),
+                             video_pixels=self._pixels("video", self.video_pixels, kwargs),
+                             fps=float(kwargs.get("fps", d.fps)), num_frames=kwargs.get("num_frames"),
+                             min_frames=kwargs.get("min_frames", d.min_frames),
+                             max_frames=kwargs.get("max_frames", d.max_frames))
+
+    def _check_value(self, key: str, value: Any) -> None:
+        if key == "fps":
+            highest = max(_MAX_FPS, float(self.video["fps"]))
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MediaSettingsError(f"mm_processor_kwargs.fps must be a number, got {_shown(value)}", key)
+            if not 0 < value <= highest:  # NaN fails this too
+                raise MediaSettingsError(f"mm_processor_kwargs.fps must be in (0, {highest:g}], got {value}", key)
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MediaSettingsError(f"mm_processor_kwargs.{key} must be an integer, got {_shown(value)}", key)
+        if key in _PIXELS:
+            highest, why = self.max_request_pixels, self.pixel_limit_source
+        else:
+            highest, why = int(self.video["max_frames"]), "the server's max_frames, --mm-process-config"
+        if not 1 <= value <= highest:
+            raise MediaSettingsError(f"mm_processor_kwargs.{key} must be in [1, {highest}] ({why}), got {value}", key)
+
+    def _pixels(self, modality: str, bounds: tuple[int, int] | None,
+                kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        """The (min, max) pixels a modality is resized to under `kwargs`; None where that is the processor's own."""
+        takes = self.request_kwargs.get(modality, ())
+        if bounds is None or not any(key in kwargs and key in takes for key in _PIXELS):
+            return None
+        pixels = (kwargs.get("min_pixels", bounds[0]), kwargs.get("max_pixels", bounds[1]))
+        return None if pixels == bounds else pixels
+
+    # ----- media
 
     def check_counts(self, media: list[tuple[str, Any]]) -> None:
         counts: dict[str, int] = {}
@@ -195,7 +380,9 @@ class MultimodalProcessor:
     def _fetch(self, modality: str, url: str, label: str) -> tuple[str, bytes]:
         return modality, fetch_bytes(url, self.policy, label)
 
-    def process(self, text: str, media: list[tuple[str, Any]]) -> tuple[list[int], MultimodalInputs]:
+    def process(self, text: str, media: list[tuple[str, Any]],
+                settings: MediaSettings | None = None) -> tuple[list[int], MultimodalInputs]:
+        settings = settings or self.default_settings
         futures = self.download(media)  # nothing left to download when the server's process_media called it
         wait(futures, return_when=FIRST_EXCEPTION)
         for future in futures:  # the first failure answers at once, without waiting for slower downloads
@@ -204,58 +391,62 @@ class MultimodalProcessor:
         media = [future.result() for future in futures]
         labels = _labels(media)
         budget = _RequestBytes(self.policy.max_bytes_per_request)
+        items: list[_Item | None] = [None] * len(media)
         with ExitStack() as stack:
-            # Headers first: every item's decoded size is known and budgeted before any pixel is decoded.
-            images: list[PendingImage] = []
-            for (modality, source), label in zip(media, labels, strict=True):
+            # Headers first: every item's decoded size is budgeted, and its cache key known, before any pixel is
+            # decoded. Images first, then videos share what room is left.
+            for i, ((modality, source), label) in enumerate(zip(media, labels, strict=True)):
                 if modality == "image":
-                    image = stack.enter_context(open_image(source, self.policy, label, self.image_target_pixels))
-                    budget.add(label, image.kept_bytes, image.decode_bytes)
-                    images.append(image)
-            videos = [(modality, source, label) for (modality, source), label in zip(media, labels, strict=True)
-                      if modality == "video"]
-            plans = []
-            for i, (_, source, label) in enumerate(videos):
-                plans.append(self._plan_video(source, label, budget, len(videos) - i, stack))
-            # All of the request's bytes at once, until its processing is done (see MediaMemory).
-            stack.enter_context(self.memory.hold(budget.peak))
-            loaded_images = [image.load() for image in images]
-            loaded_videos = [plan() for plan in plans]
-            # The frames are sampled already; the metadata tells the processor when each was shot, which Qwen2.5-VL
-            # turns into M-RoPE time steps and Qwen3-VL into "<t seconds>" text (without it they assume 24 fps, and
-            # Qwen3-VL would sample again).
-            video_kwargs = ({"video_metadata": [meta for _, meta in loaded_videos], "do_sample_frames": False}
-                            if loaded_videos else {})
-            processed = self.hf(text=[text], images=loaded_images or None,
-                                videos=[frames for frames, _ in loaded_videos] or None, return_tensors="pt",
-                                **video_kwargs)
-        mm = self.model_cls.multimodal_inputs(self.hf_config, processed)
-        return processed["input_ids"][0].tolist(), mm
+                    items[i] = self._plan_image(source, label, settings, budget, stack)
+            videos = [i for i, (modality, _) in enumerate(media) if modality == "video"]
+            for n, i in enumerate(videos):
+                items[i] = self._plan_video(media[i][1], labels[i], settings, budget, len(videos) - n, stack)
+            outputs = self._prepare_all(items, settings)
+        return self._assemble(text, items, outputs)
 
-    def _plan_video(self, source: Any, label: str, budget: _RequestBytes, videos_left: int,
-                    stack: ExitStack) -> Callable[[], tuple[np.ndarray, dict[str, Any]]]:
-        """Budget one video from its header and return the call that loads it: frames [T, H, W, 3] uint8 and their
-        metadata (the video's fps, its frame count, the frames' indices).
+    def _plan_image(self, source: Any, label: str, settings: MediaSettings, budget: _RequestBytes,
+                    stack: ExitStack) -> _Item:
+        target = settings.image_pixels[1] if settings.image_pixels else self.image_target_pixels
+        if isinstance(source, Image.Image):  # in-process: its pixels are its content
+            digest = media_digest(repr((source.mode, source.size)).encode(), source.tobytes())
+        else:
+            source = media_bytes(source, "image", self.policy, label)
+            digest = media_digest(source)
+        image = stack.enter_context(open_image(source, self.policy, label, target))
+        budget.add(label, image.kept_bytes, image.decode_bytes)
+        return _Item("image", label, _media_key("image", digest, settings.image_pixels), image.kept_bytes,
+                     image.decode_bytes, image.load)
 
-        A video keeps at most `max_frames` (--mm-process-config), `policy.max_video_pixels` in all and an even
-        share of the request's remaining bytes: past those it is sampled more sparsely rather than refused; it is
-        refused only when not even one frame pair fits. An array passed in-process is taken as already sampled at
-        the configured rate (`fps`, 2 by default)."""
+    def _plan_video(self, source: Any, label: str, settings: MediaSettings, budget: _RequestBytes, videos_left: int,
+                    stack: ExitStack) -> _Item:
+        """Budget one video from its header: the item whose `load` gives frames [T, H, W, 3] uint8 and their metadata
+        (the video's fps, its frame count, the frames' indices).
+
+        A video keeps at most `max_frames` (--mm-process-config, or the request's), `policy.max_video_pixels` in all
+        and an even share of the request's remaining bytes: past those it is sampled more sparsely rather than
+        refused; it is refused only when not even one frame pair fits. An array passed in-process is taken as
+        already sampled at the configured rate (`fps`, 2 by default)."""
         if isinstance(source, np.ndarray):
             if source.ndim != 4 or source.shape[-1] != 3 or len(source) == 0:
                 raise MediaError(f"{label}: frames must be an array [frames, height, width, 3]")
             budget.add(label, source.nbytes, 0)
-            metadata = video_metadata(float(self.video["fps"]), len(source), range(len(source)))
-            return lambda: (source, metadata)
-        reader: VideoReader = stack.enter_context(open_video(source, self.policy, label, self.frame_target_pixels))
-        v = self.video
-        cap = min(int(v["max_frames"]),
+            metadata = video_metadata(settings.fps, len(source), range(len(source)))
+            digest = media_digest(repr((source.shape, source.dtype.str)).encode(), source.tobytes())
+            return _Item("video", label, _media_key("video", digest, settings.video_pixels, settings.fps),
+                         source.nbytes, 0, lambda: (source, metadata))
+        data = media_bytes(source, "video", self.policy, label)
+        target = settings.video_pixels[1] if settings.video_pixels else self.frame_target_pixels
+        reader: VideoReader = stack.enter_context(open_video(data, self.policy, label, target))
+        cap = min(settings.max_frames,
                   self.policy.max_video_pixels // (reader.frame_width * reader.frame_height),
                   budget.room(reader.decode_bytes) // videos_left // reader.frame_bytes)
         cap = max(cap, 2)  # one frame pair at least; `budget.add` refuses it if even that does not fit
 
         def choose(total: int, fps: float) -> np.ndarray:
-            return sample_frame_indices(total, fps, float(v["fps"]), min(int(v["min_frames"]), cap), cap)
+            if settings.num_frames is not None:
+                count = min(settings.num_frames, cap, total)
+                return sample_frame_indices(total, fps, settings.fps, count, count)
+            return sample_frame_indices(total, fps, settings.fps, min(settings.min_frames, cap), cap)
 
         # With a frame count in the header the frames are known now; without one, the whole video is read keeping
         # up to `cap` frames.
@@ -266,7 +457,121 @@ class MultimodalProcessor:
             clip: VideoClip = reader.sample(choose, max_frames=frames)
             return clip.frames, video_metadata(clip.fps, clip.total_frames, clip.indices)
 
-        return load
+        # The frames follow from the bytes, the sampling settings and the cap: together they are the key.
+        key = _media_key("video", media_digest(data), settings.video_pixels, settings.fps, settings.num_frames,
+                         settings.min_frames, cap)
+        return _Item("video", label, key, frames * reader.frame_bytes, reader.decode_bytes, load)
+
+    # ----- the processor
+
+    def _prepare_all(self, items: list[_Item], settings: MediaSettings) -> dict[bytes, ProcessedMedia]:
+        """Every item's processor output by key: from the cache, or decoded and processed in the worker pool.
+
+        Items to decode run as many at once as there are workers, as far as the sum of their peaks (decoded bytes
+        kept and decoding) fits in the per-request limit and the server's in-flight budget; the request holds that
+        much (MediaMemory) meanwhile, or the largest item's peak when that is more: it then runs alone."""
+        outputs: dict[bytes, ProcessedMedia] = {}
+        missing: dict[bytes, _Item] = {}
+        for item in items:
+            if item.key in outputs or item.key in missing:
+                continue  # the same media twice in one request: prepared once
+            hit = self.cache.get(item.key)
+            if hit is not None:
+                outputs[item.key] = hit
+            else:
+                missing[item.key] = item
+        if not missing:
+            return outputs
+        peaks = sorted((item.peak for item in missing.values()), reverse=True)
+        room = max(peaks[0], min(sum(peaks[:self.worker_count]), self.policy.max_bytes_per_request,
+                                 self.memory.capacity))
+        queue = deque(missing.values())
+        running: dict[Future, _Item] = {}
+        in_flight = 0
+        error: BaseException | None = None
+        with self.memory.hold(room):
+            while queue or running:
+                while queue and (not running or in_flight + queue[0].peak <= room):
+                    item = queue.popleft()
+                    in_flight += item.peak
+                    running[self.workers.submit(self._prepare, item, settings)] = item
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    item = running.pop(future)
+                    in_flight -= item.peak
+                    if future.exception() is not None:
+                        error = error or future.exception()
+                        queue.clear()  # start nothing more; those running finish within what is held
+                    else:
+                        outputs[item.key] = future.result()
+                        self.cache.put(item.key, outputs[item.key])
+        if error is not None:
+            raise error
+        return outputs
+
+    def _prepare(self, item: _Item, settings: MediaSettings) -> ProcessedMedia:
+        """Decode one image or video and run the model's processor on it alone (in a worker thread)."""
+        loaded = item.load()
+        kwargs: dict[str, Any] = {"text": [getattr(self.hf, f"{item.modality}_token")], "return_tensors": "pt"}
+        if item.modality == "image":
+            kwargs["images"] = [loaded]
+            pixels = settings.image_pixels
+        else:
+            frames, metadata = loaded
+            # The frames are sampled already; the metadata tells the processor when each was shot, which Qwen2.5-VL
+            # turns into M-RoPE time steps and Qwen3-VL into "<t seconds>" text (without it they assume 24 fps, and
+            # Qwen3-VL would sample again).
+            kwargs.update(videos=[frames], video_metadata=[metadata], do_sample_frames=False)
+            pixels = settings.video_pixels
+        sub = {}
+        if pixels is not None:
+            sub["size"] = {"shortest_edge": pixels[0], "longest_edge": pixels[1]}
+        if self.device != "cpu":
+            sub["device"] = self.device
+        if sub:
+            kwargs["images_kwargs" if item.modality == "image" else "videos_kwargs"] = sub
+        out = self.hf(**kwargs)
+        ids = out["input_ids"][0].tolist()
+        before, after = self.wrapping[item.modality]
+        features = {name: value.cpu() for name, value in out.items()
+                    if name not in _TEXT_OUTPUTS and isinstance(value, torch.Tensor)}
+        return ProcessedMedia(features, tuple(ids[before:len(ids) - after]))
+
+    def _assemble(self, text: str, items: list[_Item],
+                  outputs: dict[bytes, ProcessedMedia]) -> tuple[list[int], MultimodalInputs]:
+        """The prompt's ids with each placeholder expanded as the processor expanded its item, the items' features
+        joined in order, cut into MultimodalInputs by the model; each MultimodalItem hashed from its media's key and
+        where it starts in that media's expansion."""
+        by_modality: dict[str, Iterator[_Item]] = {
+            modality: iter([item for item in items if item.modality == modality]) for modality in ("image", "video")}
+        ids: list[int] = []
+        spans: list[tuple[int, bytes]] = []  # (where an item's expansion starts, its key)
+        for token in self.hf.tokenizer(text)["input_ids"]:
+            modality = self.placeholders.get(token)
+            if modality is None:
+                ids.append(token)
+                continue
+            item = next(by_modality[modality], None)
+            if item is None:
+                raise MediaError(f"the prompt has more {modality} placeholders than {modality}s")
+            spans.append((len(ids), item.key))
+            ids.extend(outputs[item.key].token_ids)
+        for modality, left in by_modality.items():
+            if next(left, None) is not None:
+                raise MediaError(f"the prompt has fewer {modality} placeholders than {modality}s")
+        processed: dict[str, Any] = {"input_ids": torch.tensor([ids])}
+        for item in items:
+            for name, value in outputs[item.key].features.items():
+                processed.setdefault(name, []).append(value)
+        for name in list(processed)[1:]:
+            parts = processed[name]
+            processed[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        mm = self.model_cls.multimodal_inputs(self.hf_config, processed)
+        starts = [start for start, _ in spans]
+        for mm_item in mm.items:
+            start, key = spans[bisect_right(starts, mm_item.offset) - 1]
+            mm_item.hash = media_item_hash(key, mm_item.offset - start)
+        return ids, mm
 
 
 def video_metadata(fps: float, total_frames: int, indices: Any) -> dict[str, Any]:

@@ -246,6 +246,7 @@ class OpenAIServing:
         if media and self.manager.mm_processor is None:
             raise APIError(400, f"{self.model_name} is a text model: it takes no images or other media",
                            param="messages")
+        settings = self.manager.media_settings(body.mm_processor_kwargs)
         try:
             text = await self.manager.render_chat_async(body.messages, **kwargs)
         except ValueError as exc:
@@ -253,7 +254,7 @@ class OpenAIServing:
         mm = None
         if media:
             self._check_size(text, "messages")  # the placeholders only grow it
-            ids, mm = await self.manager.process_media(text, media)
+            ids, mm = await self.manager.process_media(text, media, settings)
         else:
             ids = await self._encode(text, "messages", add_special_tokens=False,
                                      check_size=body.truncate_prompt_tokens is None)
@@ -457,13 +458,14 @@ class OpenAIServing:
             raise APIError(400, "give exactly one of text and input_ids")
         single = isinstance(body.text, str) or (body.input_ids is not None and body.input_ids
                                                 and isinstance(body.input_ids[0], int))
+        settings = self.manager.media_settings(body.mm_processor_kwargs)
         mm = None
         if body.image_data is not None:
             if not isinstance(body.text, str):
                 raise APIError(400, "image_data goes with a single text prompt", param="image_data")
             images = body.image_data if isinstance(body.image_data, list) else [body.image_data]
             self._check_size(body.text, "text")
-            ids, mm = await self.manager.process_media(body.text, [("image", src) for src in images])
+            ids, mm = await self.manager.process_media(body.text, [("image", src) for src in images], settings)
             prompts = [ids]
         elif body.text is not None:
             prompts = [await self._encode(t, "text") for t in ([body.text] if single else body.text)]

@@ -107,6 +107,9 @@ class ChatCompletionRequest(_SamplingFields):
     functions: list[Any] | None = None  # OpenAI's deprecated names for tools and tool_choice: refused
     function_call: Any = None
     media_io_kwargs: dict[str, Any] | None = None  # vLLM's; refused
+    # vLLM's: how this request's media are prepared (min_pixels, max_pixels, fps, num_frames, ...; the model family's
+    # list, see mmserve.multimodal.processor)
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -121,6 +124,7 @@ class CompletionRequest(_SamplingFields):
 class GenerateRequestBody(_Body):
     text: str | list[str] | None = None
     image_data: str | list[str] | None = None  # data/http URLs or allowed paths; the text holds the placeholders
+    mm_processor_kwargs: dict[str, Any] | None = None  # as in chat completions
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | None = None
     stream: bool = False

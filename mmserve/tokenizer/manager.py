@@ -36,7 +36,7 @@ from mmserve.messages import (
     WireMultimodal,
 )
 from mmserve.multimodal.inputs import to_wire
-from mmserve.multimodal.processor import MultimodalProcessor
+from mmserve.multimodal.processor import MediaSettings, MediaSettingsError, MultimodalProcessor
 from mmserve.sampling_params import SamplingParams
 from mmserve.server.errors import APIError
 from mmserve.tokenizer.chat_template import render_chat, resolve_chat_template, validate_messages
@@ -73,7 +73,9 @@ class TokenizerManager:
         self.tokenizer = load_tokenizer_for(args)
         self.chat_template = resolve_chat_template(args.chat_template, self.tokenizer)
         self.mm_processor = _multimodal_processor(args)
-        self.mm_pool = ThreadPoolExecutor(max(1, args.mm_processor_workers), thread_name_prefix="mmserve-media")
+        # Threads that prepare one request's media each: they read headers, look up the processor cache and wait
+        # for the processor's workers (--mm-processor-workers) to decode and process what is missing.
+        self.mm_pool = ThreadPoolExecutor(args.mm_processor_workers, thread_name_prefix="mmserve-media")
         # Threads that render and tokenize long texts while the event loop serves on: `tokenizer.encode` of a fast
         # tokenizer runs the Rust `encode_batch`, which releases the GIL.
         self.tokenize_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
@@ -144,6 +146,8 @@ class TokenizerManager:
 
     async def shutdown(self) -> None:
         self.mm_pool.shutdown(wait=False, cancel_futures=True)
+        if self.mm_processor is not None:
+            self.mm_processor.workers.shutdown(wait=False, cancel_futures=True)
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         for task in [*self._tasks, self._receiver]:
             if task is not None:
@@ -261,9 +265,24 @@ class TokenizerManager:
             if len(self._queues) + extra > self.info.max_running_requests + limit:
                 raise APIError(503, "the server is at capacity (the waiting queue is full); retry later")
 
-    async def process_media(self, text: str, media: list[tuple[str, Any]]) -> tuple[list[int], WireMultimodal]:
-        """Download media in the processor's download pool, then decode them and run the model's processor in the
-        worker pool; MediaError/ValueError -> 400, MediaBusy (decoded-media memory full for too long) -> 503."""
+    def media_settings(self, kwargs: dict[str, Any] | None) -> MediaSettings | None:
+        """A request's mm_processor_kwargs checked against the model family's list (a 400 naming the key), before
+        any of its media is fetched. None: the server's settings."""
+        if not kwargs:
+            return None
+        if self.mm_processor is None:
+            raise APIError(400, f"{self.args.model_path} is a text model: it takes no mm_processor_kwargs",
+                           param="mm_processor_kwargs")
+        try:
+            return self.mm_processor.settings_for(kwargs)
+        except MediaSettingsError as exc:
+            raise APIError(400, str(exc), param="mm_processor_kwargs" + (f".{exc.key}" if exc.key else "")) from exc
+
+    async def process_media(self, text: str, media: list[tuple[str, Any]],
+                            settings: MediaSettings | None = None) -> tuple[list[int], WireMultimodal]:
+        """Download media in the processor's download pool, then prepare them (`MultimodalProcessor.process`: cache
+        lookups, then decoding and the model's processor in its worker pool) from a thread of `mm_pool`;
+        MediaError/ValueError -> 400, MediaBusy (decoded-media memory full for too long) -> 503."""
         from mmserve.multimodal.media import MediaBusy
 
         if self.mm_processor is None:
@@ -274,7 +293,8 @@ class TokenizerManager:
             # Slow downloads wait in their own pool, never in the workers other requests decode in; the first
             # failed download answers at once.
             fetched = await asyncio.gather(*map(asyncio.wrap_future, self.mm_processor.download(media)))
-            ids, mm = await loop.run_in_executor(self.mm_pool, self.mm_processor.process, text, list(fetched))
+            ids, mm = await loop.run_in_executor(self.mm_pool, self.mm_processor.process, text, list(fetched),
+                                                 settings)
         except MediaBusy as exc:
             raise APIError(503, str(exc)) from exc
         except ValueError as exc:

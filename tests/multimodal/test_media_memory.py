@@ -50,6 +50,13 @@ def huge_png(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def other_huge_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("huge") / "other.png"
+    path.write_bytes(solid_png(8192, 8192, (20, 90, 160)))
+    return path
+
+
 def processor(model_dir, **flags):
     from transformers import AutoConfig
 
@@ -131,27 +138,27 @@ from mmserve.config import ServerArgs
 from mmserve.models.registry import ModelRegistry
 from mmserve.multimodal.processor import MultimodalProcessor
 
-model_dir, png = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()
+model_dir, pngs = Path(sys.argv[1]), [Path(sys.argv[2]).read_bytes(), Path(sys.argv[4]).read_bytes()]
 config = AutoConfig.from_pretrained(model_dir)
-proc = MultimodalProcessor(ServerArgs(model_path=str(model_dir)), ModelRegistry.resolve(config.architectures), config,
-                           model_dir)
+proc = MultimodalProcessor(ServerArgs(model_path=str(model_dir), mm_processor_workers=1),
+                           ModelRegistry.resolve(config.architectures), config, model_dir)
 image = "<|vision_start|><|image_pad|><|vision_end|>"
 proc.process(image, [("image", Path(sys.argv[3]).read_bytes())])  # warm up: lazy imports, first allocations
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 before = peak()
-proc.process(image * 8, [("image", png)] * 8)
+proc.process(image * 8, [("image", pngs[i % 2]) for i in range(8)])
 print(json.dumps({"peak_growth": peak() - before}))
 """
 
 
-def test_eight_huge_pngs_in_one_request_stay_bounded(tiny_qwen2_vl_dir, huge_png, tmp_path):
-    """Eight 8192x8192 PNGs in one request: decoded one at a time and shrunk at once, the API process grows by
-    about one full-size decode (PIL holds 8192x8192 RGB in 256 MiB), not by 8 x 1 GiB as before. Measured in a
-    fresh process, whose peak RSS belongs to this alone."""
+def test_eight_huge_pngs_in_one_request_stay_bounded(tiny_qwen2_vl_dir, huge_png, other_huge_png, tmp_path):
+    """Eight 8192x8192 PNGs in one request (two different ones, each decoded once): with one worker, decoded one at a
+    time and shrunk at once, the API process grows by about one full-size decode (PIL holds 8192x8192 RGB in
+    256 MiB), not by 8 x 1 GiB as before. Measured in a fresh process, whose peak RSS belongs to this alone."""
     small = tmp_path / "small.png"
     small.write_bytes(encoded(noise(64, 48), "PNG"))
-    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tiny_qwen2_vl_dir), str(huge_png), str(small)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tiny_qwen2_vl_dir), str(huge_png), str(small),
+                             str(other_huge_png)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     growth = json.loads(result.stdout.strip().splitlines()[-1])["peak_growth"]
     assert growth < 400 * 2 ** 20, f"peak RSS grew by {growth / 2 ** 20:.0f} MiB"

@@ -1,7 +1,9 @@
 """Images and video through the HTTP server (tiny Qwen2-VL): data URLs give the in-process engine's answer, the prefix
-cache recognises a repeated image, and every bad media input is a 400 while the server keeps serving: loopback
-URLs (refused by default, allowed by a flag), file://, invalid base64, non-image bytes, a decompression bomb,
-too many images, a prompt too long after expansion, and images sent to a text model."""
+cache recognises a repeated image, per-request media settings (mm_processor_kwargs, in the openai client's
+extra_body) change an image's tokens as transformers does, and every bad media input is a 400 while the server keeps
+serving: loopback URLs (refused by default, allowed by a flag), file://, invalid base64, non-image bytes, a
+decompression bomb, too many images, a prompt too long after expansion, unknown or bad mm_processor_kwargs, and
+images sent to a text model."""
 
 from __future__ import annotations
 
@@ -158,10 +160,78 @@ def test_generate_endpoint_takes_image_data(vl_server):
     assert again["meta_info"]["cached_tokens"] == again["meta_info"]["prompt_tokens"] - 1
 
 
+def image_tokens(model_dir, data: bytes, **kwargs) -> int:
+    """How many tokens transformers' processor gives the image, with `kwargs` (min_pixels, max_pixels) as given."""
+    import warnings
+
+    from transformers import AutoProcessor
+
+    hf = AutoProcessor.from_pretrained(model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the flat min/max_pixels are deprecated, and still work
+        out = hf(text=["<|image_pad|>"], images=[Image.open(io.BytesIO(data)).convert("RGB")], **kwargs)
+    return len(out["input_ids"][0])
+
+
+def test_mm_processor_kwargs_in_extra_body(client, tiny_qwen2_vl_dir):
+    """Per-request pixel bounds change the image's token count as transformers' processor does with them; the same
+    settings again reuse the prefix cache (the same image hash), other settings do not."""
+    data = png_bytes(150, 100, 21)
+    messages = image_message(data_url(data))
+    small = {"extra_body": {"mm_processor_kwargs": {"max_pixels": 28 * 28 * 4}}}
+    default = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+    first = client.chat.completions.create(model="m", messages=messages, **GREEDY, **small)
+    again = client.chat.completions.create(model="m", messages=messages, **GREEDY, **small)
+    fewer = image_tokens(tiny_qwen2_vl_dir, data) - image_tokens(tiny_qwen2_vl_dir, data, max_pixels=28 * 28 * 4)
+    assert fewer > 0 and default.usage.prompt_tokens - first.usage.prompt_tokens == fewer
+    assert first.usage.prompt_tokens_details.cached_tokens < 20  # the system prompt, not the image
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+    larger = client.chat.completions.create(model="m", messages=messages, **GREEDY,
+                                            extra_body={"mm_processor_kwargs": {"min_pixels": 200 * 200}})
+    assert larger.usage.prompt_tokens - default.usage.prompt_tokens == (
+        image_tokens(tiny_qwen2_vl_dir, data, min_pixels=200 * 200) - image_tokens(tiny_qwen2_vl_dir, data))
+
+
+def test_bad_mm_processor_kwargs_are_400s(client, vl_server):
+    messages = image_message(data_url(png_bytes(40, 40, 22)))
+    for kwargs, param, match in [
+        ({"max_pixels": 1000, "resample": 0}, "mm_processor_kwargs.resample", "unknown key 'resample'"),
+        ({"max_pixels": "1000"}, "mm_processor_kwargs.max_pixels", 'max_pixels must be an integer, got "1000"'),
+        ({"max_pixels": 10 ** 9}, "mm_processor_kwargs.max_pixels", "max_pixels must be in [1, 62720]"),
+        ({"fps": True}, "mm_processor_kwargs.fps", "fps must be a number"),
+        ({"fps": 2, "num_frames": 4}, "mm_processor_kwargs.num_frames", "mutually exclusive"),
+        (["max_pixels"], "mm_processor_kwargs", "valid dictionary"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="m", messages=messages, **GREEDY,
+                                           extra_body={"mm_processor_kwargs": kwargs})
+        assert match in info.value.body["message"] and info.value.body["param"] == param, info.value.body
+    body = {"text": "Look <|vision_start|><|image_pad|><|vision_end|>", "image_data": [data_url(png_bytes(40, 40, 23))],
+            "mm_processor_kwargs": {"do_resize": False}, "sampling_params": {"max_new_tokens": 2}}
+    refused = httpx.post(vl_server.url + "/generate", json=body, timeout=60)
+    assert refused.status_code == 400 and "unknown key 'do_resize'" in refused.json()["error"]["message"]
+    ok = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+    assert ok.choices[0].finish_reason in ("stop", "length") and vl_server.proc.poll() is None
+
+
+def test_generate_takes_mm_processor_kwargs(vl_server):
+    text = "Look <|vision_start|><|image_pad|><|vision_end|> here"
+    body = {"text": text, "image_data": [data_url(png_bytes(150, 100, 24))],
+            "sampling_params": {"temperature": 0, "max_new_tokens": 2}}
+    default = httpx.post(vl_server.url + "/generate", json=body, timeout=60).json()
+    small = httpx.post(vl_server.url + "/generate", json={**body, "mm_processor_kwargs": {"max_pixels": 3136}},
+                       timeout=60).json()
+    assert small["meta_info"]["prompt_tokens"] < default["meta_info"]["prompt_tokens"]
+
+
 def test_text_model_refuses_images(start_server, tiny_model_dir):
     handle = start_server(str(tiny_model_dir("qwen2")))
     text_client = openai.OpenAI(base_url=handle.base_url, api_key="none", max_retries=0)
     bad_request(text_client, image_message(data_url(png_bytes(32, 32, 0))), "text model")
+    with pytest.raises(openai.BadRequestError, match="text model: it takes no mm_processor_kwargs"):
+        text_client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], **GREEDY,
+                                            extra_body={"mm_processor_kwargs": {"max_pixels": 3136}})
 
 
 def test_serving_benchmark_with_images(vl_server, capsys):
