@@ -13,6 +13,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ class Engine:
         self._queues: dict[str, queue.Queue] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._prompt_pool: ThreadPoolExecutor | None = None  # processes several prompts' media at once (_encoded)
         self._error: BaseException | None = None
         # The core is built in the thread that steps it. On the CPU, a model stepped from another thread than the
         # one that loaded it ran 1.4x slower on 2 cores (torch's OpenMP team belongs to the loading thread); the
@@ -90,6 +92,7 @@ class Engine:
         return_logits: bool = False,
         image_data: Any = None,
         video_data: Any = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, Any] | list[Any] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict back) or a list of prompts (a list back, in order).
 
@@ -98,24 +101,24 @@ class Engine:
         the images of a single prompt (one, or a list of PIL images, bytes, data/http URLs or allowed paths), whose
         places the prompt marks with the model's image placeholder (see `chat` for the easy way); for a list of
         prompts, a list with each prompt's images (None, one or a list). `video_data` likewise: videos as data/http
-        URLs, allowed paths, bytes, or frame arrays [T, H, W, 3] (used as given)."""
+        URLs, allowed paths, bytes, or frame arrays [T, H, W, 3] (used as given). `mm_processor_kwargs`: this call's
+        media settings (e.g. `max_pixels`, `fps`; the model family's list, as the server's request field).
+
+        Several prompts with media are processed `--mm-processor-workers` at a time, each submitted once ready."""
         if prompt is not None and input_ids is not None:
             raise ValueError("give either prompt or input_ids, not both")
         if prompt is None and input_ids is None:
             raise ValueError("give a prompt or input_ids")
         single = isinstance(prompt, str) or (input_ids is not None and len(input_ids) > 0
                                              and isinstance(input_ids[0], int))
-        if image_data is not None or video_data is not None:
+        if image_data is not None or video_data is not None or mm_processor_kwargs:
             prompts = [prompt] if single else prompt
             if prompts is None or not all(isinstance(p, str) for p in prompts):
-                raise ValueError("image_data and video_data go with text prompts")
-            token_lists, mm_list = [], []
-            for text, images, videos in zip(prompts, _per_prompt(image_data, prompts, single, "image"),
-                                            _per_prompt(video_data, prompts, single, "video"), strict=True):
-                media = [("image", x) for x in images] + [("video", x) for x in videos]
-                ids, mm = self._encode_multimodal(text, media) if media else (self._encode(text), None)
-                token_lists.append(ids)
-                mm_list.append(mm)
+                raise ValueError("image_data, video_data and mm_processor_kwargs go with text prompts")
+            settings = self._media_settings(mm_processor_kwargs)
+            jobs = list(zip(prompts, _per_prompt(image_data, prompts, single, "image"),
+                            _per_prompt(video_data, prompts, single, "video"), strict=True))
+            count = len(jobs)
         else:
             if single:
                 token_lists = [list(input_ids) if input_ids is not None else self._encode(prompt)]
@@ -123,28 +126,42 @@ class Engine:
                 token_lists = [list(ids) for ids in input_ids]
             else:
                 token_lists = [self._encode(p) for p in prompt]
-            mm_list = [None] * len(token_lists)
-        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
-        if len(params_list) != len(token_lists):
-            raise ValueError(f"got {len(params_list)} sampling_params for {len(token_lists)} prompts")
+            count, jobs = len(token_lists), None
+        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * count
+        if len(params_list) != count:
+            raise ValueError(f"got {len(params_list)} sampling_params for {count} prompts")
         parsed = [SamplingParams.from_dict(p) for p in params_list]
+        if stream and (count != 1 or parsed[0].n != 1):
+            raise ValueError("stream=True takes one prompt with n == 1")
+        # prompts with media are processed on a pool and each is submitted as soon as it is ready, in order, so the
+        # engine starts on the first while later ones are still being decoded and resized
+        inputs = (self._encoded(jobs, settings) if jobs is not None
+                  else ((ids, None) for ids in token_lists))
+        groups: list[list[tuple[RequestState, queue.Queue]]] = []
+        try:
+            for (ids, mm), p in zip(inputs, parsed, strict=True):
+                groups.append([self._submit(ids, p.nth_sample(i), return_logits, mm) for i in range(p.n)])
+        except BaseException:  # a later prompt's media failed: the ones already submitted must not run on
+            for group in groups:
+                for state, _ in group:
+                    self.abort(state.rid)
+            raise
         if stream:
-            if len(token_lists) != 1 or parsed[0].n != 1:
-                raise ValueError("stream=True takes one prompt with n == 1")
-            return self._stream(*self._submit(token_lists[0], parsed[0], return_logits, mm_list[0]))
-        groups = [[self._submit(ids, p.nth_sample(i), return_logits, mm) for i in range(p.n)]
-                  for ids, p, mm in zip(token_lists, parsed, mm_list, strict=True)]
+            return self._stream(*groups[0][0])
         results = [[self._wait(*sub) for sub in group] for group in groups]
         results = [group[0] if len(group) == 1 else group for group in results]
         return results[0] if single else results
 
     def chat(self, messages: list[dict[str, Any]], sampling_params: dict[str, Any] | None = None,
-             stream: bool = False, **template_kwargs: Any):
+             stream: bool = False, mm_processor_kwargs: dict[str, Any] | None = None, **template_kwargs: Any):
         """Apply the chat template (with the generation prompt) and generate. Content parts of type image_url
-        (url: data/http URL or allowed path) or image (a PIL image) go to the model's processor."""
+        (url: data/http URL or allowed path) or image (a PIL image) go to the model's processor, with
+        `mm_processor_kwargs` as in `generate`."""
         validate_messages(messages)
         media = media_parts(messages)
         if not media:
+            if mm_processor_kwargs:
+                self._media_settings(mm_processor_kwargs)  # checked (and refused by a text model) all the same
             ids = self.apply_chat_template(messages, **template_kwargs)
             return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream)
         text = render_chat(self.tokenizer, messages, self.chat_template, **template_kwargs)
@@ -152,7 +169,8 @@ class Engine:
             raise ValueError("only image and video parts are supported so far")
         return self.generate(text, sampling_params, stream=stream,
                              image_data=[src for kind, src in media if kind == "image"],
-                             video_data=[src for kind, src in media if kind == "video"])
+                             video_data=[src for kind, src in media if kind == "video"],
+                             mm_processor_kwargs=mm_processor_kwargs)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         validate_messages(messages)
@@ -166,6 +184,8 @@ class Engine:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._prompt_pool is not None:
+            self._prompt_pool.shutdown(wait=False, cancel_futures=True)
         self._thread.join(timeout=30)
         # Drop the model and the KV cache now rather than whenever the Engine object is collected. The model's
         # parameters hold their layers' weight_loader methods, a reference cycle that only the collector frees.
@@ -187,11 +207,36 @@ class Engine:
             raise ValueError(f"prompt must be a string, got {type(text).__name__}")
         return self.tokenizer.encode(text)
 
-    def _encode_multimodal(self, text: str, media: list[tuple[str, Any]]) -> tuple[list[int], Any]:
+    def _media_settings(self, kwargs: dict[str, Any] | None):
         if self.processor is None:
-            raise ValueError(f"{self.args.model_path} is a text model: it takes no images or videos")
-        ids, mm = self.processor.process(text, media)
+            raise ValueError(f"{self.args.model_path} is a text model: it takes no images, videos or "
+                             "mm_processor_kwargs")
+        return self.processor.settings_for(kwargs) if kwargs else None
+
+    def _encode_multimodal(self, text: str, images: list[Any], videos: list[Any], settings: Any) -> tuple[list[int],
+                                                                                                          Any]:
+        media = [("image", x) for x in images] + [("video", x) for x in videos]
+        if not media:
+            return self._encode(text), None
+        ids, mm = self.processor.process(text, media, settings)
         return ids, to_wire(mm)
+
+    def _encoded(self, jobs: list[tuple[str, list[Any], list[Any]]], settings: Any) -> Iterator[tuple[list[int], Any]]:
+        """Each (prompt, images, videos) as token ids and wire media inputs, in order; with several, processed on a
+        pool of --mm-processor-workers threads (decoding and the torchvision processors release the GIL)."""
+        if len(jobs) == 1:
+            yield self._encode_multimodal(*jobs[0], settings)
+            return
+        if self._prompt_pool is None:
+            self._prompt_pool = ThreadPoolExecutor(max(1, self.args.mm_processor_workers),
+                                                   thread_name_prefix="mmserve-prompts")
+        futures = [self._prompt_pool.submit(self._encode_multimodal, *job, settings) for job in jobs]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:  # on a failure, the prompts not yet started are dropped
+            for future in futures:
+                future.cancel()
 
     def _submit(self, ids: list[int], params: SamplingParams, return_logits: bool,
                 mm_inputs: Any = None) -> tuple[RequestState, queue.Queue]:

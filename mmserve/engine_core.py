@@ -53,6 +53,9 @@ class EngineCore:
         then never land on a user's time to first token. Leaves nothing behind: the prefix cache is emptied and the
         counters start from zero. Returns the counters of the warm-up itself."""
         start = time.perf_counter()
+        warm_encoder = getattr(self.runner.model, "warm_up_encoder", None)
+        if warm_encoder is not None:  # a vision tower's kernels, before any user image
+            warm_encoder()
         sched, vocab = self.scheduler, self.model_config.vocab_size
         # every prompt (with its cached-prefix variant's 3 more tokens and its output) fits the context and the cache
         longest = max(1, min(512, self.model_config.context_len - 8, sched.chunk_size or 512,

@@ -1,0 +1,111 @@
+"""Where one image request's time to first token goes (issue 16's V2): the processor, the vision tower, and the
+prefill step around it, on `EngineCore` directly, then a torch.profiler trace of one such prefill step.
+
+    python scripts/profile_mm.py --preset qwen2.5-vl-7b --tokenizer-dir .gpu/tokenizer [--size 448x448]
+
+Prints medians over --runs fresh random images (no cache helps): processor ms (`MultimodalProcessor.process`),
+prefill step ms (the step that encodes the image and samples the first token), tower ms (`model.encode` alone,
+synchronised), and the trace's top operators by GPU and by CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmserve.bench.presets import add_preset_args, apply_preset
+from mmserve.config import ServerArgs
+from mmserve.engine_core import EngineCore
+from mmserve.messages import GenerateRequest
+from mmserve.models.loader import split_gguf
+from mmserve.multimodal.inputs import from_wire, to_wire
+from mmserve.multimodal.processor import MultimodalProcessor
+
+PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe this picture in a few words." \
+         "<|im_end|>\n<|im_start|>assistant\n"
+ONE_TOKEN = {"temperature": 0, "max_new_tokens": 1, "ignore_eos": True}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_preset_args(parser)
+    parser.add_argument("--model-path")
+    parser.add_argument("--device")
+    parser.add_argument("--size", default="448x448")
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    apply_preset(args, parser)
+    kwargs = {"model_path": args.model_path, "max_total_tokens": 65536}
+    if args.preset:
+        kwargs["load_format"] = "dummy"
+    if args.device:
+        kwargs["device"] = args.device
+    server_args = ServerArgs(**kwargs)
+    core = EngineCore(server_args)
+    device = core.runner.device
+    folder, _ = split_gguf(core.checkpoint)
+    processor = MultimodalProcessor(server_args, type(core.runner.model), core.model_config.hf_config, folder)
+    width, height = map(int, args.size.split("x"))
+    rng = np.random.default_rng(0)
+
+    def image() -> Image.Image:
+        return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+    def one(rid: str) -> tuple[float, float, float, int]:
+        start = time.perf_counter()
+        ids, mm = processor.process(PROMPT, [("image", image())])
+        wire = to_wire(mm)
+        processed = time.perf_counter()
+        core.handle(GenerateRequest(rid, ids, ONE_TOKEN, mm_inputs=wire))
+        sync(device)
+        step_start = time.perf_counter()
+        while core.has_work():
+            core.step()
+        sync(device)
+        done = time.perf_counter()
+        items = from_wire(wire).items  # on the host, as the engine receives them
+        sync(device)
+        tower_start = time.perf_counter()
+        core.runner.model.encode(items)
+        sync(device)
+        tower = time.perf_counter() - tower_start
+        return ((processed - start) * 1e3, (done - step_start) * 1e3, tower * 1e3, len(ids))
+
+    for i in range(3):
+        one(f"warm{i}")
+    runs = [one(f"r{i}") for i in range(args.runs)]
+    proc, step, tower, tokens = (statistics.median(col) for col in zip(*runs, strict=True))
+    print(f"{args.size} image, {tokens:.0f} prompt tokens, median of {args.runs}: processor {proc:.1f} ms, prefill "
+          f"step (tower + language model + first token) {step:.1f} ms, tower alone {tower:.1f} ms; "
+          f"processor + step {proc + step:.1f} ms")
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    ids, mm = processor.process(PROMPT, [("image", image())])
+    core.handle(GenerateRequest("traced", ids, ONE_TOKEN, mm_inputs=to_wire(mm)))
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        while core.has_work():
+            core.step()
+        sync(device)
+    events = trace.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    launches = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"traced prefill step: GPU kernels {gpu_ms:.1f} ms, {launches} kernel launches")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
