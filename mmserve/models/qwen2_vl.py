@@ -129,8 +129,14 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         for item in items:
             self.encode([item])
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        embeds = embed_multimodal(input_ids, batch, self.model.embed_tokens, self.encode, self.encoder_cache)
+    def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The step's input embeddings, media encoded and placed: what `forward` starts from. The prefill graphs
+        run this eagerly and replay the language model from its output (`forward(..., input_embeds=)`)."""
+        return embed_multimodal(input_ids, batch, self.model.embed_tokens, self.encode, self.encoder_cache)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
+                input_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
         hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
         return self.logits_processor(hidden_states, self.lm_head, batch)
 

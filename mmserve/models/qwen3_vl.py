@@ -165,6 +165,10 @@ class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         """Text embeddings padded with zeros to the encoder output's width: text rows get no DeepStack addition."""
         return F.pad(self.model.embed_tokens(input_ids), (0, self.hidden_size * self.deepstack_levels))
 
+    # DeepStack adds encoder features inside the language model's first layers, only on steps with media: the
+    # prefill graphs (which replay the language model from the input embeddings alone) leave its media steps eager
+    embed = None
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         deepstack = None
         if self.deepstack_levels and batch.mode == ForwardMode.EXTEND and any(batch.mm_inputs or ()):

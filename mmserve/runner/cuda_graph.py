@@ -17,13 +17,15 @@ backend does; the torch reference backend (Python loops over requests) does not,
 The logits a replay returns are views into the graph's output buffer: they are valid until the next replay.
 
 Short prefills are launch-bound too (a 128-token prompt of an 8B model: ~18 ms of CPU against ~8 ms of GPU), so
-`PrefillGraphRunner` captures text-only extend steps by token count: buckets up to
+`PrefillGraphRunner` captures extend steps by token count: buckets up to
 `--cuda-graph-max-prefill-tokens`, each twice where the backend has a dense path (every prompt fresh: flash
 attention; some cached prefix: the extend kernel). A step of T tokens from B <= 16 requests fills the first T rows
 and B requests of the static buffers; requests B..15 get length 0, and the bucket's remaining tokens form one
 padding request that attends only to itself through the request-to-token table's padding row (every position the
 dummy slot 0), so every row the graph computes is finite and nothing live is read or written. Prompt lengths then
-reuse a handful of captured shapes: no per-length work on a user's time to first token.
+reuse a handful of captured shapes: no per-length work on a user's time to first token. A vision-language model
+(one with `embed`) is captured from its input embeddings: a step's media are encoded eagerly, their embeddings
+copied into a static buffer, and the language model replayed; a text model's graphs start from the ids.
 """
 
 from __future__ import annotations
@@ -185,6 +187,14 @@ class PrefillGraphRunner:
         # int32 rows for the kernels: query offsets [r + 1], new-token counts [r + 1], prompt offsets [r + 2]
         self.lens32 = torch.zeros(3 * r + 4, dtype=torch.int32, device=device)
         self.logits = torch.zeros(r, runner.config.vocab_size, dtype=torch.float32, device=device)
+        # A model with `embed` (the vision-language ones) is captured from its input embeddings: a step computes
+        # them eagerly (its media encoded and placed) into this buffer and replays the language model, so steps
+        # with images replay graphs too.
+        self.from_embeds = getattr(runner.model, "embed", None) is not None
+        self.input_embeds = None
+        if self.from_embeds:
+            width = runner.model.model.embed_tokens.weight.shape[1]
+            self.input_embeds = torch.zeros(n, width, dtype=runner.dtype, device=device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.batches: dict[tuple[int, bool], ForwardBatch] = {}
         self.capture_seconds = 0.0
@@ -223,14 +233,15 @@ class PrefillGraphRunner:
             if not self.use_graphs:
                 continue
             self._set_padding(0, [], key[0], [])  # one padding request of the whole bucket while capturing
+            embeds = self.input_embeds[: key[0]] if self.from_embeds else None
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self.logits.copy_(self.runner.run_model(batch))
+                    self.logits.copy_(self.runner.run_model(batch, embeds))
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 # copied into one buffer that every bucket shares, so no graph keeps a logits tensor of its own
-                self.logits.copy_(self.runner.run_model(batch))
+                self.logits.copy_(self.runner.run_model(batch, embeds))
             self.graphs[key] = graph
             now = time.perf_counter()
             if now - last_line > 2.0 or i + 1 == len(keys):
@@ -243,7 +254,7 @@ class PrefillGraphRunner:
         return (batch.mode == ForwardMode.EXTEND and 0 < batch.input_ids.shape[0] <= self.max_tokens
                 and batch.batch_size <= PREFILL_GRAPH_MAX_REQS and batch.logits_indices is not None
                 and batch.logits_indices.shape[0] <= PREFILL_GRAPH_MAX_REQS
-                and (batch.mm_inputs is None or all(m is None for m in batch.mm_inputs))
+                and (self.from_embeds or batch.mm_inputs is None or all(m is None for m in batch.mm_inputs))
                 and batch.bidirectional_spans is None)  # the captured metadata has no spans
 
     def _set_padding(self, tokens: int, lens: list[int], bucket: int, seq_lens: list[int]) -> None:
@@ -270,6 +281,8 @@ class PrefillGraphRunner:
         t, b, rows = batch.input_ids.shape[0], batch.batch_size, batch.logits_indices.shape[0]
         bucket = next(n for n in self.token_buckets if n >= t)
         fresh = self.dense and not any(batch.prefix_lens_cpu)
+        if self.from_embeds:  # media encoded eagerly (the tower is not in the graph), the language model replayed
+            self.input_embeds[:t].copy_(self.runner.embed_inputs(batch))
         self.input_ids[:t].copy_(batch.input_ids)
         self.positions[..., :t].copy_(batch.positions)
         self.out_cache_loc[:t].copy_(batch.out_cache_loc)
@@ -280,7 +293,8 @@ class PrefillGraphRunner:
         self.logits_indices[:rows].copy_(batch.logits_indices)
         self.logits_indices[rows:].zero_()  # left from a larger step, they could point past this bucket
         if not self.use_graphs:
-            self.logits.copy_(self.runner.run_model(self.batches[bucket, fresh]))
+            embeds = self.input_embeds[:bucket] if self.from_embeds else None
+            self.logits.copy_(self.runner.run_model(self.batches[bucket, fresh], embeds))
         else:
             self.graphs[bucket, fresh].replay()
         return self.logits[:rows]

@@ -159,15 +159,24 @@ class ModelRunner:
         self.attn_backend.init_forward_metadata(batch)
         return self.run_model(batch)
 
-    def run_model(self, batch: ForwardBatch) -> torch.Tensor:
-        """The model's forward on a batch whose attention metadata is ready (also what a CUDA graph captures)."""
+    def run_model(self, batch: ForwardBatch, input_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's forward on a batch whose attention metadata is ready (also what a CUDA graph captures);
+        `input_embeds`: start from these embeddings (a model with `embed`) instead of the input ids."""
+        extra = {} if input_embeds is None else {"input_embeds": input_embeds}
         if self.device.type != "cuda":
-            return self.model(batch.input_ids, batch.positions, batch)
+            return self.model(batch.input_ids, batch.positions, batch, **extra)
         # Every SDPA call of the step (prefill, vision towers) without cuDNN's attention: it builds a plan per new
         # shape, which put ~100 ms on the first request of each prompt length on the H100, and ran slower than
         # flash attention even for lengths it had seen (docs/benchmarks.md, "time to first token").
         with sdpa_kernel(_CUDA_SDPA_BACKENDS):
-            return self.model(batch.input_ids, batch.positions, batch)
+            return self.model(batch.input_ids, batch.positions, batch, **extra)
+
+    def embed_inputs(self, batch: ForwardBatch) -> torch.Tensor:
+        """A model's input embeddings for the step (`model.embed`: media encoded and placed), run eagerly."""
+        if self.device.type != "cuda":
+            return self.model.embed(batch.input_ids, batch)
+        with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+            return self.model.embed(batch.input_ids, batch)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SamplerOutput:

@@ -194,3 +194,29 @@ def test_prefill_graphs_leave_what_they_cannot_run_to_the_eager_path(tiny_model_
     got, got_tokens = _input_logprobs(path, 32)
     assert got_tokens == want_tokens and len(got) == len(want) == 40 and got[0] is None
     assert got[1:] == pytest.approx(want[1:], abs=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_5_vl_dir", "tiny_qwen3_vl_dir"])
+def test_image_prefills_replay_the_language_model_from_embeddings(fixture, request):
+    """Qwen2.5-VL (`embed`): steps with images encode them eagerly into the static embeddings buffer and replay
+    the language model, alone, batched, and in chunks of 16 that cut an image; the same tokens as eager steps.
+    Qwen3-VL (DeepStack, no `embed`): its image steps stay eager, its text steps replay."""
+    path = str(request.getfixturevalue(fixture))
+    prompts = [f"Describe {IMAGE} briefly.", f"What is in {IMAGE}?"]
+    image = picture(90, 60, 3)
+    kwargs = {"dtype": "float32", "attention_backend": "triton", "device": DEVICE, "chunked_prefill_size": 16}
+    with Engine(model_path=path, disable_cuda_graph=True, **kwargs) as engine:
+        eager = (_tokens(engine, prompts, image), _tokens(engine, prompts[:1], image), _tokens(engine, ["Hello"]))
+    with Engine(model_path=path, cuda_graph_max_prefill_tokens=32, **kwargs,
+                **({} if DEVICE == "cuda" else {"disable_cuda_graph": True})) as engine:
+        graphs = engine.runner.prefill_graph_runner if DEVICE == "cuda" else _with_prefill_graphs(engine, 32)
+        from_embeds = fixture == "tiny_qwen2_5_vl_dir"
+        assert graphs.from_embeds == from_embeds
+        replays = []
+        original = graphs.replay
+        graphs.replay = lambda batch: (replays.append(bool(batch.mm_inputs and any(batch.mm_inputs))),
+                                       original(batch))[1]
+        got = (_tokens(engine, prompts, image), _tokens(engine, prompts[:1], image), _tokens(engine, ["Hello"]))
+        assert got == eager
+        assert (True in replays) == from_embeds and False in replays
+        assert_pool_consistent(engine)
