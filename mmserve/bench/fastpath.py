@@ -417,43 +417,61 @@ def parse_only(text: str | None, parser: argparse.ArgumentParser, row_ids: tuple
     return {by_lower[w] for w in wanted} | {"floor"}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help=f"Rows to run, comma-separated, from {', '.join(ROW_IDS)} (default: all; "
-                        "floor always runs).")
+def add_table_args(parser: argparse.ArgumentParser, only_help: str, hf_batch_size: int, hf_batch_for: str) -> None:
+    """The options every table command shares (bench.fastpath, bench.multimodal)."""
+    parser.add_argument("--only", help=only_help)
     parser.add_argument("--runs", type=int, default=3, help="Runs of each mmserve measurement (default: 3).")
     parser.add_argument("--hf-runs", type=int, default=1, help="Runs of each transformers measurement (default: 1).")
-    parser.add_argument("--hf-t2-prompts", type=int, default=None,
-                        help="Time transformers on only the first N of T2's prompts (its rate; default: all).")
-    parser.add_argument("--no-hf", action="store_true", help="Skip the transformers reference rows.")
-    parser.add_argument("--hf-batch-size", type=int, default=64, help="transformers' batch for T2 (default: 64).")
+    parser.add_argument("--no-hf", action="store_true", help="Skip the transformers reference.")
+    parser.add_argument("--hf-batch-size", type=int, default=hf_batch_size,
+                        help=f"transformers' batch for {hf_batch_for} (default: {hf_batch_size}).")
     parser.add_argument("--json", type=Path, help="Also write the table to this file as JSON.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--copy-mib", type=int, default=2048, help="Size of the copy that measures bandwidth for "
                         "the floor row, in MiB (default: 2048).")
-    sizes = [("t1-input-len", 128), ("t1-output-len", 256), ("t1p-input-len", 128), ("t2-prompts", 256),
-             ("t2-input-len", 512), ("t2-output-len", 128), ("t3-prompts", 1000), ("t3-input-len", 256),
-             ("t3-output-len", 256)]
-    for name, default in sizes:
-        parser.add_argument(f"--{name}", type=int, default=default, help=f"(default: {default})")
+
+
+def parse_table_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+                     counts: list[tuple[str, int]]) -> argparse.Namespace:
+    """Parse with the preset and server options added, checking the shared options and the `counts` (>= 1)."""
     add_preset_args(parser)
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
     if args.runs < 1 or args.hf_runs < 1 or args.hf_batch_size < 1 or args.copy_mib < 1:
         parser.error("--runs, --hf-runs, --hf-batch-size and --copy-mib must be at least 1")
-    if args.t1_output_len < 2:
-        parser.error("--t1-output-len must be at least 2 (decode speed needs tokens after the first)")
-    if min(getattr(args, name.replace("-", "_")) for name, _ in sizes) < 1:
+    if min(getattr(args, name.replace("-", "_")) for name, _ in counts) < 1:
         parser.error("prompt counts and lengths must be at least 1")
-    only = parse_only(args.only, parser)
+    return args
+
+
+def start_table(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[ServerArgs, Figure]:
+    """Logging, the preset's folder, the server arguments, and the floor's copy bandwidth, printed."""
     logging.basicConfig(level=getattr(args, "log_level", ServerArgs.log_level).upper(), format="%(message)s")
     apply_preset(args, parser)
     server_args = ServerArgs.from_cli_args(args)
     device = server_args.resolved_device()
-
     say(f"floor: copying {args.copy_mib} MiB on {device}, {_COPY_REPEATS} times")
     bandwidth = copy_bandwidth(device, args.copy_mib * 2**20)
     say(f"  {bandwidth.median / 1e9:,.0f} GB/s (read + write)")
+    return server_args, bandwidth
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_table_args(parser, f"Rows to run, comma-separated, from {', '.join(ROW_IDS)} (default: all; floor always "
+                   "runs).", 64, "T2")
+    parser.add_argument("--hf-t2-prompts", type=int, default=None,
+                        help="Time transformers on only the first N of T2's prompts (its rate; default: all).")
+    sizes = [("t1-input-len", 128), ("t1-output-len", 256), ("t1p-input-len", 128), ("t2-prompts", 256),
+             ("t2-input-len", 512), ("t2-output-len", 128), ("t3-prompts", 1000), ("t3-input-len", 256),
+             ("t3-output-len", 256)]
+    for name, default in sizes:
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"(default: {default})")
+    args = parse_table_args(parser, argv, sizes)
+    if args.t1_output_len < 2:
+        parser.error("--t1-output-len must be at least 2 (decode speed needs tokens after the first)")
+    only = parse_only(args.only, parser)
+    server_args, bandwidth = start_table(args, parser)
     rows, env = run_mmserve(args, server_args, only, bandwidth)
     if not args.no_hf and only & {"T1", "T2"}:
         for row_id, figure in run_hf(args, server_args, only, env["vocab_size"]).items():

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import random
 import statistics
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,24 +32,24 @@ from mmserve.bench.fastpath import (
     Figure,
     Row,
     Target,
+    add_table_args,
     build_table,
-    copy_bandwidth,
     decode_speed,
     device_name,
     floor_row,
     fmt_number,
     greedy,
     parse_only,
+    parse_table_args,
     report,
+    start_table,
     sync,
     ttft,
 )
 from mmserve.bench.offline import load_hf_model, progress, say
-from mmserve.bench.presets import add_preset_args, apply_preset
 from mmserve.config import ServerArgs
 
 ROW_IDS = ("floor", "V1", "V2", "V3", "V4", "V5")
-_COPY_REPEATS = 10
 # Qwen-VL's placeholders, which the processor expands to one pad token per vision token
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -442,18 +440,10 @@ NOTES: list[tuple[set[str], str]] = [
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help=f"Rows to run, comma-separated, from {', '.join(ROW_IDS)} (default: all; "
-                        "floor always runs; V1 and V4 are the same workload, named V4 on a mixture of experts).")
-    parser.add_argument("--runs", type=int, default=3, help="Runs of each mmserve measurement (default: 3).")
-    parser.add_argument("--hf-runs", type=int, default=1, help="Runs of each transformers measurement (default: 1).")
+    add_table_args(parser, f"Rows to run, comma-separated, from {', '.join(ROW_IDS)} (default: all; floor always "
+                   "runs; V1 and V4 are the same workload, named V4 on a mixture of experts).", 16, "V1")
     parser.add_argument("--hf-v1-prompts", type=int, default=None,
                         help="Time transformers on only the first N of V1's prompts (its rate; default: all).")
-    parser.add_argument("--no-hf", action="store_true", help="Skip the transformers reference.")
-    parser.add_argument("--hf-batch-size", type=int, default=16, help="transformers' batch for V1 (default: 16).")
-    parser.add_argument("--json", type=Path, help="Also write the table to this file as JSON.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--copy-mib", type=int, default=2048, help="Size of the copy that measures bandwidth for "
-                        "the floor row, in MiB (default: 2048).")
     counts = [("v1-prompts", 128), ("v1-output-len", 64), ("text-words", 30), ("v2-sizes", 20),
               ("v3-output-len", 128), ("video-frames", 32)]
     for name, default in counts:
@@ -464,28 +454,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, default, what in sizes:
         parser.add_argument(f"--{name}", type=_size, default=_size(default), metavar="WxH",
                             help=f"{what}, width x height (default: {default})")
-    add_preset_args(parser)
-    ServerArgs.add_cli_args(parser)
-    args = parser.parse_args(argv)
-    if args.runs < 1 or args.hf_runs < 1 or args.hf_batch_size < 1 or args.copy_mib < 1:
-        parser.error("--runs, --hf-runs, --hf-batch-size and --copy-mib must be at least 1")
+    args = parse_table_args(parser, argv, counts)
     if args.v3_output_len < 2:
         parser.error("--v3-output-len must be at least 2 (decode speed needs tokens after the first)")
-    if min(getattr(args, name.replace("-", "_")) for name, _ in counts) < 1:
-        parser.error("counts and lengths must be at least 1")
     if args.video_frames % 2:
         parser.error("--video-frames must be even (Qwen-VL encodes frames in pairs)")
     only = parse_only(args.only, parser, ROW_IDS, aliases={})
     if "V4" in only:  # one workload, named by the model once it is loaded
         only = (only - {"V4"}) | {"V1"}
-    logging.basicConfig(level=getattr(args, "log_level", ServerArgs.log_level).upper(), format="%(message)s")
-    apply_preset(args, parser)
-    server_args = ServerArgs.from_cli_args(args)
-    device = server_args.resolved_device()
-
-    say(f"floor: copying {args.copy_mib} MiB on {device}, {_COPY_REPEATS} times")
-    bandwidth = copy_bandwidth(device, args.copy_mib * 2**20, _COPY_REPEATS)
-    say(f"  {bandwidth.median / 1e9:,.0f} GB/s (read + write)")
+    server_args, bandwidth = start_table(args, parser)
     rows, env = run_mmserve(args, server_args, only, bandwidth)
     hf_rows = only - {"floor"}
     if not args.no_hf and hf_rows:
