@@ -90,6 +90,10 @@ class ServerArgs:
     cuda_graph_max_prefill_tokens: int = _flag(1024, "Largest prefill step (in tokens, text only, up to 16 "
                                                "requests) replayed from a CUDA graph; 0 captures none. Short "
                                                "prompts are otherwise bound by launching their kernels.")
+    vision_cuda_graph_max_patches: int = _flag(0, "Largest vision-tower call (in patches, all images of a step; a "
+                                               "448x448 image is 1024) replayed from a CUDA graph (Qwen2-VL, "
+                                               "Qwen2.5-VL), e.g. 4096; 0 (the default until they are measured on "
+                                               "a GPU) captures none.")
     enable_mixed_chunk: bool = _flag(False, "Decode the running requests in the same step as a prefill chunk, so "
                                      "a long prompt does not stall them (their attention then runs in the extend "
                                      "kernel rather than flash attention).")
@@ -128,6 +132,8 @@ class ServerArgs:
             raise ValueError(f"max_encoder_tokens_per_step must be >= 1, got {self.max_encoder_tokens_per_step}")
         if self.cuda_graph_max_prefill_tokens < 0:
             raise ValueError(f"cuda_graph_max_prefill_tokens must be >= 0, got {self.cuda_graph_max_prefill_tokens}")
+        if self.vision_cuda_graph_max_patches < 0:
+            raise ValueError(f"vision_cuda_graph_max_patches must be >= 0, got {self.vision_cuda_graph_max_patches}")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if not 0 <= self.port <= 65535:

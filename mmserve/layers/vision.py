@@ -15,6 +15,11 @@ Attention (`varlen_attention`), one path per device:
 - CPU: SDPA per sequence, as the reference does (a mask over all patches would cost quadratic memory for a long
   video, and 8x the work for windows of 64 patches in a 2k-patch image).
 
+A tower plans a call (`plan(grids) -> VisionPlan`) and runs it (`run(pixels, tensors, seqs)`) as two steps, so
+that `VisionGraphRunner` can replay the run from CUDA graphs captured by patch-count bucket: the plan is padded to
+the bucket and copied into static buffers, and the launch-bound tower (32 blocks of ~12 kernels for Qwen2.5-VL)
+becomes one launch.
+
 Rotary rotates q and k in float32 and rounds once, as the reference does. On CUDA that is one Triton kernel,
 in place on the qkv projection's output (`apply_vision_rotary`); the eager code is the CPU path and its reference.
 The LLM's fused rotary (`fused_ops.rotary_embedding`) rounds after every product as the text models do, so it
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -93,11 +100,13 @@ class PackedSeqs:
 
     cu_seqlens: torch.Tensor  # [n + 1] int32 offsets, on the device of the packed tensor
     lengths: list[int]  # the same on the host
-    max_seqlen: int = field(init=False)
+    # the longest sequence, or a bound on it (a CUDA graph's, fixed per bucket); the flash kernel's grid
+    max_seqlen: int | None = None
     _mask: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.max_seqlen = max(self.lengths, default=0)
+        if self.max_seqlen is None:
+            self.max_seqlen = max(self.lengths, default=0)
 
     @property
     def total(self) -> int:
@@ -111,6 +120,28 @@ class PackedSeqs:
             seq = torch.searchsorted(self.cu_seqlens[1:], rows, right=True)
             self._mask = seq[:, None] == seq[None, :]
         return self._mask
+
+
+@dataclass
+class VisionPlan:
+    """A tower call's shapes, planned on the host from the grids: the integer tensors its blocks index with (each
+    with one row per patch or one per merged unit, in that ratio to the patches), and for each packing of the
+    patches into sequences (Qwen2-VL: frames; Qwen2.5-VL: frames and windows) the sequences' lengths."""
+
+    tensors: dict[str, torch.Tensor]
+    packings: dict[str, list[int]]
+
+    @property
+    def patches(self) -> int:
+        return sum(next(iter(self.packings.values())))
+
+    def to_device(self, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, PackedSeqs]]:
+        """The tensors and one `PackedSeqs` per packing on `device`, in one copy."""
+        parts = copy_to_device([*self.tensors.values(), *map(cu_seqlens, self.packings.values())], device)
+        tensors = dict(zip(self.tensors, parts, strict=False))
+        cus = parts[len(tensors):]
+        seqs = {name: PackedSeqs(cu, lengths) for (name, lengths), cu in zip(self.packings.items(), cus, strict=True)}
+        return tensors, seqs
 
 
 # ----- attention -----
@@ -287,3 +318,157 @@ class VisionBlock(nn.Module):
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], seqs: PackedSeqs) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rotary, seqs)
         return x + self.mlp(self.norm2(x))
+
+
+# ----- CUDA graphs -----
+
+def vision_patch_buckets(max_patches: int) -> list[int]:
+    """Captured tower sizes in patches: 256 and 512 (small images; launch-bound, so padding them costs nothing),
+    then steps of half the size below (a bucket wastes at most a third of its patches) up to 4096, then 1024 at a
+    time; the last is `max_patches` rounded up to a multiple of 64. A 448x448 image is 1024 patches."""
+    if max_patches < 1:
+        raise ValueError(f"vision_cuda_graph_max_patches must be >= 1 to capture, got {max_patches}")
+    top = -(-max_patches // 64) * 64
+    sizes = [256, 512, 1024, 1536, 2048, 3072, *range(4096, max(top, 4096) + 1, 1024)]
+    return [*(s for s in sizes if s < top), top]
+
+
+class VisionGraphRunner:
+    """A vision tower replayed from CUDA graphs, one per patch bucket, captured once at start-up.
+
+    A call of N patches pads to the smallest bucket B >= N: its pixels fill the first N rows of a static
+    [max bucket, patch_dim] buffer, and its plan is padded and copied into one static int32 buffer: each planned
+    tensor to B patches' rows with zeros (index 0 and position (0, 0) for the padding patches: finite values, and
+    gathers that stay in range), each packing's sequences to a fixed count (`capacity`) of `cu_seqlens` entries:
+    the real sequences, the B - N padding patches as sequences of at most the packing's longest, then empty ones.
+    Padding patches attend only among themselves, so the first N / merge^2 output rows are the eager tower's. The
+    flash kernel's `max_seqlen` is fixed per bucket at a bound (`tower.max_seqlens(B)`: B for frames, a window's
+    patches for windows), so the sequence counts stay small where sequences may be long: `capacity` allows 8 times
+    the sequences of that bound the bucket holds (at least 16), and a call with more runs eagerly.
+
+    The tower must offer `plan(grids) -> VisionPlan`, `run(pixel_values, tensors, seqs)`, `max_seqlens(patches)`
+    and `merge`. `use_graphs=False` keeps the buffers, buckets and padding but runs the tower eagerly: the CPU
+    tests check the padding with it."""
+
+    def __init__(self, tower: nn.Module, buckets: Sequence[int], use_graphs: bool = True):
+        self.tower = tower
+        self.buckets = sorted(buckets)
+        self.use_graphs = use_graphs
+        weight = tower.patch_embed.proj.weight
+        unit = tower.merge**2
+        assert all(b % unit == 0 for b in self.buckets), f"buckets must be multiples of {unit} patches"
+        # shapes of each planned tensor per patch, from the plan of one merged unit
+        self._per_unit = {name: t.shape for name, t in tower.plan([(1, tower.merge, tower.merge)]).tensors.items()}
+        self._unit = unit
+        self.capacity = {b: {name: max(16, 8 * b // bound) for name, bound in tower.max_seqlens(b).items()}
+                         for b in self.buckets}
+        size = max(self._int_size(b) for b in self.buckets)
+        self.pixel_values = torch.zeros(self.buckets[-1], weight.shape[1], dtype=weight.dtype, device=weight.device)
+        self.ints = torch.zeros(size, dtype=torch.int32, device=weight.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+
+    @property
+    def max_patches(self) -> int:
+        return self.buckets[-1]
+
+    def _shapes(self, bucket: int) -> dict[str, tuple[int, ...]]:
+        units = bucket // self._unit
+        return {name: (shape[0] * units, *shape[1:]) for name, shape in self._per_unit.items()}
+
+    def _int_size(self, bucket: int) -> int:
+        return (sum(math.prod(s) for s in self._shapes(bucket).values())
+                + sum(c + 1 for c in self.capacity[bucket].values()))
+
+    def _views(self, bucket: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The bucket's planned tensors and cu_seqlens as views of the static int buffer (the layout `_pad` fills)."""
+        shapes, caps = self._shapes(bucket), self.capacity[bucket]
+        sizes = [math.prod(s) for s in shapes.values()] + [c + 1 for c in caps.values()]
+        parts = self.ints[:sum(sizes)].split(sizes)
+        tensors = {name: p.view(shape) for (name, shape), p in zip(shapes.items(), parts, strict=False)}
+        return tensors, dict(zip(caps, parts[len(shapes):], strict=True))
+
+    def _pad(self, plan: VisionPlan | None, bucket: int) -> tuple[torch.Tensor, dict[str, list[int]]] | None:
+        """The host int32 contents of the static buffer for `plan` (None: a call of padding only) in `bucket`, and
+        the padded lengths of each packing; None when a packing has more sequences than the bucket holds."""
+        n = plan.patches if plan is not None else 0
+        bounds = self.tower.max_seqlens(bucket)
+        parts, packings = [], {}
+        for name, shape in self._shapes(bucket).items():
+            part = torch.zeros(shape, dtype=torch.int32)
+            if plan is not None:
+                planned = plan.tensors[name]
+                part[: planned.shape[0]] = planned
+            parts.append(part.flatten())
+        pad = bucket - n
+        for name, capacity in self.capacity[bucket].items():
+            bound = bounds[name]
+            lengths = list(plan.packings[name]) if plan is not None else []
+            assert max(lengths, default=0) <= bound, f"a {name} sequence exceeds the bound of {bound} patches"
+            lengths += [bound] * (pad // bound) + ([pad % bound] if pad % bound else [])
+            if len(lengths) > capacity:
+                return None
+            lengths += [0] * (capacity - len(lengths))
+            packings[name] = lengths
+            parts.append(cu_seqlens(lengths))
+        return torch.cat(parts), packings
+
+    def _run(self, bucket: int, packings: dict[str, list[int]]) -> torch.Tensor:
+        tensors, cus = self._views(bucket)
+        bounds = self.tower.max_seqlens(bucket)
+        # a new PackedSeqs per run: a block mask built here must be built inside the graph, not kept from before
+        seqs = {name: PackedSeqs(cus[name], lengths, bounds[name]) for name, lengths in packings.items()}
+        return self.tower.run(self.pixel_values[:bucket], tensors, seqs)
+
+    def _load(self, host: torch.Tensor) -> None:
+        if self.ints.is_cuda:
+            host = host.pin_memory()
+        self.ints[: host.numel()].copy_(host, non_blocking=True)
+
+    @torch.inference_mode()
+    def capture(self, pool=None, stream: torch.cuda.Stream | None = None) -> None:
+        """Capture every bucket, largest first (they share the memory pool with the language model's graphs)."""
+        start = time.perf_counter()
+        if self.use_graphs:
+            pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+            stream = stream if stream is not None else torch.cuda.Stream(self.ints.device)
+        for bucket in reversed(self.buckets):
+            host, packings = self._pad(None, bucket)
+            self._load(host)
+            if not self.use_graphs:
+                continue
+            stream.wait_stream(torch.cuda.current_stream())  # the padding plan's copy first
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compiles the kernels and creates library handles outside the capture
+                    self._run(bucket, packings)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.outputs[bucket] = self._run(bucket, packings)
+            self.graphs[bucket] = graph
+        self.capture_seconds = time.perf_counter() - start
+
+    @torch.inference_mode()
+    def run(self, pixel_values: Sequence[torch.Tensor], grids: Sequence[Grid]) -> torch.Tensor | None:
+        """Merged features of the items (pixel rows of each, their grids), as the tower's forward gives them; None
+        when they do not fit a bucket (the caller runs the tower eagerly). A new tensor, not the graph's output."""
+        n = sum(p.shape[0] for p in pixel_values)
+        bucket = next((b for b in self.buckets if b >= n), None)
+        if bucket is None or n == 0:
+            return None
+        padded = self._pad(self.tower.plan(grids), bucket)
+        if padded is None:
+            return None
+        host, packings = padded
+        offset = 0
+        for p in pixel_values:
+            self.pixel_values[offset: offset + p.shape[0]].copy_(p, non_blocking=True)
+            offset += p.shape[0]
+        self._load(host)
+        if self.use_graphs:
+            self.graphs[bucket].replay()
+            out = self.outputs[bucket]
+        else:
+            out = self._run(bucket, packings)
+        return out[: n // self._unit].clone()

@@ -29,9 +29,8 @@ from mmserve.layers.vision import (
     PackedSeqs,
     PatchEmbed,
     VisionBlock,
+    VisionPlan,
     VisionRotary,
-    copy_to_device,
-    cu_seqlens,
     frame_lengths,
     host_grids,
     patch_positions,
@@ -93,23 +92,33 @@ class Qwen2_5_VisionTransformer(nn.Module):
         """Merged features [tokens, out_hidden] of all items (grid_thw [items, 3] on the host), in the processor's
         order. The blocks run on the patches reordered window by window: the window blocks attend within each
         window, the others within each frame (pair), which stays contiguous in that order."""
-        grids = host_grids(grid_thw)
+        plan = self.plan(host_grids(grid_thw))
+        return self.run(pixel_values, *plan.to_device(self.patch_embed.proj.weight.device))
+
+    def plan(self, grids: Sequence[Grid]) -> VisionPlan:
+        """The window order of the patches (`patches`), their (row, column) in that order, the permutation of the
+        merged units back to the processor's order (`restore`), and the frames and windows as sequences."""
         units, windows = window_order(grids, self.merge, self.window)
         # the processor keeps each merged unit's patches together, so reordering units reorders patch runs
         unit = self.merge**2
         patches = (units[:, None] * unit + torch.arange(unit)).flatten()
-        frames = frame_lengths(grids)
-        device = self.patch_embed.proj.weight.device
-        patches, positions, restore, cu_frames, cu_windows = copy_to_device(
-            [patches, patch_positions(grids, self.merge)[patches], units.argsort(), cu_seqlens(frames),
-             cu_seqlens(windows)], device)
-        x = self.patch_embed(pixel_values)[patches]
-        rotary = self.rotary(positions)
-        frame_seqs, window_seqs = PackedSeqs(cu_frames, frames), PackedSeqs(cu_windows, windows)
+        return VisionPlan({"patches": patches, "positions": patch_positions(grids, self.merge)[patches],
+                           "restore": units.argsort()},
+                          {"frames": frame_lengths(grids), "windows": windows})
+
+    def max_seqlens(self, patches: int) -> dict[str, int]:
+        """Bounds on the sequences of each packing in a call of `patches` patches (a CUDA graph's `max_seqlen`)."""
+        return {"frames": patches, "windows": min(patches, (self.window * self.merge) ** 2)}
+
+    def run(self, pixel_values: torch.Tensor, tensors: dict[str, torch.Tensor],
+            seqs: dict[str, PackedSeqs]) -> torch.Tensor:
+        """The tower over a plan on the device (what a CUDA graph captures)."""
+        x = self.patch_embed(pixel_values)[tensors["patches"]]
+        rotary = self.rotary(tensors["positions"])
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, frame_seqs if i in self.full_attention_blocks else window_seqs)
+            x = block(x, rotary, seqs["frames"] if i in self.full_attention_blocks else seqs["windows"])
         # back to the processor's order, which is the order of the placeholder tokens
-        return self.merger(x)[restore]
+        return self.merger(x)[tensors["restore"]]
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):

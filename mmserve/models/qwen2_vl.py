@@ -7,7 +7,7 @@ MultimodalItem per image/video and computes the prompt's M-RoPE positions.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -18,16 +18,18 @@ from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.embedding import ParallelLMHead
 from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.vision import (
+    Grid,
     PackedSeqs,
     PatchEmbed,
     VisionBlock,
+    VisionGraphRunner,
     VisionMLP,
+    VisionPlan,
     VisionRotary,
-    copy_to_device,
-    cu_seqlens,
     frame_lengths,
     host_grids,
     patch_positions,
+    vision_patch_buckets,
 )
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
 from mmserve.multimodal.embed import embed_multimodal
@@ -67,14 +69,24 @@ class Qwen2VisionTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Merged features [tokens, hidden] of all items (grid_thw [items, 3] on the host), in the processor's
         order; attention runs within each frame (pair) of each item."""
-        grids = host_grids(grid_thw)
+        plan = self.plan(host_grids(grid_thw))
+        return self.run(pixel_values, *plan.to_device(self.patch_embed.proj.weight.device))
+
+    def plan(self, grids: Sequence[Grid]) -> VisionPlan:
+        """Each patch's (row, column), and the frames as the sequences of attention."""
+        return VisionPlan({"positions": patch_positions(grids, self.merge)}, {"frames": frame_lengths(grids)})
+
+    def max_seqlens(self, patches: int) -> dict[str, int]:
+        """Bounds on the sequences of each packing in a call of `patches` patches (a CUDA graph's `max_seqlen`)."""
+        return {"frames": patches}
+
+    def run(self, pixel_values: torch.Tensor, tensors: dict[str, torch.Tensor],
+            seqs: dict[str, PackedSeqs]) -> torch.Tensor:
+        """The tower over a plan on the device (what a CUDA graph captures)."""
         x = self.patch_embed(pixel_values)
-        frames = frame_lengths(grids)
-        positions, cu_frames = copy_to_device([patch_positions(grids, self.merge), cu_seqlens(frames)], x.device)
-        rotary = self.rotary(positions)
-        seqs = PackedSeqs(cu_frames, frames)
+        rotary = self.rotary(tensors["positions"])
         for block in self.blocks:
-            x = block(x, rotary, seqs)
+            x = block(x, rotary, seqs["frames"])
         return self.merger(x)
 
 
@@ -100,18 +112,37 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
             self.lm_head.tie_to(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(text.vocab_size)
         self.encoder_cache = EncoderCache(_ENCODER_CACHE_BYTES)
+        self.vision_graphs: VisionGraphRunner | None = None  # `capture_vision_graphs` on a GPU
 
     # ----- forward -----
 
     def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
-        """Vision-tower outputs [placeholder tokens, hidden] for each item, in one batched forward."""
-        device = self.visual.patch_embed.proj.weight.device
-        pixels = torch.cat([it.features["pixel_values"] for it in items]).to(device)
+        """Vision-tower outputs [placeholder tokens, hidden] for each item, in one batched forward: replayed from
+        the tower's CUDA graphs when the step's patches fit a bucket, else eager."""
         # The grids stay on the host, where the processor made them; only --keep-mm-feature-on-device moves them
         # to the GPU, and then this is one small copy back before the tower starts.
         grids = torch.cat([it.features["grid_thw"] for it in items]).cpu()
-        merged = self.visual(pixels, grids)
+        merged = None
+        if self.vision_graphs is not None:
+            merged = self.vision_graphs.run([it.features["pixel_values"] for it in items], host_grids(grids))
+        if merged is None:
+            device = self.visual.patch_embed.proj.weight.device
+            pixels = torch.cat([it.features["pixel_values"] for it in items]).to(device)
+            merged = self.visual(pixels, grids)
         return list(merged.split([it.length for it in items]))
+
+    def capture_vision_graphs(self, pool, stream: torch.cuda.Stream | None, max_patches: int,
+                              use_graphs: bool = True) -> VisionGraphRunner | None:
+        """Capture the tower's CUDA graphs for calls of up to `max_patches` patches (`use_graphs=False`: the
+        padded buffers without graphs, the CPU tests); `encode` replays them from then on. None for a tower that
+        does not plan its calls apart from running them (Qwen3-VL's, whose learned position embeddings and
+        DeepStack outputs stay eager: its image steps run the language model eagerly too)."""
+        if not hasattr(self.visual, "plan"):
+            return None
+        graphs = VisionGraphRunner(self.visual, vision_patch_buckets(max_patches), use_graphs)
+        graphs.capture(pool, stream)
+        self.vision_graphs = graphs
+        return graphs
 
     @torch.inference_mode()
     def warm_up_encoder(self) -> None:
@@ -126,8 +157,8 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
             pixels = torch.randn(patches, weight.shape[1], device=weight.device, dtype=weight.dtype)
             items.append(MultimodalItem("image", {"pixel_values": pixels, "grid_thw": torch.tensor([[1, h, w]])}, 0,
                                         patches // merge**2))
-        for item in items:
-            self.encode([item])
+        for item in items:  # eagerly, past any graphs: the eager path serves steps larger than the graphs
+            self.visual(item.features["pixel_values"], item.features["grid_thw"])
 
     def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """The step's input embeddings, media encoded and placed: what `forward` starts from. The prefill graphs

@@ -67,10 +67,23 @@ class ModelRunner:
             self._capture_graphs()
 
     def _capture_graphs(self) -> None:
-        """Prefill graphs (largest first: they need the most memory), then decode graphs, in one memory pool."""
+        """The vision tower's graphs (a model with `capture_vision_graphs`), prefill graphs (largest first: they
+        need the most memory), then decode graphs, in one memory pool."""
         args, device = self.args, self.device
         pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
         free_before = torch.cuda.mem_get_info(device)[0]
+        capture_vision = getattr(self.model, "capture_vision_graphs", None)
+        if args.vision_cuda_graph_max_patches and capture_vision is not None:
+            try:
+                with sdpa_kernel(_CUDA_SDPA_BACKENDS):  # as the eager tower runs (embed_inputs)
+                    vision = capture_vision(pool, stream, args.vision_cuda_graph_max_patches)
+                if vision is not None:
+                    logger.info("vision-tower CUDA graphs: %d sizes up to %d patches (%.1f s)", len(vision.buckets),
+                                vision.max_patches, vision.capture_seconds)
+            except Exception as exc:  # noqa: BLE001 - not yet run on a GPU: encode eagerly rather than not at all
+                logger.warning("vision-tower CUDA graph capture failed, encoding without graphs (%s)", exc)
+                self.model.vision_graphs = None
+                torch.cuda.synchronize(device)
         if args.cuda_graph_max_prefill_tokens and hasattr(self.attn_backend, "init_graph_extend_metadata"):
             self.prefill_graph_runner = PrefillGraphRunner(self, min(args.cuda_graph_max_prefill_tokens,
                                                                      self.config.context_len))

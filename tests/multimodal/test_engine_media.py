@@ -78,10 +78,9 @@ def test_start_up_warm_up_runs_the_vision_tower(fixture, request):
     core = EngineCore(ServerArgs(model_path=str(request.getfixturevalue(fixture)), dtype="float32"))
     model = core.runner.model
     calls = []
-    encode = model.encode
-    model.encode = lambda items: (calls.append([tuple(it.features["grid_thw"][0].tolist()) for it in items]),
-                                  encode(items))[1]
+    tower = model.visual.forward
+    model.visual.forward = lambda pixels, grid: (calls.append(tuple(grid[0].tolist())), tower(pixels, grid))[1]
     core.warm_up()
     merge = model.config.vision_config.spatial_merge_size
-    assert calls == [[(1, 2 * merge, 2 * merge)], [(1, merge, 3 * merge)]]
+    assert calls == [(1, 2 * merge, 2 * merge), (1, merge, 3 * merge)]
     assert model.encoder_cache.stores == 0 and core.scheduler.tree.total_size() == 0
