@@ -24,11 +24,22 @@ MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cachep
   tests/server/test_errors.py tests/attention 2>&1 | tee "$OUT/tests.log" | tail -15
 # the Triton attention kernels against the torch backend at real shapes, and their timing per layer call
 python3 scripts/triton_check.py 2>&1 | tee "$OUT/triton_check.log" | tail -3
+# the fast path (Triton, graphs, overlap) against the torch backend on a 1B model in bf16 (>= 99% where the
+# reference's choice is clear), and what the in-process Engine adds per request over EngineCore (<= 1 ms)
+python3 scripts/backend_agreement.py --preset llama-3.2-1b --tokenizer-dir .gpu/tokenizer 2>&1 \
+  | tee "$OUT/agreement.log" | tail -1
+python3 scripts/engine_overhead.py --preset llama-3.1-8b --tokenizer-dir .gpu/tokenizer 2>&1 \
+  | tee "$OUT/overhead.log" | tail -1
 # issue 15's table (batch-1 decode against the copy floor, time to first token, offline T2/T3, transformers beside);
 # FASTPATH=0 skips it (about 3 minutes)
 if [ "${FASTPATH:-1}" != 0 ]; then
   python3 -m mmserve.bench.fastpath --preset llama-3.1-8b --tokenizer-dir .gpu/tokenizer --json "$OUT/fastpath.json" \
     2>&1 | tee "$OUT/fastpath.log" | tail -12
+fi
+# issue 16's table (images: V1 throughput, V2 time to first token, V3 decode, V5 video); MULTIMODAL=0 skips it
+if [ "${MULTIMODAL:-1}" != 0 ]; then
+  python3 -m mmserve.bench.multimodal --preset qwen2.5-vl-7b --tokenizer-dir .gpu/tokenizer \
+    --json "$OUT/multimodal.json" 2>&1 | tee "$OUT/multimodal.log" | tail -10
 fi
 # PRESETS="" runs the tests only; PRESETS=qwen3-30b-a3b the MoE shape (about 90 s more, 61 GB of weights)
 for preset in ${PRESETS-qwen2.5-0.5b llama-3.1-8b}; do
