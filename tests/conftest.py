@@ -96,3 +96,31 @@ def tiny_qwen3_vl_moe_dir(tokenizer_dir, tmp_path_factory) -> Path:
     from tiny_models import build_tiny_qwen3_vl
 
     return build_tiny_qwen3_vl(tokenizer_dir, tmp_path_factory.mktemp("tiny_qwen3_vl_moe"), moe=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_llava
+
+    return build_tiny_llava(tokenizer_dir, tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_llava_next
+
+    return build_tiny_llava_next(tokenizer_dir, tmp_path_factory.mktemp("tiny_llava_next"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next_qwen2_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_llava_next
+
+    return build_tiny_llava_next(tokenizer_dir, tmp_path_factory.mktemp("tiny_llava_next_qwen2"), text_model="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_gemma3
+
+    return build_tiny_gemma3(tokenizer_dir, tmp_path_factory.mktemp("tiny_gemma3"))

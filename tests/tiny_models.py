@@ -182,3 +182,146 @@ def build_tiny_qwen3_vl(tokenizer_dir: Path, out: Path, moe: bool = False) -> Pa
         tokenizer=tok, chat_template=tok.chat_template)
     processor.save_pretrained(out)
     return out
+
+
+# llava-hf/llava-1.5-*: the user's images first, then their text, roles in capitals ("USER: <image>\nhi ASSISTANT:")
+LLAVA_STYLE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_tiny_llava(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer Llama with a 3-layer CLIP tower (42 px images, 14 px patches: 9 patches and a class token),
+    features from layers -2 and 0 concatenated without the class token, and the 2-layer projector; SmolLM2's
+    tokenizer plus `<image>` (the tokenizer's `image_token`), the LLaVA processor and the hub's template."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens={"image_token": "<image>"})
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=2, image_size=42, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1,
+                eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=[-2, 0], vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu", tie_word_embeddings=False)
+    save_random_vl(LlavaForConditionalGeneration, config, 7654, out)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_STYLE)
+    processor.save_pretrained(out)
+    return out
+
+# llava-hf/llava-v1.6-mistral-7b-hf: "[INST] <image>\nhi [/INST]", images first in each user turn
+LLAVA_NEXT_MISTRAL_STYLE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'][0]['text'] + '</s>'}}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_tiny_llava_next(tokenizer_dir: Path, out: Path, text_model: str = "mistral") -> Path:
+    """A 2-layer Mistral (or `text_model`: "qwen2") with a 2-layer CLIP tower over 28 px tiles (2x2 patches of
+    14 px), tiles chosen from 28x56, 56x28 and 56x56 grids (3 or 5 tower passes per image with the base view), the
+    penultimate layer's features; SmolLM2's tokenizer plus `<image>`, the LLaVA-NeXT processor and the hub's Mistral
+    template."""
+    from transformers import (
+        AutoTokenizer,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens={"image_token": "<image>"})
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+    text = dict(model_type=text_model, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    config = LlavaNextConfig(vision_config=vision, text_config=text,
+                             image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+                             tie_word_embeddings=False)
+    save_random_vl(LlavaNextForConditionalGeneration, config, 8765 + (text_model != "mistral"), out)
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                              image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=LLAVA_NEXT_MISTRAL_STYLE)
+    processor.save_pretrained(out)
+    return out
+
+
+# google/gemma-3-*-it: BOS, turns as "<start_of_turn>user\n...<end_of_turn>\n" (the assistant's role is "model"),
+# a system message prefixed to the first user turn, images as "<start_of_image>" where they stand among the texts
+GEMMA3_STYLE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}"
+    "{%- else -%}{{ raise_exception(\"Invalid content type\") }}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
+
+
+def build_tiny_gemma3(tokenizer_dir: Path, out: Path) -> Path:
+    """A 3-layer Gemma 3 decoder (two sliding-window layers with an 8-token window, then a global one with its own
+    rotary base and linear scaling) under a 2-layer SigLIP tower over 56 px images (8x8 patches of 7 px, pooled to
+    16 tokens); SmolLM2's tokenizer plus Gemma's image tokens (`boi_token`, `image_token`, `eoi_token`), the
+    Gemma 3 processor and the hub's template."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+
+    try:
+        from transformers import Gemma3ImageProcessor
+    except ImportError:  # pragma: no cover
+        from transformers import Gemma3ImageProcessorFast as Gemma3ImageProcessor
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens={
+        "boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"})
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=56, patch_size=7, vision_use_head=False)
+    text = dict(model_type="gemma3_text", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                query_pre_attn_scalar=24, sliding_window=8,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    ids = {name: tok.convert_tokens_to_ids(getattr(tok, name)) for name in ("boi_token", "image_token", "eoi_token")}
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
+                          boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+                          image_token_index=ids["image_token"])
+    save_random_vl(Gemma3ForConditionalGeneration, config, 9876, out)
+    image_processor = Gemma3ImageProcessor(size={"height": 56, "width": 56})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=16,
+                                chat_template=GEMMA3_STYLE)
+    processor.save_pretrained(out)
+    return out

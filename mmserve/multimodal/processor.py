@@ -19,6 +19,7 @@ image at another resolution is another encoder output."""
 from __future__ import annotations
 
 import json
+import re
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -537,15 +538,12 @@ class MultimodalProcessor:
                     if name not in _TEXT_OUTPUTS and isinstance(value, torch.Tensor)}
         return ProcessedMedia(features, tuple(ids[before:len(ids) - after]))
 
-    def _assemble(self, text: str, items: list[_Item],
-                  outputs: dict[bytes, ProcessedMedia]) -> tuple[list[int], MultimodalInputs]:
-        """The prompt's ids with each placeholder expanded as the processor expanded its item, the items' features
-        joined in order, cut into MultimodalInputs by the model; each MultimodalItem hashed from its media's key and
-        where it starts in that media's expansion."""
-        by_modality: dict[str, Iterator[_Item]] = {
-            modality: iter([item for item in items if item.modality == modality]) for modality in ("image", "video")}
+    def _expand_ids(self, text: str, by_modality: dict[str, Iterator[_Item]],
+                    outputs: dict[bytes, ProcessedMedia]) -> tuple[list[int], list[tuple[int, bytes]]]:
+        """The prompt tokenised, each placeholder token replaced by its item's expansion ids; and (where each
+        item's expansion starts, its key)."""
         ids: list[int] = []
-        spans: list[tuple[int, bytes]] = []  # (where an item's expansion starts, its key)
+        spans: list[tuple[int, bytes]] = []
         for token in self.hf.tokenizer(text)["input_ids"]:
             modality = self.placeholders.get(token)
             if modality is None:
@@ -556,6 +554,58 @@ class MultimodalProcessor:
                 raise MediaError(f"the prompt has more {modality} placeholders than {modality}s")
             spans.append((len(ids), item.key))
             ids.extend(outputs[item.key].token_ids)
+        return ids, spans
+
+    def _expand_in_text(self, text: str, by_modality: dict[str, Iterator[_Item]],
+                        outputs: dict[bytes, ProcessedMedia]) -> tuple[list[int], list[tuple[int, bytes]]]:
+        """As `_expand_ids`, for processors that put plain text around an item's tokens (Gemma 3's "\n\n" before
+        and after each image): that text merges with the prompt's neighbouring text when transformers tokenises
+        the expanded prompt, so the placeholders are expanded in the text and the whole is tokenised once. An
+        item's expansion is then found by its core, from its first to its last special token, which tokenises
+        the same anywhere."""
+        tokenizer = self.hf.tokenizer
+        special = set(tokenizer.all_special_ids) | set(self.placeholders)
+        special |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        names = {getattr(self.hf, f"{modality}_token"): modality for modality in self.placeholders.values()}
+        pieces: list[str] = []
+        cores: list[tuple[tuple[int, ...], int, bytes]] = []  # (core ids, core start in the expansion, key)
+        for piece in re.split("(" + "|".join(map(re.escape, names)) + ")", text) if names else [text]:
+            modality = names.get(piece)
+            if modality is None:
+                pieces.append(piece)
+                continue
+            item = next(by_modality[modality], None)
+            if item is None:
+                raise MediaError(f"the prompt has more {modality} placeholders than {modality}s")
+            expansion = outputs[item.key].token_ids
+            marks = [i for i, token in enumerate(expansion) if token in special]
+            assert marks, "an item's expansion holds special tokens"
+            cores.append((tuple(expansion[marks[0]:marks[-1] + 1]), marks[0], item.key))
+            pieces.append(tokenizer.decode(list(expansion), skip_special_tokens=False,
+                                           clean_up_tokenization_spaces=False))
+        ids = tokenizer("".join(pieces))["input_ids"]
+        spans: list[tuple[int, bytes]] = []
+        at = 0
+        for core, lead, key in cores:
+            found = next((p for p in range(at, len(ids) - len(core) + 1)
+                          if ids[p] == core[0] and tuple(ids[p:p + len(core)]) == core), None)
+            if found is None:
+                raise MediaError("an image's tokens did not survive tokenisation of the expanded prompt")
+            spans.append((found - lead, key))
+            at = found + len(core)
+        return ids, spans
+
+    def _assemble(self, text: str, items: list[_Item],
+                  outputs: dict[bytes, ProcessedMedia]) -> tuple[list[int], MultimodalInputs]:
+        """The prompt's ids with each placeholder expanded as the processor expanded its item, the items' features
+        joined in order, cut into MultimodalInputs by the model; each MultimodalItem hashed from its media's key and
+        where it starts in that media's expansion."""
+        by_modality: dict[str, Iterator[_Item]] = {
+            modality: iter([item for item in items if item.modality == modality]) for modality in ("image", "video")}
+        if getattr(self.model_cls, "expand_placeholders_in_text", False):
+            ids, spans = self._expand_in_text(text, by_modality, outputs)
+        else:
+            ids, spans = self._expand_ids(text, by_modality, outputs)
         for modality, left in by_modality.items():
             if next(left, None) is not None:
                 raise MediaError(f"the prompt has fewer {modality} placeholders than {modality}s")
@@ -565,6 +615,8 @@ class MultimodalProcessor:
                 processed.setdefault(name, []).append(value)
         for name in list(processed)[1:]:
             parts = processed[name]
+            if len({part.shape[1:] for part in parts}) > 1:  # items of other shapes (LLaVA-NeXT tiles): a list
+                continue
             processed[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
         mm = self.model_cls.multimodal_inputs(self.hf_config, processed)
         starts = [start for start, _ in spans]

@@ -80,6 +80,9 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._step_committed = True  # False while a step's placed slots hold no computed KV yet
         self._mrope = getattr(runner.model, "uses_mrope", False)
+        # Gemma 3: each image's tokens see each other both ways, so prefill steps carry the spans (and end no chunk
+        # inside one)
+        self._bidirectional = bool(getattr(runner.model, "bidirectional_media", False))
         self._pin = self.device.type == "cuda"  # host staging in pinned memory, so copies to the GPU never wait
         # the decode step's device inputs ([token, kv_len, row(, M-RoPE position)] x B) and its new slots
         self._decode_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -434,7 +437,7 @@ class Scheduler:
         reserved = self._reserved_tokens(self.running)
         if self.chunked is not None:
             req, self.chunked = self.chunked, None
-            n = min(req.extend_len, budget)
+            n = self._chunk_len(req, min(req.extend_len, budget))
             keys = self._encoder_rows(req, n, counted)
             counted.update(keys)
             encoder_budget -= self._encoder_cost(req, keys)
@@ -459,7 +462,7 @@ class Scheduler:
             if need + self._reserved_tokens([req]) + reserved > self._available_tokens() and (picked or self.running):
                 self._unadmit(req)
                 break
-            n = min(need, budget)
+            n = self._chunk_len(req, min(need, budget))
             keys = self._encoder_rows(req, n, counted)
             cost = self._encoder_cost(req, keys)
             if cost > encoder_budget and picked:
@@ -480,6 +483,29 @@ class Scheduler:
                 self._pin_media(req, n)
                 break  # this one continues as the chunked request; nothing more fits this step
         return picked
+
+    def _media_spans(self, req: Req) -> list[tuple[int, int]]:
+        """req's bidirectional spans (its media items' placeholder runs, touching ones merged, as the attention
+        merges them); none unless the model asks for them."""
+        spans: list[tuple[int, int]] = []
+        if not self._bidirectional or req.mm is None:
+            return spans
+        for item in req.mm.items:
+            if spans and item.offset == spans[-1][1]:
+                spans[-1] = (spans[-1][0], item.end)
+            else:
+                spans.append((item.offset, item.end))
+        return spans
+
+    def _chunk_len(self, req: Req, n: int) -> int:
+        """n new tokens of req, moved so that the chunk ends at no point inside a bidirectional span (whose later
+        tokens would have no keys yet): it ends before a span that starts within it, or runs to the end of a span
+        it starts in, past the step's budget if that is what the span needs."""
+        start, end = req.kv_len, req.kv_len + n
+        for lo, hi in self._media_spans(req):
+            if lo < end < hi:
+                return lo - start if lo > start else hi - start
+        return n
 
     def _cached_prefix_len(self, req: Req) -> int:
         slots, _ = self.tree.match_prefix(req.fill_ids[:-1])
@@ -596,8 +622,14 @@ class Scheduler:
             extend_lens_cpu=[n for _, n in batch],
             logits_indices=torch.tensor(prompt_rows + sample_rows, dtype=torch.int64).to(device, non_blocking=True),
             mm_inputs=[req.mm for req, _ in batch],
+            bidirectional_spans=self._step_spans([req for req, _ in batch]),
         )
         return forward, prompt_rows, prompt_scored, sampled
+
+    def _step_spans(self, reqs: list[Req]) -> list[list[tuple[int, int]]] | None:
+        """Per request of a prefill step, its bidirectional spans; None when no request has any."""
+        spans = [self._media_spans(req) for req in reqs]
+        return spans if any(spans) else None
 
     def _decode_batch(self, batch: list[tuple[Req, int]]) -> ForwardBatch:
         """The decode step's inputs, from what `_schedule_decode` already put on the device."""

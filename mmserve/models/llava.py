@@ -1,0 +1,150 @@
+"""LLaVA 1.5: a CLIP tower whose chosen hidden layers (`vision_feature_layer`, without the class token under the
+"default" `vision_feature_select_strategy`) go through a 2-layer projector into the embedding rows of the image's
+placeholder tokens, ahead of a text decoder (Llama, Mistral or Qwen2, by the text config's model_type).
+
+Every image is cropped to the tower's size by the processor, so each one is a fixed number of tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from mmserve.forward_batch import ForwardBatch
+from mmserve.layers.activation import get_act_fn
+from mmserve.layers.embedding import ParallelLMHead
+from mmserve.layers.linear import default_weight_loader
+from mmserve.layers.logits import LogitsProcessor
+from mmserve.models.clip import CLIPVisionTower, hidden_state_indices
+from mmserve.models.llama import LlamaForCausalLM, LlamaModel
+from mmserve.models.mistral import MistralForCausalLM
+from mmserve.models.qwen2 import Qwen2ForCausalLM
+from mmserve.multimodal.embed import embed_multimodal
+from mmserve.multimodal.encoder_cache import EncoderCache
+from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
+
+_ENCODER_CACHE_BYTES = 512 << 20
+# text_config.model_type -> the text family whose switches (q/k/v bias, q/k norm) the decoder takes
+_BACKBONES: dict[str, type[LlamaForCausalLM]] = {
+    "llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
+
+
+class LlavaMultiModalProjector(nn.Module):
+    def __init__(self, config: PretrainedConfig, in_dim: int):
+        super().__init__()
+        hidden, bias = config.text_config.hidden_size, getattr(config, "multimodal_projector_bias", True)
+        self.linear_1 = nn.Linear(in_dim, hidden, bias=bias)
+        self.act = get_act_fn(config.projector_hidden_act)
+        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaForConditionalGeneration(LlamaForCausalLM):
+    # checkpoint names (after the layout is normalised) loaded as they are, not through the decoder's mapping
+    direct_weights: tuple[str, ...] = ("vision_tower.", "multi_modal_projector.")
+
+    def __init__(self, config: PretrainedConfig):
+        nn.Module.__init__(self)
+        self.config = config
+        text, vision = config.text_config, config.vision_config
+        backbone = _BACKBONES.get(text.model_type)
+        if backbone is None:
+            raise ValueError(f"LLaVA with a {text.model_type!r} text model is not supported; "
+                             f"supported: {', '.join(sorted(_BACKBONES))}")
+        self.qkv_bias, self.qk_norm = backbone.qkv_bias, backbone.qk_norm
+        layers = hidden_state_indices(config.vision_feature_layer, vision.num_hidden_layers)
+        self.keep_class_token = config.vision_feature_select_strategy == "full"
+        self.vision_tower = CLIPVisionTower(vision, layers)
+        self.multi_modal_projector = LlavaMultiModalProjector(config, vision.hidden_size * len(layers))
+        self.model = LlamaModel(text, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
+        self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
+        self.tied = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+        if self.tied:
+            self.lm_head.tie_to(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(text.vocab_size)
+        self.encoder_cache = EncoderCache(_ENCODER_CACHE_BYTES)
+
+    # ----- forward -----
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[images, C, H, W] tower-sized pixels -> projected features [images, tokens, hidden], in one tower pass."""
+        states = self.vision_tower(pixels.to(self.vision_tower.embeddings.class_embedding.device))
+        if not self.keep_class_token:
+            states = [s[:, 1:] for s in states]
+        return self.multi_modal_projector(torch.cat(states, dim=-1))
+
+    def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
+        """Projected image features [placeholder tokens, hidden] for each item."""
+        return list(self.image_features(torch.cat([it.features["pixel_values"] for it in items])))
+
+    def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The step's input embeddings with the images' features placed (the prefill graphs replay from these)."""
+        return embed_multimodal(input_ids, batch, self.model.embed_tokens, self.encode, self.encoder_cache)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
+                input_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
+        hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
+        return self.logits_processor(hidden_states, self.lm_head, batch)
+
+    # ----- processor side -----
+
+    @classmethod
+    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
+        """One item per image. Adjacent images make one run of placeholders, cut by the fixed tokens per image."""
+        ids = processed["input_ids"][0]
+        pixels = processed.get("pixel_values")
+        if pixels is None:
+            return MultimodalInputs(items=[])
+        patch = hf_config.vision_config.patch_size
+        per_image = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+        per_image += hf_config.vision_feature_select_strategy == "full"
+        positions = (ids == hf_config.image_token_id).nonzero().flatten().tolist()
+        if len(positions) != per_image * len(pixels):
+            raise ValueError(f"the prompt has {len(positions)} image placeholder tokens for {len(pixels)} images of "
+                             f"{per_image} tokens each")
+        items = []
+        for index in range(len(pixels)):
+            start = positions[index * per_image]
+            assert positions[(index + 1) * per_image - 1] == start + per_image - 1, "an image's tokens are contiguous"
+            items.append(MultimodalItem("image", {"pixel_values": pixels[index:index + 1]}, start, per_image))
+        return MultimodalInputs(items=items)
+
+    # ----- weights -----
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Accepts the original llava-hf layout ("language_model.model.", "language_model.lm_head.",
+        "vision_tower.vision_model.") and transformers 5's ("model.language_model.", "lm_head.",
+        "model.vision_tower."). The tower and projector load by name; the decoder as its text family does."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+
+        def text_weights() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if name.startswith(tuple("model." + prefix for prefix in (*self.direct_weights, "language_model."))):
+                    name = name.removeprefix("model.")
+                name = name.replace("vision_tower.vision_model.", "vision_tower.", 1)
+                if name.startswith(self.direct_weights):
+                    if name in params:
+                        default_weight_loader(params[name], tensor)
+                        loaded.add(name)
+                    # else: the pooled head, or blocks past the deepest feature layer
+                    continue
+                if name.startswith("language_model.lm_head."):
+                    name = name.removeprefix("language_model.")
+                elif name.startswith("language_model.model."):
+                    name = name.removeprefix("language_model.")
+                elif name.startswith("language_model."):
+                    name = "model." + name.removeprefix("language_model.")
+                yield name, tensor
+
+        return loaded | super().load_weights(text_weights())
+
+
+EntryClass = [LlavaForConditionalGeneration]

@@ -1,0 +1,98 @@
+"""LLaVA-NeXT (1.6): LLaVA's tower and projector over several views of an image ("anyres"). The processor picks the
+grid of tower-sized tiles (`image_grid_pinpoints`) that best fits the image and sends the whole image resized
+(the base view) followed by the tiles. The tiles' features are laid back out as one feature map, the rows or columns
+that only cover the processor's padding are cut off ("unpadding"), and a learned `image_newline` row ends each row
+of the map; the base view's features come first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.image_processing_utils import select_best_resolution
+
+from mmserve.models.llava import LlavaForConditionalGeneration
+from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
+
+
+def tile_grid(image_size: tuple[int, int], config: PretrainedConfig) -> tuple[int, int]:
+    """(rows, columns) of tiles the processor cut an image of `image_size` (height, width) into."""
+    height, width = select_best_resolution(list(image_size), config.image_grid_pinpoints)
+    side = config.vision_config.image_size
+    return height // side, width // side
+
+
+def unpadded_box(image_size: tuple[int, int], map_size: tuple[int, int]) -> tuple[slice, slice]:
+    """Rows and columns of a feature map of `map_size` that cover the image itself, not the padding the processor
+    added around it to fill the tile grid (as transformers rounds it)."""
+    (height, width), (rows, cols) = image_size, map_size
+    if width / height > cols / rows:  # wider than the grid: padded above and below
+        pad = (rows - int(round(height * (cols / width), 7))) // 2
+        return slice(pad, rows - pad), slice(0, cols)
+    pad = (cols - int(round(width * (rows / height), 7))) // 2
+    return slice(0, rows), slice(pad, cols - pad)
+
+
+class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
+    direct_weights = (*LlavaForConditionalGeneration.direct_weights, "image_newline")
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        if self.keep_class_token:
+            raise ValueError("LLaVA-NeXT with vision_feature_select_strategy 'full' is not supported")
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+
+    def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
+        """Each image's packed features: base view, then the unpadded tile map row by row, each row closed by
+        `image_newline`. All tiles of all items go through the tower in one pass."""
+        tiles = [it.features["pixel_values"] for it in items]
+        features = self.image_features(torch.cat(tiles)).split([len(t) for t in tiles])
+        return [self._pack(f, it.features["image_sizes"][0].tolist()) for f, it in zip(features, items, strict=True)]
+
+    def _pack(self, features: torch.Tensor, image_size: list[int]) -> torch.Tensor:
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        rows, cols = tile_grid(image_size, self.config)
+        base, tiles = features[0], features[1:]
+        fmap = tiles.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
+        fmap = fmap[unpadded_box(image_size, (rows * side, cols * side))]
+        newline = self.image_newline.to(fmap.dtype).expand(fmap.shape[0], 1, -1)
+        return torch.cat([base, torch.cat([fmap, newline], dim=1).flatten(0, 1)])
+
+    @classmethod
+    def image_tokens(cls, hf_config: PretrainedConfig, image_size: list[int]) -> int:
+        side = hf_config.vision_config.image_size // hf_config.vision_config.patch_size
+        rows, cols = tile_grid(image_size, hf_config)
+        kept_rows, kept_cols = unpadded_box(image_size, (rows * side, cols * side))
+        height, width = kept_rows.stop - kept_rows.start, kept_cols.stop - kept_cols.start
+        return side * side + height * (width + 1)
+
+    @classmethod
+    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
+        """One item per image: its tiles (the processor pads a batch to the most tiles; the padding is dropped)
+        and its size. Adjacent images make one run of placeholders, cut by each image's token count."""
+        ids = processed["input_ids"][0]
+        if processed.get("pixel_values") is None:
+            return MultimodalInputs(items=[])
+        pixels = processed["pixel_values"]
+        pixels = [p for part in (pixels if isinstance(pixels, list) else [pixels]) for p in part]
+        sizes = processed["image_sizes"].tolist()
+        positions = (ids == hf_config.image_token_id).nonzero().flatten().tolist()
+        counts = [cls.image_tokens(hf_config, size) for size in sizes]
+        if len(positions) != sum(counts):
+            raise ValueError(f"the prompt has {len(positions)} image placeholder tokens for {len(sizes)} images of "
+                             f"{counts} tokens")
+        items, seen = [], 0
+        for tiles, size, count in zip(pixels, sizes, counts, strict=True):
+            start = positions[seen]
+            assert positions[seen + count - 1] == start + count - 1, "an image's tokens are contiguous"
+            rows, cols = tile_grid(size, hf_config)
+            features = {"pixel_values": tiles[:1 + rows * cols], "image_sizes": torch.tensor([size])}
+            items.append(MultimodalItem("image", features, start, count))
+            seen += count
+        return MultimodalInputs(items=items)
+
+
+EntryClass = [LlavaNextForConditionalGeneration]
