@@ -208,16 +208,19 @@ class Engine:
         return self.tokenizer.encode(text)
 
     def _media_settings(self, kwargs: dict[str, Any] | None):
+        if not kwargs:
+            return None
         if self.processor is None:
-            raise ValueError(f"{self.args.model_path} is a text model: it takes no images, videos or "
-                             "mm_processor_kwargs")
-        return self.processor.settings_for(kwargs) if kwargs else None
+            raise ValueError(f"{self.args.model_path} is a text model: it takes no mm_processor_kwargs")
+        return self.processor.settings_for(kwargs)
 
     def _encode_multimodal(self, text: str, images: list[Any], videos: list[Any], settings: Any) -> tuple[list[int],
                                                                                                           Any]:
         media = [("image", x) for x in images] + [("video", x) for x in videos]
         if not media:
             return self._encode(text), None
+        if self.processor is None:
+            raise ValueError(f"{self.args.model_path} is a text model: it takes no images or videos")
         ids, mm = self.processor.process(text, media, settings)
         return ids, to_wire(mm)
 
