@@ -31,7 +31,7 @@ from mmserve.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_o
 from mmserve.models.siglip import SiglipVisionTower
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
-from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
+from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem, fixed_size_image_items
 
 _ENCODER_CACHE_BYTES = 512 << 20
 
@@ -233,17 +233,8 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         pixels = processed.get("pixel_values")
         if pixels is None:
             return MultimodalInputs(items=[])
-        per_image = hf_config.mm_tokens_per_image
-        positions = (ids == hf_config.image_token_id).nonzero().flatten().tolist()
-        if len(positions) != per_image * len(pixels):
-            raise ValueError(f"the prompt has {len(positions)} image tokens for {len(pixels)} images (crops included) "
-                             f"of {per_image} tokens each")
-        items = []
-        for index in range(len(pixels)):
-            start = positions[index * per_image]
-            assert positions[(index + 1) * per_image - 1] == start + per_image - 1, "an image's tokens are contiguous"
-            items.append(MultimodalItem("image", {"pixel_values": pixels[index:index + 1]}, start, per_image))
-        return MultimodalInputs(items=items)
+        # pan-and-scan crops are rows of pixel_values like whole images, each with its own run of tokens
+        return fixed_size_image_items(ids, hf_config.image_token_id, pixels, hf_config.mm_tokens_per_image)
 
     # ----- weights -----
 

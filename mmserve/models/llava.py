@@ -25,7 +25,7 @@ from mmserve.models.mistral import MistralForCausalLM
 from mmserve.models.qwen2 import Qwen2ForCausalLM
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
-from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
+from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem, fixed_size_image_items
 
 _ENCODER_CACHE_BYTES = 512 << 20
 # text_config.model_type -> the text family whose switches (q/k/v bias, q/k norm) the decoder takes
@@ -105,16 +105,7 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         patch = hf_config.vision_config.patch_size
         per_image = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
         per_image += hf_config.vision_feature_select_strategy == "full"
-        positions = (ids == hf_config.image_token_id).nonzero().flatten().tolist()
-        if len(positions) != per_image * len(pixels):
-            raise ValueError(f"the prompt has {len(positions)} image placeholder tokens for {len(pixels)} images of "
-                             f"{per_image} tokens each")
-        items = []
-        for index in range(len(pixels)):
-            start = positions[index * per_image]
-            assert positions[(index + 1) * per_image - 1] == start + per_image - 1, "an image's tokens are contiguous"
-            items.append(MultimodalItem("image", {"pixel_values": pixels[index:index + 1]}, start, per_image))
-        return MultimodalInputs(items=items)
+        return fixed_size_image_items(ids, hf_config.image_token_id, pixels, per_image)
 
     # ----- weights -----
 

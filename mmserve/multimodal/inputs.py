@@ -108,6 +108,22 @@ class MultimodalInputs:
 
 # ----- wire format: raw bytes with dtype and shape, no pickle (see mmserve.messages) -----
 
+def fixed_size_image_items(ids: torch.Tensor, image_token_id: int, pixels: torch.Tensor,
+                           per_image: int) -> MultimodalInputs:
+    """One item per row of `pixels` for processors that expand every image to the same `per_image` placeholder
+    tokens (LLaVA 1.5, Gemma 3): adjacent images make one run of placeholders, cut in order."""
+    positions = (ids == image_token_id).nonzero().flatten().tolist()
+    if len(positions) != per_image * len(pixels):
+        raise ValueError(f"the prompt has {len(positions)} image placeholder tokens for {len(pixels)} images of "
+                         f"{per_image} tokens each")
+    items = []
+    for index in range(len(pixels)):
+        start = positions[index * per_image]
+        assert positions[(index + 1) * per_image - 1] == start + per_image - 1, "an image's tokens are contiguous"
+        items.append(MultimodalItem("image", {"pixel_values": pixels[index:index + 1]}, start, per_image))
+    return MultimodalInputs(items=items)
+
+
 def tensor_to_wire(t: torch.Tensor) -> WireTensor:
     from mmserve.messages import WireTensor
 
