@@ -43,14 +43,22 @@ def main() -> None:
     parser.add_argument("--device")
     parser.add_argument("--size", default="448x448")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=0,
+                        help="Instead: profile V1's shape, this many requests with one new image each through the "
+                        "in-process Engine (its processor pool included), and print where the wall time goes.")
+    parser.add_argument("--vision-cuda-graph-max-patches", type=int, default=ServerArgs.vision_cuda_graph_max_patches,
+                        help="Capture the vision tower's CUDA graphs up to this many patches (0: eager).")
     args = parser.parse_args()
     apply_preset(args, parser)
-    kwargs = {"model_path": args.model_path, "max_total_tokens": 65536}
+    kwargs = {"model_path": args.model_path, "max_total_tokens": 65536,
+              "vision_cuda_graph_max_patches": args.vision_cuda_graph_max_patches}
     if args.preset:
         kwargs["load_format"] = "dummy"
     if args.device:
         kwargs["device"] = args.device
     server_args = ServerArgs(**kwargs)
+    if args.batch:
+        return profile_batch(server_args, args)
     core = EngineCore(server_args)
     device = core.runner.device
     folder, _ = split_gguf(core.checkpoint)
@@ -105,6 +113,46 @@ def main() -> None:
     print(f"traced prefill step: GPU kernels {gpu_ms:.1f} ms, {launches} kernel launches")
     print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+def profile_batch(server_args: ServerArgs, args: argparse.Namespace) -> None:
+    """V1's shape through `Engine.generate`: wall time, the processor's share, the GPU's busy time and the steps."""
+    from mmserve import Engine
+
+    width, height = map(int, args.size.split("x"))
+    rng = np.random.default_rng(0)
+    sampling = {"temperature": 0, "max_new_tokens": 64, "ignore_eos": True}
+
+    def images() -> list[Image.Image]:
+        return [Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for _ in range(args.batch)]
+
+    with Engine(**vars(server_args)) as engine:
+        device, stats = engine.device, engine.scheduler.stats
+        for _ in range(2):
+            engine.generate([PROMPT] * args.batch, sampling, image_data=images())
+        batch = images()
+        start = time.perf_counter()
+        for img in batch:
+            engine.processor.process(PROMPT, [("image", img)])
+        processing = time.perf_counter() - start
+        from torch.profiler import ProfilerActivity, profile
+
+        before = (stats.prefill_steps, stats.decode_steps)
+        batch = images()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+            start = time.perf_counter()
+            engine.generate([PROMPT] * args.batch, sampling, image_data=batch)
+            sync(device)
+            wall = time.perf_counter() - start
+        events = trace.key_averages()
+        gpu_s = sum(e.self_device_time_total for e in events) / 1e6
+        print(f"batch of {args.batch} ({args.size}, 64 out): wall {wall:.2f} s under the profiler "
+              f"({args.batch / wall:.1f} req/s); GPU kernels {gpu_s:.2f} s ({100 * gpu_s / wall:.0f}% of wall); "
+              f"{stats.prefill_steps - before[0]} prefill and {stats.decode_steps - before[1]} decode steps; "
+              f"the processor alone on the caller's thread, serially: {processing:.2f} s")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
 
 
 if __name__ == "__main__":
