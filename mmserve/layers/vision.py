@@ -93,6 +93,24 @@ def copy_to_device(parts: Sequence[torch.Tensor], device: torch.device) -> list[
     return [chunk.view(p.shape) for chunk, p in zip(flat.split([p.numel() for p in parts]), parts, strict=True)]
 
 
+def pixels_to_device(pixels: Sequence[torch.Tensor], device: torch.device,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The items' pixel rows (host tensors, or already on `device`) concatenated on `device`, into `out`'s first
+    rows when given. On CUDA the host rows are gathered into pinned memory first: a copy from pageable memory
+    would make the host wait for every kernel already queued (the step before, the running decodes) before it
+    starts, where this one is queued behind them and the host goes on launching."""
+    rows = sum(p.shape[0] for p in pixels)
+    if out is None:
+        out = torch.empty(rows, *pixels[0].shape[1:], dtype=pixels[0].dtype, device=device)
+    if device.type != "cuda" or all(p.device == device for p in pixels):
+        torch.cat([p.to(device) for p in pixels], out=out[:rows]) if len(pixels) > 1 else out[:rows].copy_(pixels[0])
+        return out[:rows]
+    staged = torch.empty(rows, *pixels[0].shape[1:], dtype=pixels[0].dtype, pin_memory=True)
+    torch.cat([p.cpu() for p in pixels], out=staged)
+    out[:rows].copy_(staged, non_blocking=True)
+    return out[:rows]
+
+
 @dataclass
 class PackedSeqs:
     """Sequences (images, frames or windows) packed back to back in the rows of a tensor: where each one starts
@@ -461,10 +479,7 @@ class VisionGraphRunner:
         if padded is None:
             return None
         host, packings = padded
-        offset = 0
-        for p in pixel_values:
-            self.pixel_values[offset: offset + p.shape[0]].copy_(p, non_blocking=True)
-            offset += p.shape[0]
+        pixels_to_device(pixel_values, self.pixel_values.device, out=self.pixel_values)
         self._load(host)
         if self.use_graphs:
             self.graphs[bucket].replay()

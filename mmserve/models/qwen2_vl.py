@@ -29,6 +29,7 @@ from mmserve.layers.vision import (
     frame_lengths,
     host_grids,
     patch_positions,
+    pixels_to_device,
     vision_patch_buckets,
 )
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
@@ -127,7 +128,7 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
             merged = self.vision_graphs.run([it.features["pixel_values"] for it in items], host_grids(grids))
         if merged is None:
             device = self.visual.patch_embed.proj.weight.device
-            pixels = torch.cat([it.features["pixel_values"] for it in items]).to(device)
+            pixels = pixels_to_device([it.features["pixel_values"] for it in items], device)
             merged = self.visual(pixels, grids)
         return list(merged.split([it.length for it in items]))
 
