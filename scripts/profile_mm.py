@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0,
                         help="Instead: profile V1's shape, this many requests with one new image each through the "
                         "in-process Engine (its processor pool included), and print where the wall time goes.")
+    parser.add_argument("--trace", help="With --batch: write the chrome trace here.")
     parser.add_argument("--vision-cuda-graph-max-patches", type=int, default=ServerArgs.vision_cuda_graph_max_patches,
                         help="Capture the vision tower's CUDA graphs up to this many patches (0: eager).")
     args = parser.parse_args()
@@ -153,6 +154,8 @@ def profile_batch(server_args: ServerArgs, args: argparse.Namespace) -> None:
               f"the processor alone on the caller's thread, serially: {processing:.2f} s")
         print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
         print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+        if args.trace:
+            trace.export_chrome_trace(args.trace)
 
 
 if __name__ == "__main__":
