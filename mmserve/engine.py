@@ -186,6 +186,8 @@ class Engine:
         self._stopped.set()
         if self._prompt_pool is not None:
             self._prompt_pool.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "processor", None) is not None:
+            self.processor.close()
         self._thread.join(timeout=30)
         # Drop the model and the KV cache now rather than whenever the Engine object is collected. The model's
         # parameters hold their layers' weight_loader methods, a reference cycle that only the collector frees.

@@ -7,7 +7,9 @@ slow servers never hold the CPU workers), then in `process` the headers are read
 (per request, and across requests through `MediaMemory`) before any pixel is decoded, then each image or video not
 in the processor cache is decoded (images shrunk while decoding where the model's processor would shrink them
 anyway, videos sampled by seeking) and run through the Hugging Face processor alone, in the `--mm-processor-workers`
-pool, several at once (decoding and the torchvision processors release the GIL). The placeholders of the prompt are
+pool, several at once: the threads decode (that releases the GIL) and run the processor themselves or, with
+`--mm-processor-pool process` (the default where there is a GPU), hand it to as many processes
+(`processor_pool.py`: the processors' Python holds the GIL most of an image's time). The placeholders of the prompt are
 expanded as the processor expanded each item, and the features joined, as one processor call over all items gives
 them.
 
@@ -49,6 +51,7 @@ from mmserve.multimodal.media import (
     open_video,
 )
 from mmserve.multimodal.processor_cache import ProcessedMedia, ProcessorCache
+from mmserve.multimodal.processor_pool import ProcessorCrashed, ProcessorProcesses
 
 _MIB = 1024 * 1024
 _DEFAULT_LIMITS = {"image": 16, "video": 2}
@@ -249,6 +252,15 @@ class MultimodalProcessor:
         # Decoding and the processor, one image or video per task, for all requests together.
         self.worker_count = args.mm_processor_workers
         self.workers = ThreadPoolExecutor(self.worker_count, thread_name_prefix="mmserve-mm")
+        # The HF processor itself in as many processes (the threads decode, then wait for them), or in the threads
+        pool = args.mm_processor_pool
+        if pool == "auto":
+            pool = "process" if torch.cuda.is_available() and self.device == "cpu" else "thread"
+        if pool == "process" and self.device != "cpu":
+            raise ValueError(f"--mm-processor-pool process runs the processor on the CPU; --mm-processor-device "
+                             f"{self.device} needs --mm-processor-pool thread")
+        self.processes = (ProcessorProcesses(folder, args.trust_remote_code, self.worker_count)
+                          if pool == "process" else None)
         self.image_target_pixels = resize_target_pixels(getattr(self.hf, "image_processor", None))
         self.frame_target_pixels = resize_target_pixels(getattr(self.hf, "video_processor", None))
         self.video = dict(_DEFAULT_VIDEO)
@@ -292,6 +304,13 @@ class MultimodalProcessor:
                 raise ValueError(f"the tokenizer does not keep the {modality} placeholder {token!r} as one token")
             self.placeholders[token_id] = modality
             self.wrapping[modality] = (alone.index(token_id), len(alone) - alone.index(token_id) - 1)
+
+    def close(self) -> None:
+        """Stop the worker threads and processes (queued work is dropped)."""
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.download_pool.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.shutdown()
 
     # ----- per-request settings
 
@@ -531,7 +550,13 @@ class MultimodalProcessor:
             sub["device"] = self.device
         if sub:
             kwargs["images_kwargs" if item.modality == "image" else "videos_kwargs"] = sub
-        out = self.hf(**kwargs)
+        if self.processes is None:
+            out = self.hf(**kwargs)
+        else:
+            try:
+                out = self.processes(kwargs)
+            except ProcessorCrashed as exc:
+                raise MediaError(f"{item.label}: the model's processor failed on it") from exc
         ids = out["input_ids"][0].tolist()
         before, after = self.wrapping[item.modality]
         features = {name: value.cpu() for name, value in out.items()

@@ -80,7 +80,7 @@ class ModelRunner:
                 if vision is not None:
                     logger.info("vision-tower CUDA graphs: %d sizes up to %d patches (%.1f s)", len(vision.buckets),
                                 vision.max_patches, vision.capture_seconds)
-            except Exception as exc:  # noqa: BLE001 - not yet run on a GPU: encode eagerly rather than not at all
+            except Exception as exc:  # noqa: BLE001 - a tower that cannot be captured: encode eagerly, not fail
                 logger.warning("vision-tower CUDA graph capture failed, encoding without graphs (%s)", exc)
                 self.model.vision_graphs = None
                 torch.cuda.synchronize(device)

@@ -147,7 +147,7 @@ class TokenizerManager:
     async def shutdown(self) -> None:
         self.mm_pool.shutdown(wait=False, cancel_futures=True)
         if self.mm_processor is not None:
-            self.mm_processor.workers.shutdown(wait=False, cancel_futures=True)
+            self.mm_processor.close()
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         for task in [*self._tasks, self._receiver]:
             if task is not None:
