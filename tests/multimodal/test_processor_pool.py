@@ -1,5 +1,5 @@
 """The model's processor in worker processes (`--mm-processor-pool process`): the same ids and features as in the
-threads, for images and a video; a worker that dies is replaced and the request still answered; the flag is
+threads, for images and a video, with nothing left in shared memory; a worker that dies is replaced and the request still answered; the flag is
 checked."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from mmserve.config import ServerArgs
 @pytest.fixture(scope="module")
 def in_processes(tiny_qwen2_vl_dir):
     proc = processor(tiny_qwen2_vl_dir, mm_processor_pool="process", mm_processor_workers=2, mm_processor_cache_mb=0)
+    proc.inline_when_alone = False  # every item through the processes
     yield proc
     proc.close()
 
@@ -28,7 +29,9 @@ def test_processes_give_what_threads_give(tiny_qwen2_vl_dir, in_processes):
     frames = np.random.RandomState(5).randint(0, 255, (4, 56, 84, 3), dtype=np.uint8)
     text = f"Look at {IMAGE} and {IMAGE}, then {VIDEO}."
     media = [("image", png(90, 60, 1)), ("image", png(40, 120, 2)), ("video", frames)]
+    blocks = set(os.listdir("/dev/shm"))
     ids, mm = in_processes.process(text, media)
+    assert set(os.listdir("/dev/shm")) == blocks  # the shared-memory blocks of the tasks are gone
     ref_ids, ref_mm = threads.process(text, media)
     threads.close()
     assert ids == ref_ids
@@ -63,6 +66,7 @@ def test_a_script_without_a_main_guard(tiny_qwen2_vl_dir, tmp_path):
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from test_processor_cache import IMAGE, png, processor\n"
         f"proc = processor({str(tiny_qwen2_vl_dir)!r}, mm_processor_pool='process', mm_processor_workers=1)\n"
+        "proc.inline_when_alone = False\n"
         "ids, mm = proc.process(IMAGE, [('image', png(32, 32, 1))])\n"
         "proc.close()\n"
         "print('tokens', mm.items[0].length)\n")
