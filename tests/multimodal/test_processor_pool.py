@@ -1,6 +1,6 @@
 """The model's processor in worker processes (`--mm-processor-pool process`): the same ids and features as in the
-threads, for images and a video, with nothing left in shared memory; a worker that dies is replaced and the request still answered; the flag is
-checked."""
+threads, for images and a video, with nothing left in shared memory; a worker that dies is replaced and the request
+still answered; a script without a main guard works; the flag is checked."""
 
 from __future__ import annotations
 
