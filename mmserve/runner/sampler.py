@@ -9,7 +9,8 @@ Order of operations, per row (transformers' processor order):
   1. log-probs of the RAW logits (only if some row asks for them);
   2. one [B, V] bias: `logit_bias` (HF's single-token `sequence_bias`), and -inf on the tokens that would end a
      request still short of its `min_new_tokens` (HF's `min_new_tokens`: EOS and stop ids);
-  3. repetition penalty over prompt + output tokens (HF), then presence/frequency over output tokens (OpenAI);
+  3. repetition penalty over prompt + output tokens (HF), then presence/frequency over output tokens (OpenAI),
+     then -inf on the tokens a row's grammar does not allow next (constrained decoding);
   4. greedy rows: argmax of the biased, penalised logits;
   5. other rows: temperature, top-k, top-p, min-p (HF order and semantics), then an exponential race
      argmax(p / E), E ~ Exp(1), which samples from p without normalising it or doing a cumsum search.
@@ -23,9 +24,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from mmserve.constrained.grammar import allowed_tokens, new_bitmask
 from mmserve.sampling_params import SamplingParams
 
 # Temperatures this small are already argmax in practice; the floor keeps logits / T finite.
@@ -72,6 +75,7 @@ class SamplingBatch:
     seen: torch.Tensor | None  # bool [B, V] when some row has a repetition penalty
     output_counts: torch.Tensor | None  # float32 [B, V] when some row has a presence/frequency penalty
     logit_bias: torch.Tensor | None  # float32 [B, V] when some row has a logit_bias or suppressed tokens
+    allowed: torch.Tensor | None  # bool [B, V] when some row follows a grammar: the tokens it may take next
     seeded_rows: torch.Tensor | None  # int64 [S]: sampled (non-greedy) rows that carry a seed
     seeded_noise: torch.Tensor | None  # float32 [S, V]: their Exp(1) noise, drawn on CPU from (seed, step)
     generator: torch.Generator | None  # noise of the unseeded rows (on the logits' device); None: default RNG
@@ -98,12 +102,14 @@ class SamplingBatch:
         device: torch.device | str,
         generator: torch.Generator | None = None,
         stop_ids: list[Collection[int]] | None = None,
+        grammars: list[Any] | None = None,
     ) -> SamplingBatch:
         """`steps[i]`: tokens request i has generated so far; with its seed, it picks that row's noise.
 
         `penalty_states[i]` may be None only for rows whose params need no penalty state. `stop_ids[i]`: the
         token ids that would end request i (its EOS ids unless ignore_eos, and its stop_token_ids); they get
-        -inf while `steps[i] < min_new_tokens`. None: no row is held back."""
+        -inf while `steps[i] < min_new_tokens`. None: no row is held back. `grammars[i]`: request i's grammar
+        (`constrained.grammar.Grammar`) or None; its row may take only the tokens the grammar allows next."""
         b = len(params)
         if len(penalty_states) != b or len(steps) != b or (stop_ids is not None and len(stop_ids) != b):
             raise ValueError(f"params, penalty_states, steps and stop_ids must have one entry per row, got "
@@ -138,6 +144,13 @@ class SamplingBatch:
                     [no_counts if s is None else s.output_counts for s in penalty_states]).float()
 
         logit_bias = _bias_tensor(params, steps, stop_ids, vocab_size, device)
+        allowed = None
+        if grammars is not None and any(g is not None for g in grammars):
+            bitmask = new_bitmask(b, vocab_size, pin=device.type == "cuda")
+            for i, g in enumerate(grammars):
+                if g is not None:
+                    g.fill(bitmask, i)
+            allowed = allowed_tokens(bitmask.to(device, non_blocking=True), vocab_size)
 
         seeded_idx = [i for i, p in enumerate(params) if p.seed is not None and not greedy[i]]
         seeded_rows = seeded_noise = None
@@ -171,6 +184,7 @@ class SamplingBatch:
             seen=seen,
             output_counts=output_counts,
             logit_bias=logit_bias,
+            allowed=allowed,
             seeded_rows=seeded_rows,
             seeded_noise=seeded_noise,
             generator=generator,
@@ -254,10 +268,14 @@ class Sampler:
 
 
 def _adjust_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Bias (logit_bias, min_new_tokens), then penalties: what greedy rows take the argmax of."""
+    """Bias (logit_bias, min_new_tokens), penalties, then the grammars' masks: what greedy rows take the argmax
+    of."""
     if batch.logit_bias is not None:
         logits = logits + batch.logit_bias
-    return _apply_penalties(logits, batch)
+    logits = _apply_penalties(logits, batch)
+    if batch.allowed is not None:
+        logits = logits.masked_fill(~batch.allowed, float("-inf"))
+    return logits
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
