@@ -5,6 +5,7 @@ turns into an HTTP 400."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     # EOS, stop_token_ids and stop strings cannot end the request before this many tokens (vLLM's min_tokens)
     min_new_tokens: int = 0
+    # constrained decoding (SGLang's names), at most one: the output follows a JSON schema (its JSON text; an
+    # object is accepted and serialised), a regular expression or an EBNF grammar
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -99,6 +105,12 @@ class SamplingParams:
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be <= max_new_tokens ({self.max_new_tokens}), "
                              f"got {self.min_new_tokens}")
+        given = [name for name in ("json_schema", "regex", "ebnf") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are exclusive: give one grammar")
+        for name in given:
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must not be empty")
         if self.top_logprobs_num > 0:
             # Asking for alternatives only makes sense together with the chosen token's log-prob.
             self.logprobs = True
@@ -113,7 +125,15 @@ class SamplingParams:
         logits, which the scheduler takes without building the sampler's per-row tensors. `min_new_tokens` is
         checked per step by the caller (it holds back EOS only for a while)."""
         return (self.is_greedy and not self.logit_bias and not self.needs_penalty_state and not self.logprobs
-                and not self.top_logprobs_num)
+                and not self.top_logprobs_num and self.grammar is None)
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(kind, text) of the request's grammar, or None."""
+        for kind in ("json_schema", "regex", "ebnf"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        return None
 
     @property
     def needs_penalty_state(self) -> bool:
@@ -152,6 +172,9 @@ _FIELD_KINDS: dict[str, str] = {
     "top_logprobs_num": "int",
     "logit_bias": "bias_map",
     "min_new_tokens": "int",
+    "json_schema": "schema",
+    "regex": "opt_str",
+    "ebnf": "opt_str",
 }
 assert set(_FIELD_KINDS) == {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -203,6 +226,16 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(_is_int(t) for t in value):
             raise ValueError(f"{name} must be a list of integers, got {value!r}")
         return [_check_int64(name, t) for t in value]
+    if kind == "opt_str":
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return value
+    if kind == "schema":
+        if isinstance(value, dict):
+            return json.dumps(value)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a JSON schema (an object, or its JSON text), got {value!r}")
+        return value
     if kind == "bias_map":
         if value is None:
             return {}

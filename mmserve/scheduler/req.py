@@ -42,6 +42,7 @@ class Req:
     finished_reason: dict[str, Any] | None = None
     error_status: int | None = None  # set when the engine failed the request (HTTP status for the client)
     penalty: PenaltyState | None = None
+    grammar: Any = None  # constrained.grammar.Grammar: which tokens may come next, advanced by each token
     stop_detokenizer: IncrementalDetokenizer | None = None
     # produced since the last report to the front end
     pending_ids: list[int] = field(default_factory=list)
@@ -110,15 +111,17 @@ class Req:
     def can_sample_ahead(self) -> bool:
         """Whether the next token can be sampled before this step's token is known on the host (overlap
         scheduling): nothing per step is read back (log-probs, logits), and the sampler's input does not depend on
-        the tokens so far (penalties count them, a seed picks noise by step, min_new_tokens masks EOS by count)."""
+        the tokens so far (penalties count them, a seed picks noise by step, min_new_tokens masks EOS by count, a
+        grammar's mask follows the tokens)."""
         p = self.params
         return not (self.return_logits or p.logprobs or p.top_logprobs_num or p.needs_penalty_state
-                    or p.seed is not None or self.held_back)
+                    or p.seed is not None or self.held_back or self.grammar is not None)
 
     def stop_ids(self, vocab_size: int) -> list[int]:
         """Token ids the sampler must not pick yet: those that would end a request still held back (EOS unless
-        ignore_eos, and stop_token_ids), as vLLM's and SGLang's min_tokens; [] once min_new_tokens are out."""
-        if not self.held_back:
+        ignore_eos, and stop_token_ids), as vLLM's and SGLang's min_tokens; [] once min_new_tokens are out. A
+        grammar allows a stop token only where its output is complete, and then nothing else: it is not held back."""
+        if not self.held_back or self.grammar is not None:
             return []
         return sorted(t for t in self.eos_token_ids | set(self.params.stop_token_ids) if 0 <= t < vocab_size)
 
@@ -127,6 +130,13 @@ class Req:
         self.pending_ids.append(token_id)
         if self.penalty is not None:
             self.penalty.update(token_id)
+        if self.grammar is not None:
+            if not self.grammar.accept(token_id):  # the mask allows only what the grammar accepts
+                self.finished_reason = {"type": "abort", "message": f"token {token_id} does not follow the grammar"}
+                return
+            if self.grammar.terminated:  # complete, and a stop token taken: the output is whole
+                self.finished_reason = {"type": "stop", "matched": token_id}
+                return
         self._check_finished(token_id)
 
     def _check_finished(self, token_id: int) -> None:

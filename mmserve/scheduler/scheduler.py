@@ -17,6 +17,7 @@ import torch
 
 from mmserve.cache.radix_cache import RadixCache
 from mmserve.config import ModelConfig, ServerArgs
+from mmserve.constrained.grammar import GrammarCompiler
 from mmserve.forward_batch import ForwardBatch, ForwardMode
 from mmserve.messages import GenerateRequest, TokenOutput
 from mmserve.multimodal.inputs import MultimodalInputs, from_wire
@@ -65,7 +66,8 @@ class Scheduler:
         self.args = args
         self.model_config = model_config
         self.runner = runner
-        self.tokenizer = tokenizer  # only for stop strings
+        self.tokenizer = tokenizer  # for stop strings and grammars
+        self._grammars: GrammarCompiler | None = None
         self.device = runner.device
         self.kv_pool = runner.kv_pool
         self.req_pool = runner.req_to_token_pool
@@ -133,6 +135,8 @@ class Scheduler:
         # own tokens there (as transformers' input_ids have them), not the pad values that stand for their content.
         if params.needs_penalty_state:
             req.penalty = PenaltyState.create(list(request.input_ids), vocab, self.device)
+        if params.grammar is not None:
+            req.grammar = self._grammar_compiler().grammar(*params.grammar)
         if params.stop:
             if self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer")
@@ -143,6 +147,15 @@ class Scheduler:
             req.finished_reason = {"type": "length", "length": 0}
         self.reqs[req.rid] = req
         self.waiting.append(req)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        """Built at the first request with a grammar (the tokenizer's token table takes a moment)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("constrained decoding (json_schema, regex, ebnf) needs a tokenizer")
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                             self.model_config.eos_token_ids)
+        return self._grammars
 
     def _check_params(self, params: SamplingParams, vocab: int) -> None:
         """Limits that depend on the server or the model (SamplingParams checks the rest)."""
@@ -674,7 +687,7 @@ class Scheduler:
         vocab = self.model_config.vocab_size
         return SamplingBatch.build([r.params for r in reqs], [r.penalty for r in reqs],
                                    [len(r.output_ids) for r in reqs], vocab, self.device, self.runner.generator,
-                                   stop_ids=[r.stop_ids(vocab) for r in reqs])
+                                   stop_ids=[r.stop_ids(vocab) for r in reqs], grammars=[r.grammar for r in reqs])
 
     def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor) -> None:
         logprobs = top_ids = top_vals = None

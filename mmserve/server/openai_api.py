@@ -7,11 +7,13 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from mmserve.constrained.grammar import grammar_error
 from mmserve.messages import WireMultimodal
 from mmserve.multimodal.processor import media_parts
 from mmserve.sampling_params import SamplingParams
@@ -26,8 +28,11 @@ logger = logging.getLogger(__name__)
 _PASS_THROUGH = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
                  "stop_token_ids", "logit_bias")
-# vLLM's names for constrained decoding, refused (400) until it lands rather than ignored
-_GUIDED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+# Constrained decoding, by the names clients send it under: SGLang's fields, vLLM's (older guided_* and newer
+# structured_outputs keys), each -> (the sampling parameter, how its value becomes that parameter's text)
+_GRAMMAR_FIELDS = {"json_schema": "json_schema", "regex": "regex", "ebnf": "ebnf", "guided_json": "json_schema",
+                   "guided_regex": "regex", "guided_grammar": "ebnf", "guided_choice": "choice"}
+_STRUCTURED_OUTPUTS = {"json": "json_schema", "regex": "regex", "grammar": "ebnf", "choice": "choice"}
 _MAX_N = 128
 
 
@@ -49,15 +54,6 @@ class OpenAIServing:
     # ----- shared -----
 
     def _check_unsupported(self, body: Any) -> None:
-        for name in ("regex", "json_schema", "ebnf"):
-            if getattr(body, name, None) is not None:
-                raise APIError(400, f"{name} (constrained decoding) is not supported yet", param=name)
-        fmt = getattr(body, "response_format", None)
-        if fmt and fmt.get("type") not in (None, "text"):
-            raise APIError(400, f"response_format {fmt.get('type')!r} is not supported yet", param="response_format")
-        for name in _GUIDED:
-            if getattr(body, name, None) is not None:
-                raise APIError(400, f"{name} (constrained decoding) is not supported yet", param=name)
         if getattr(body, "use_beam_search", None):
             raise APIError(400, "use_beam_search is not supported: this server has no beam search",
                            param="use_beam_search")
@@ -85,9 +81,56 @@ class OpenAIServing:
         if not 1 <= body.n <= _MAX_N:
             raise APIError(400, f"n must be in [1, {_MAX_N}], got {body.n}", param="n")
 
+    def _grammar(self, body: Any) -> dict[str, str]:
+        """The request's grammar as one sampling parameter ({} for none): from `response_format`, SGLang's
+        `json_schema` / `regex` / `ebnf`, or vLLM's `guided_*` and `structured_outputs`; checked here, so a
+        schema or pattern that does not parse is a 400 naming its field."""
+        given: list[tuple[str, str, Any]] = []  # (field, kind, value)
+        fmt = getattr(body, "response_format", None)
+        if fmt is not None:
+            if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+                raise APIError(400, "response_format.type must be text, json_object or json_schema",
+                               param="response_format")
+            if fmt["type"] == "json_object":
+                given.append(("response_format", "json_schema", {"type": "object"}))
+            elif fmt["type"] == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                    raise APIError(400, 'response_format.json_schema must be an object with a "schema" object',
+                                   param="response_format")
+                given.append(("response_format", "json_schema", spec.get("schema", {})))
+        for name, kind in _GRAMMAR_FIELDS.items():
+            if getattr(body, name, None) is not None:
+                given.append((name, kind, getattr(body, name)))
+        outputs = getattr(body, "structured_outputs", None)
+        if outputs is not None:
+            if not isinstance(outputs, dict) or set(outputs) - set(_STRUCTURED_OUTPUTS):
+                raise APIError(400, f"structured_outputs takes one of {', '.join(_STRUCTURED_OUTPUTS)}",
+                               param="structured_outputs")
+            given += [("structured_outputs", _STRUCTURED_OUTPUTS[k], v) for k, v in outputs.items() if v is not None]
+        if not given:
+            return {}
+        if len(given) > 1:
+            raise APIError(400, f"give one grammar, got {', '.join(sorted({f for f, _, _ in given}))}",
+                           param=given[1][0])
+        field, kind, value = given[0]
+        if kind == "choice":
+            if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+                raise APIError(400, f"{field} choice must be a non-empty list of non-empty strings", param=field)
+            kind, value = "regex", "|".join(re.escape(c) for c in value)
+        if kind == "json_schema" and isinstance(value, dict):
+            value = json.dumps(value)
+        if not isinstance(value, str) or not value.strip():
+            raise APIError(400, f"{field} must be a non-empty {'JSON schema' if kind == 'json_schema' else 'string'}",
+                           param=field)
+        error = grammar_error(kind, value)
+        if error is not None:
+            raise APIError(400, error, param=field)
+        return {kind: value}
+
     def _params(self, body: Any, max_new_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
         values: dict[str, Any] = {"max_new_tokens": max_new_tokens, "logprobs": logprobs,
-                                  "top_logprobs_num": top_logprobs}
+                                  "top_logprobs_num": top_logprobs, **self._grammar(body)}
         for name in _PASS_THROUGH:
             if getattr(body, name, None) is not None:
                 values[name] = getattr(body, name)
@@ -487,6 +530,10 @@ class OpenAIServing:
             params = SamplingParams.from_dict(values)
         except ValueError as exc:
             raise APIError(400, str(exc), param="sampling_params") from exc
+        if params.grammar is not None:
+            error = grammar_error(*params.grammar)
+            if error is not None:
+                raise APIError(400, error, param=f"sampling_params.{params.grammar[0]}")
         self._check_bias(params, "sampling_params.logit_bias")
         if params.n != 1:
             raise APIError(400, "/generate takes n == 1; send several prompts instead", param="sampling_params.n")

@@ -83,7 +83,7 @@ class _SamplingFields(_Body):
     min_tokens: int | None = None
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
-    # Refused with a 400 until their issues land (constrained decoding, beam search), rather than ignored
+    # vLLM's constrained decoding (older and newer names); beam search is refused with a 400 rather than ignored
     structured_outputs: Any = None
     guided_json: Any = None
     guided_regex: Any = None

@@ -191,15 +191,8 @@ IMAGE = "data:image/png;base64,iVBORw0KGgo="
      "tool_choice", ["weather"]),
     ("/v1/chat/completions", {"functions": [TOOL["function"]]}, "functions", []),
     ("/v1/chat/completions", {"function_call": "auto"}, "function_call", []),
-    ("/v1/chat/completions", {"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs", []),
-    ("/v1/completions", {"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs", []),
-    ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json", []),
-    ("/v1/completions", {"guided_regex": "a+"}, "guided_regex", []),
-    ("/v1/completions", {"guided_choice": ["yes", "no"]}, "guided_choice", []),
-    ("/v1/chat/completions", {"guided_grammar": "root ::= 'a'"}, "guided_grammar", []),
     ("/v1/completions", {"use_beam_search": True}, "use_beam_search", ["beam search"]),
     ("/v1/chat/completions", {"media_io_kwargs": {"video": {"num_frames": 4}}}, "media_io_kwargs", []),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", []),
 ])
 def test_unsupported_parameters_are_refused(http, path, extra, param, words):
     body = {"messages": MSGS} if path == "/v1/chat/completions" else {"prompt": "x"}
