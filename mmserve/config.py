@@ -37,6 +37,10 @@ class ServerArgs:
                                           "as given, a folder's name, a .gguf file's name without its "
                                           "quantization tag).")
     chat_template: str | None = _flag(None, "A named chat template or a .jinja file (default: the tokenizer's).")
+    reasoning_parser: str | None = _flag(None, "Put a reasoning model's <think> block in the chat message's "
+                                         "reasoning_content: qwen3 (the model opens it), qwen3-thinking or "
+                                         "deepseek-r1 (the template opens it).",
+                                         choices=["qwen3", "qwen3-thinking", "deepseek-r1"])
     # Multimodal input
     allowed_local_media_path: str | None = _flag(None, "Allow file:// and local paths as media, under this folder.")
     allow_private_media_urls: bool = _flag(False, "Allow media URLs on loopback and private networks (off: they "
@@ -148,6 +152,9 @@ class ServerArgs:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
         if self.mm_processor_workers < 1:
             raise ValueError(f"mm_processor_workers must be >= 1, got {self.mm_processor_workers}")
+        if self.reasoning_parser not in (None, "qwen3", "qwen3-thinking", "deepseek-r1"):
+            raise ValueError(f"reasoning_parser must be qwen3, qwen3-thinking or deepseek-r1, got "
+                             f"{self.reasoning_parser!r}")
         if self.mm_processor_pool not in ("auto", "thread", "process"):
             raise ValueError(f"mm_processor_pool must be auto, thread or process, got {self.mm_processor_pool!r}")
         if self.mm_processor_cache_mb < 0:
@@ -221,7 +228,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Flags that mean nothing to one prompt generated in this process (no HTTP, no media, one request):
 # `mmserve generate --help` leaves them out.
 _SERVER_ONLY = {
-    "served_model_name", "allowed_local_media_path", "allow_private_media_urls", "limit_mm_per_prompt",
+    "served_model_name", "reasoning_parser", "allowed_local_media_path", "allow_private_media_urls",
+    "limit_mm_per_prompt",
     "mm_process_config", "mm_processor_workers", "mm_processor_pool", "media_fetch_timeout", "media_min_bytes_per_s",
     "video_decode_timeout", "max_mm_bytes_per_request", "max_mm_bytes_in_flight", "mm_cache_size_mb",
     "mm_processor_cache_mb", "mm_max_pixels",

@@ -19,6 +19,7 @@ from mmserve.multimodal.processor import media_parts
 from mmserve.sampling_params import SamplingParams
 from mmserve.server.errors import APIError, error_body
 from mmserve.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequestBody
+from mmserve.server.reasoning import PARSERS, ReasoningFormat, ReasoningStream, split_reasoning
 from mmserve.tokenizer.chat_template import check_template_kwargs, validate_messages
 from mmserve.tokenizer.manager import TokenizerManager
 from mmserve.tokenizer.request_state import RequestState
@@ -50,6 +51,8 @@ class OpenAIServing:
         self.tokenizer = manager.tokenizer
         # the engine's bound (--max-logprobs), checked here too so the 400 names the OpenAI parameter
         self.max_logprobs = manager.args.max_logprobs
+        parser = manager.args.reasoning_parser
+        self.reasoning = PARSERS[parser] if parser else None
 
     # ----- shared -----
 
@@ -317,14 +320,15 @@ class OpenAIServing:
         gens = self._submit_all(rid, self._copies(rid, ids, params, body.n, first_start=None if plp is None else 0),
                                 mm)
         created = int(time.time())
+        reasoning = self.reasoning if body.separate_reasoning else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self._chat_stream(rid, created, await _primed(gens), len(ids), include_usage,
-                                     top if body.logprobs else None)
+                                     top if body.logprobs else None, reasoning)
         states = await self._finals(gens)
         choices = [{
             "index": i,
-            "message": {"role": "assistant", "content": s.visible_text()},
+            "message": self._message(s.visible_text(), reasoning),
             "logprobs": self._chat_logprobs(s, 0, top) if body.logprobs else None,
             "finish_reason": _finish(s),
         } for i, s in enumerate(states)]
@@ -333,6 +337,13 @@ class OpenAIServing:
         if plp is not None:
             response["prompt_logprobs"] = self._prompt_logprobs(states[0], ids, plp)
         return response
+
+    @staticmethod
+    def _message(text: str, reasoning: ReasoningFormat | None) -> dict[str, Any]:
+        if reasoning is None:
+            return {"role": "assistant", "content": text}
+        thought, content = split_reasoning(reasoning, text)
+        return {"role": "assistant", "content": content, "reasoning_content": thought}
 
     def _chat_logprobs(self, state: RequestState, start: int, k: int) -> dict[str, Any]:
         content = []
@@ -348,8 +359,10 @@ class OpenAIServing:
         return {"content": content}
 
     async def _chat_stream(self, rid: str, created: int, gens, prompt_tokens: int, include_usage: bool,
-                           top_logprobs: int | None) -> AsyncIterator[str]:
-        """`top_logprobs`: None without logprobs, else the alternatives per token."""
+                           top_logprobs: int | None, reasoning: ReasoningFormat | None = None) -> AsyncIterator[str]:
+        """`top_logprobs`: None without logprobs, else the alternatives per token. `reasoning`: split each
+        choice's text into reasoning_content and content deltas."""
+        splitters = [ReasoningStream(reasoning) if reasoning else None for _ in gens]
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         for i in range(len(gens)):
             yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -365,8 +378,12 @@ class OpenAIServing:
             if top_logprobs is not None:
                 logprobs = self._chat_logprobs(state, n_before, top_logprobs)
                 sent_logprobs[i] = len(state.token_logprobs)
-            if text or logprobs and logprobs["content"] or state.finished:
-                yield sse({**base, "choices": [{"index": i, "delta": {"content": text} if text else {},
+            delta = {"content": text} if text else {}
+            if splitters[i] is not None:
+                thought, text = splitters[i].feed(text, final=state.finished)
+                delta = {**({"reasoning_content": thought} if thought else {}), **({"content": text} if text else {})}
+            if delta or logprobs and logprobs["content"] or state.finished:
+                yield sse({**base, "choices": [{"index": i, "delta": delta,
                                                 "logprobs": logprobs,
                                                 "finish_reason": _finish(state) if state.finished else None}]})
             if state.finished:

@@ -102,6 +102,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool | None = None  # vLLM's; None: true unless continue_final_message
     continue_final_message: bool = False  # vLLM's: the prompt ends inside the last (assistant) message
     response_format: dict[str, Any] | None = None
+    separate_reasoning: bool = True  # SGLang's: with --reasoning-parser, thinking goes to reasoning_content
     tools: list[Any] | None = None
     tool_choice: Any = None  # only "none" so far: tool calling has its own issue
     functions: list[Any] | None = None  # OpenAI's deprecated names for tools and tool_choice: refused
