@@ -124,3 +124,52 @@ def tiny_gemma3_dir(tokenizer_dir, tmp_path_factory) -> Path:
     from tiny_models import build_tiny_gemma3
 
     return build_tiny_gemma3(tokenizer_dir, tmp_path_factory.mktemp("tiny_gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_onevision_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_llava_onevision
+
+    return build_tiny_llava_onevision(tokenizer_dir, tmp_path_factory.mktemp("tiny_llava_onevision"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next_video_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_llava_next_video
+
+    return build_tiny_llava_next_video(tokenizer_dir, tmp_path_factory.mktemp("tiny_llava_next_video"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pixtral_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_pixtral
+
+    return build_tiny_pixtral(tokenizer_dir, tmp_path_factory.mktemp("tiny_pixtral"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral3_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_mistral3
+
+    return build_tiny_mistral3(tokenizer_dir, tmp_path_factory.mktemp("tiny_mistral3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_internvl
+
+    return build_tiny_internvl(tokenizer_dir, tmp_path_factory.mktemp("tiny_internvl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_qwen3_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_internvl
+
+    return build_tiny_internvl(tokenizer_dir, tmp_path_factory.mktemp("tiny_internvl_qwen3"), text_model="qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_janus_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_janus
+
+    return build_tiny_janus(tokenizer_dir, tmp_path_factory.mktemp("tiny_janus"))

@@ -325,3 +325,322 @@ def build_tiny_gemma3(tokenizer_dir: Path, out: Path) -> Path:
                                 chat_template=GEMMA3_STYLE)
     processor.save_pretrained(out)
     return out
+
+
+# llava-hf/llava-onevision-qwen2-*-ov-hf: ChatML turns without a default system prompt, each turn's images first
+# ("<image>\n" each), then its videos ("<video>\n" each), then its texts
+LLAVA_ONEVISION_STYLE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_llava_onevision(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer Qwen2 under a 2-layer SigLIP tower over 28 px views of 4 px patches (7x7 features: odd, as the
+    real 27x27, so the video pooling's rounding up shows), tiles from 28x56, 56x28 and 56x56 grids, `anyres_max_2`
+    (a 2x2 grid's map is shrunk, a 1x2 grid's is not), the last layer's features in full; SmolLM2's tokenizer plus
+    `<image>` and `<video>`, the OneVision processor and the hub's template."""
+    from transformers import (
+        AutoTokenizer,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens={"image_token": "<image>",
+                                                                            "video_token": "<video>"})
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=28, patch_size=4, vision_use_head=False)
+    text = dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1,
+                eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                  image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_id=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
+                                  vision_aspect_ratio="anyres_max_2", tie_word_embeddings=False)
+    save_random_vl(LlavaOnevisionForConditionalGeneration, config, 9123, out)
+    size = {"height": 28, "width": 28}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=tok, num_image_tokens=49,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2", chat_template=LLAVA_ONEVISION_STYLE)
+    processor.save_pretrained(out)
+    return out
+
+
+# llava-hf/LLaVA-NeXT-Video-7B-hf: LLaVA 1.5's form ("USER: <image>\nhi ASSISTANT:") with each turn's videos
+# ("<video>\n") after its images
+LLAVA_NEXT_VIDEO_STYLE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_tiny_llava_next_video(tokenizer_dir: Path, out: Path, pool_mode: str = "average") -> Path:
+    """A 2-layer Llama under a 2-layer CLIP tower over 28 px tiles of 7 px patches (4x4 features, pooled to 2x2 for
+    video frames by `pool_mode`), tiles from 28x56, 56x28 and 56x56 grids, the penultimate layer's features;
+    SmolLM2's tokenizer plus `<image>` and `<video>`, the LLaVA-NeXT-Video processor and the hub's template."""
+    from transformers import (
+        AutoTokenizer,
+        LlavaNextImageProcessor,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens={"image_token": "<image>",
+                                                                            "video_token": "<video>"})
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=28, patch_size=7, projection_dim=32, hidden_act="quick_gelu")
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1,
+                eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    config = LlavaNextVideoConfig(vision_config=vision, text_config=text,
+                                  image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_id=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-2,
+                                  vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+                                  spatial_pool_mode=pool_mode, spatial_pool_stride=2, tie_word_embeddings=False)
+    save_random_vl(LlavaNextVideoForConditionalGeneration, config, 9345 + (pool_mode != "average"), out)
+    crop = {"height": 28, "width": 28}
+    processor = LlavaNextVideoProcessor(
+        image_processor=LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size=crop,
+                                                image_grid_pinpoints=pinpoints),
+        video_processor=LlavaNextVideoVideoProcessor(size={"shortest_edge": 28}, crop_size=crop), tokenizer=tok,
+        patch_size=7, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_NEXT_VIDEO_STYLE)
+    processor.save_pretrained(out)
+    return out
+
+
+# mistral-community/pixtral-12b: "[INST]" turns, a system prompt opening the last one, each part in place
+# ("[IMG]" for an image)
+PIXTRAL_STYLE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/"
+    "user/assistant/...') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}{%- if loop.last and system_message is defined %}"
+    "{{- '[INST]' + system_message + '\n\n' }}{%- else %}{{- '[INST]' }}{%- endif %}"
+    "{%- if message['content'] is not string %}{%- for chunk in message['content'] %}"
+    "{%- if chunk['type'] == 'text' %}{{- chunk['text'] }}{%- elif chunk['type'] == 'image' %}{{- '[IMG]' }}"
+    "{%- else %}{{- raise_exception('Unrecognized content type!') }}{%- endif %}{%- endfor %}"
+    "{%- else %}{{- message['content'] }}{%- endif %}{{- '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles are supported, with the exception of an initial "
+    "optional system message!') }}{%- endif %}{%- endfor %}"
+)
+
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503: a [SYSTEM_PROMPT] block (a default one when the chat has none; the
+# hub's dates it with strftime_now), then "[INST]" turns with image / image_url parts as "[IMG]" in place
+MISTRAL3_STYLE = (
+    "{%- set default_system_message = 'You are Mistral Small 3, a Large Language Model (LLM) created by Mistral "
+    "AI.' %}{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- if messages[0]['content'] is string %}"
+    "{%- set system_message = messages[0]['content'] %}{%- else %}"
+    "{%- set system_message = messages[0]['content'][0]['text'] %}{%- endif %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set system_message = default_system_message %}"
+    "{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if message['content'] is string %}{{- '[INST]' + message['content'] + '[/INST]' }}{%- else %}"
+    "{{- '[INST]' }}{%- for block in message['content'] %}{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- elif block['type'] in ['image', 'image_url'] %}{{- '[IMG]' }}{%- else %}"
+    "{{- raise_exception('Only text and image blocks are supported in message content!') }}{%- endif %}"
+    "{%- endfor %}{{- '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'system' %}{%- if message['content'] is string %}"
+    "{{- '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' }}{%- else %}"
+    "{{- '[SYSTEM_PROMPT]' + message['content'][0]['text'] + '[/SYSTEM_PROMPT]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{%- if message['content'] is string %}"
+    "{{- message['content'] + eos_token }}{%- else %}{{- message['content'][0]['text'] + eos_token }}{%- endif %}"
+    "{%- else %}{{- raise_exception('Only user, system and assistant roles are supported!') }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+
+
+def _pixtral_parts(tokenizer_dir: Path, patch_size: int) -> tuple:
+    """SmolLM2's tokenizer plus Pixtral's image and instruction tokens, and a 2-block Pixtral tower (head_dim 16)
+    over `patch_size` px patches."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": PIXTRAL_TOKENS})
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=64, patch_size=patch_size, hidden_act="silu",
+                  rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    text = dict(model_type="mistral", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2, sliding_window=None,
+                tie_word_embeddings=False)
+    return tok, vision, text
+
+
+def _pixtral_processor(tok, patch_size: int, merge: int, longest_edge: int, template: str, out: Path) -> None:
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    image_processor = PixtralImageProcessor(size={"longest_edge": longest_edge},
+                                            patch_size={"height": patch_size, "width": patch_size})
+    PixtralProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+                     spatial_merge_size=merge, chat_template=template).save_pretrained(out)
+
+
+def build_tiny_pixtral(tokenizer_dir: Path, out: Path) -> Path:
+    """LLaVA with a Pixtral tower (pixtral-12b's layout): 8 px patches, images up to 48 px on the longest edge (at
+    most 6x6 patches, each row closed by [IMG_BREAK], the last by [IMG_END]), the last layer's features in full, a
+    2-layer Mistral; the Pixtral processor and the hub's template."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tok, vision, text = _pixtral_parts(tokenizer_dir, 8)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("[IMG]"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="full",
+                         projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
+    save_random_vl(LlavaForConditionalGeneration, config, 9345, out)
+    _pixtral_processor(tok, 8, 1, 48, PIXTRAL_STYLE, out)
+    return out
+
+
+def build_tiny_mistral3(tokenizer_dir: Path, out: Path) -> Path:
+    """Mistral-Small-3.1's layout: a Pixtral tower over 8 px patches, images up to 64 px on the longest edge,
+    RMSNorm and a 2x2 patch merger (one token per 16 px: at most 4x4, with [IMG_BREAK] / [IMG_END]), the
+    projector, a 2-layer Mistral; the Pixtral processor (spatial_merge_size 2) and the hub's template."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tok, vision, text = _pixtral_parts(tokenizer_dir, 8)
+    config = Mistral3Config(vision_config=vision, text_config=text,
+                            image_token_index=tok.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1,
+                            spatial_merge_size=2, projector_hidden_act="gelu", multimodal_projector_bias=False,
+                            tie_word_embeddings=False)
+    save_random_vl(Mistral3ForConditionalGeneration, config, 9456, out)
+    _pixtral_processor(tok, 8, 2, 64, MISTRAL3_STYLE, out)
+    return out
+
+
+# OpenGVLab/InternVL3-*-hf (transformers' conversion): ChatML turns without a default system prompt, images as
+# "<IMG_CONTEXT>\n" and videos as "<video>\n" where they stand among the texts
+INTERNVL_STYLE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_internvl(tokenizer_dir: Path, out: Path, text_model: str = "qwen2") -> Path:
+    """A 2-layer Qwen2 (InternVL 3) or Qwen3 (`text_model="qwen3"`, InternVL 3.5) under a 2-layer InternViT over
+    28 px tiles of 7 px patches (4x4, pixel-shuffled to 4 tokens a tile), tiles on grids of up to 6 plus a
+    thumbnail. The Qwen2 one has the hub's tower (LayerNorm, biased q/k/v, no final norm) and untied embeddings; the
+    Qwen3 one the other switches (RMSNorm, q/k norm, unbiased q/k/v, the final LayerNorm) and tied embeddings.
+    SmolLM2's tokenizer plus InternVL's tokens (`start_image_token`, `end_image_token`, `context_image_token`,
+    `video_token`), the InternVL processor with its video processor, and the hub's template."""
+    from transformers import (
+        AutoTokenizer,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    try:
+        from transformers import GotOcr2ImageProcessor
+    except ImportError:  # pragma: no cover
+        from transformers import GotOcr2ImageProcessorFast as GotOcr2ImageProcessor
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
+    qwen3 = text_model == "qwen3"
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=7, hidden_act="gelu", norm_type="rms_norm" if qwen3 else "layer_norm",
+                  use_qk_norm=qwen3, attention_bias=not qwen3, use_mean_pooling=not qwen3,
+                  layer_norm_eps=1e-5 if qwen3 else 1e-6)
+    text = dict(model_type=text_model, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=qwen3,
+                **({"head_dim": 32} if qwen3 else {}))
+    config = InternVLConfig(vision_config=vision, text_config=text,
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
+                            downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=qwen3)
+    save_random_vl(InternVLForConditionalGeneration, config, 6543 + qwen3, out)
+    size = {"height": 28, "width": 28}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=6),
+        video_processor=InternVLVideoProcessor(size=size), tokenizer=tok, image_seq_length=4,
+        chat_template=INTERNVL_STYLE)
+    processor.save_pretrained(out)
+    return out
+
+
+# deepseek-community/Janus-Pro-*: "<|User|>: " and "<|Assistant|>:" turns ended by "\n\n" (user) or the end of
+# sentence (the others); within a turn, texts trimmed at its ends and joined by a space, images on their own line
+JANUS_STYLE = (
+    "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}{%set i=0%}{%for message in messages%}"
+    "{%if message['role']|lower=='user'%}<|User|>: "
+    "{%elif message['role']|lower=='assistant'%}<|Assistant|>:{%if not (loop.last and not add_generation_prompt and "
+    "message['content'][0]['type']=='text' and message['content'][0]['text']=='')%} {%endif%}"
+    "{%else%}{{message['role'].capitalize()}}: {%endif%}"
+    "{%for content in message['content']%}{%if content['type']=='image'%}"
+    "{%if not loop.first%}{{'\n'}}{%endif%}<image_placeholder>{%if not loop.last%}{{'\n'}}{%endif%}"
+    "{%elif content['type']=='text'%}{%set text=content['text']%}"
+    "{%if loop.first%}{%set text=text.lstrip()%}{%endif%}{%if loop.last%}{%set text=text.rstrip()%}{%endif%}"
+    "{%if not loop.first and message['content'][loop.index0-1]['type']=='text'%}{{' '+text}}{%else%}{{text}}"
+    "{%endif%}{%endif%}{%endfor%}"
+    "{%if not loop.last or add_generation_prompt%}{%if message['role']|lower=='user'%}{{seps[0]}}{%else%}"
+    "{{seps[1]}}{%endif%}{%endif%}{%endfor%}{%if add_generation_prompt%}<|Assistant|>:{%endif%}"
+)
+
+
+def build_tiny_janus(tokenizer_dir: Path, out: Path) -> Path:
+    """Janus-Pro: a 2-layer Llama under a 2-layer SigLIP-style tower over 28 px images (4x4 patches of 7 px, 16
+    tokens each) and the 2-layer aligner, plus a tiny VQ model and generation head (never loaded by mmserve);
+    SmolLM2's tokenizer plus Janus's image tokens (`image_token`, `boi_token`, `eoi_token`), the Janus processor
+    (its default system prompt off, transformers' default) and the hub's template."""
+    from transformers import AutoTokenizer, JanusConfig, JanusForConditionalGeneration, JanusProcessor
+
+    try:
+        from transformers import JanusImageProcessor
+    except ImportError:  # pragma: no cover
+        from transformers import JanusImageProcessorFast as JanusImageProcessor
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens={
+        "image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"})
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=7,
+                  mlp_ratio=2.0, projection_dim=64, depth=2, num_image_tokens=16, hidden_act="gelu")
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1,
+                eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    vq = dict(embed_dim=8, num_embeddings=32, latent_channels=8, base_channels=32, channel_multiplier=[1, 1],
+              num_res_blocks=1, projection_dim=64, image_token_embed_dim=64, num_hidden_layers=1)
+    config = JanusConfig(vision_config=vision, text_config=text, vq_config=vq,
+                         image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"), tie_word_embeddings=False)
+    save_random_vl(JanusForConditionalGeneration, config, 4321, out)
+    processor = JanusProcessor(image_processor=JanusImageProcessor(size={"height": 28, "width": 28}), tokenizer=tok,
+                               num_image_tokens=16, use_default_system_prompt=False,
+                               chat_template=JANUS_STYLE)
+    processor.save_pretrained(out)
+    return out

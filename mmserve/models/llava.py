@@ -22,6 +22,7 @@ from mmserve.layers.logits import LogitsProcessor
 from mmserve.models.clip import CLIPVisionTower, hidden_state_indices
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
 from mmserve.models.mistral import MistralForCausalLM
+from mmserve.models.pixtral import PixtralVisionTower, encode_pixtral_images, pixtral_image_inputs
 from mmserve.models.qwen2 import Qwen2ForCausalLM
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
@@ -59,8 +60,13 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
                              f"supported: {', '.join(sorted(_BACKBONES))}")
         self.qkv_bias, self.qk_norm = backbone.qkv_bias, backbone.qk_norm
         layers = hidden_state_indices(config.vision_feature_layer, vision.num_hidden_layers)
+        # Pixtral's tower (pixtral-12b) has no class token: all its features are kept
+        self.pixtral = vision.model_type == "pixtral"
+        if self.pixtral and config.vision_feature_select_strategy != "full":
+            raise ValueError(f"LLaVA with a Pixtral tower and vision_feature_select_strategy "
+                             f"{config.vision_feature_select_strategy!r} is not supported (only 'full')")
         self.keep_class_token = config.vision_feature_select_strategy == "full"
-        self.vision_tower = CLIPVisionTower(vision, layers)
+        self.vision_tower = self.build_vision_tower(vision, layers)
         self.multi_modal_projector = LlavaMultiModalProjector(config, vision.hidden_size * len(layers))
         self.model = LlamaModel(text, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
         self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
@@ -70,18 +76,36 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         self.logits_processor = LogitsProcessor(text.vocab_size)
         self.encoder_cache = EncoderCache(_ENCODER_CACHE_BYTES)
 
+    def build_vision_tower(self, vision: PretrainedConfig, layers: list[int]) -> nn.Module:
+        """The tower returning the hidden states of `layers` (CLIP here, or Pixtral; LLaVA-OneVision's is
+        SigLIP)."""
+        if vision.model_type == "pixtral":
+            return PixtralVisionTower(vision, layers)
+        return CLIPVisionTower(vision, layers)
+
     # ----- forward -----
+
+    def vision_states(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[images, C, H, W] tower-sized pixels -> the selected layers' states side by side [images, tokens, dim]."""
+        states = self.vision_tower(pixels.to(self.vision_tower.embeddings.patch_embedding.weight.device))
+        if not self.keep_class_token:
+            states = [s[:, 1:] for s in states]
+        return torch.cat(states, dim=-1)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[images, C, H, W] tower-sized pixels -> projected features [images, tokens, hidden], in one tower pass."""
-        states = self.vision_tower(pixels.to(self.vision_tower.embeddings.class_embedding.device))
-        if not self.keep_class_token:
-            states = [s[:, 1:] for s in states]
-        return self.multi_modal_projector(torch.cat(states, dim=-1))
+        return self.multi_modal_projector(self.vision_states(pixels))
 
     def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
         """Projected image features [placeholder tokens, hidden] for each item."""
+        if self.pixtral:  # each image its own size; its span holds the rows' break tokens too
+            return encode_pixtral_images(items, self.vision_tower, self._project_pixtral, self.model.embed_tokens)
         return list(self.image_features(torch.cat([it.features["pixel_values"] for it in items])))
+
+    def _project_pixtral(self, states: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        features = self.multi_modal_projector(states)
+        return [f.view(rows, cols, -1) for f, (rows, cols) in
+                zip(features.split([rows * cols for rows, cols in grids]), grids, strict=True)]
 
     def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """The step's input embeddings with the images' features placed (the prefill graphs replay from these)."""
@@ -103,6 +127,8 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         if pixels is None:
             return MultimodalInputs(items=[])
         patch = hf_config.vision_config.patch_size
+        if hf_config.vision_config.model_type == "pixtral":
+            return pixtral_image_inputs(hf_config, processed, patch)
         per_image = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
         per_image += hf_config.vision_feature_select_strategy == "full"
         return fixed_size_image_items(ids, hf_config.image_token_id, pixels, per_image)

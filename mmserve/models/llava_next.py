@@ -7,6 +7,7 @@ of the map; the base view's features come first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,13 +37,32 @@ def unpadded_box(image_size: tuple[int, int], map_size: tuple[int, int]) -> tupl
     return slice(0, rows), slice(pad, cols - pad)
 
 
+def tile_feature_map(tiles: torch.Tensor, image_size: list[int], config: PretrainedConfig) -> torch.Tensor:
+    """The features of an image's tiles [rows * cols, side * side, dim] laid back out as one map, unpadded:
+    [kept rows, kept columns, dim]."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    rows, cols = tile_grid(image_size, config)
+    fmap = tiles.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
+    return fmap[unpadded_box(image_size, (rows * side, cols * side))]
+
+
+def close_rows(fmap: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """A feature map [rows, cols, dim] as rows * (cols + 1) tokens, each row closed by `newline`."""
+    newline = newline.to(fmap.dtype).expand(fmap.shape[0], 1, -1)
+    return torch.cat([fmap, newline], dim=1).flatten(0, 1)
+
+
 class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
     direct_weights = (*LlavaForConditionalGeneration.direct_weights, "image_newline")
+    family = "LLaVA-NeXT"
+    # the tower has a class token, which the "default" strategy drops (the token counts assume it)
+    feature_select_strategies: tuple[str, ...] = ("default",)
 
     def __init__(self, config: PretrainedConfig):
+        if config.vision_feature_select_strategy not in self.feature_select_strategies:
+            raise ValueError(f"{self.family} with vision_feature_select_strategy "
+                             f"{config.vision_feature_select_strategy!r} is not supported")
         super().__init__(config)
-        if self.keep_class_token:
-            raise ValueError("LLaVA-NeXT with vision_feature_select_strategy 'full' is not supported")
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
 
     def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
@@ -53,13 +73,8 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
         return [self._pack(f, it.features["image_sizes"][0].tolist()) for f, it in zip(features, items, strict=True)]
 
     def _pack(self, features: torch.Tensor, image_size: list[int]) -> torch.Tensor:
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        rows, cols = tile_grid(image_size, self.config)
-        base, tiles = features[0], features[1:]
-        fmap = tiles.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
-        fmap = fmap[unpadded_box(image_size, (rows * side, cols * side))]
-        newline = self.image_newline.to(fmap.dtype).expand(fmap.shape[0], 1, -1)
-        return torch.cat([base, torch.cat([fmap, newline], dim=1).flatten(0, 1)])
+        fmap = tile_feature_map(features[1:], image_size, self.config)
+        return torch.cat([features[0], close_rows(fmap, self.image_newline)])
 
     @classmethod
     def image_tokens(cls, hf_config: PretrainedConfig, image_size: list[int]) -> int:
@@ -71,11 +86,15 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
 
     @classmethod
     def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
+        return MultimodalInputs(items=cls.image_items(hf_config, processed))
+
+    @classmethod
+    def image_items(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> list[MultimodalItem]:
         """One item per image: its tiles (the processor pads a batch to the most tiles; the padding is dropped)
         and its size. Adjacent images make one run of placeholders, cut by each image's token count."""
         ids = processed["input_ids"][0]
         if processed.get("pixel_values") is None:
-            return MultimodalInputs(items=[])
+            return []
         pixels = processed["pixel_values"]
         pixels = [p for part in (pixels if isinstance(pixels, list) else [pixels]) for p in part]
         sizes = processed["image_sizes"].tolist()
@@ -92,7 +111,27 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
             features = {"pixel_values": tiles[:1 + rows * cols], "image_sizes": torch.tensor([size])}
             items.append(MultimodalItem("image", features, start, count))
             seen += count
-        return MultimodalInputs(items=items)
+        return items
+
+
+def video_items(ids: torch.Tensor, token_id: int, videos: torch.Tensor | list[torch.Tensor],
+                tokens_per_video: Callable[[int], int]) -> list[MultimodalItem]:
+    """One item per video of the LLaVA video families: its frames [frames, C, H, W] (`pixel_values_videos`, one
+    [1, frames, ...] tensor per video, or one tensor for videos of one shape) and its placeholder run, cut by
+    `tokens_per_video(frames)`."""
+    clips = [clip for part in (videos if isinstance(videos, list) else [videos]) for clip in part]
+    positions = (ids == token_id).nonzero().flatten().tolist()
+    counts = [tokens_per_video(len(clip)) for clip in clips]
+    if len(positions) != sum(counts):
+        raise ValueError(f"the prompt has {len(positions)} video placeholder tokens for {len(clips)} videos of "
+                         f"{counts} tokens")
+    items, seen = [], 0
+    for clip, count in zip(clips, counts, strict=True):
+        start = positions[seen]
+        assert positions[seen + count - 1] == start + count - 1, "a video's tokens are contiguous"
+        items.append(MultimodalItem("video", {"pixel_values_videos": clip}, start, count))
+        seen += count
+    return items
 
 
 EntryClass = [LlavaNextForConditionalGeneration]

@@ -28,26 +28,39 @@ class SiglipVisionEmbeddings(nn.Module):
 
 
 class SiglipEncoder(nn.Module):
-    def __init__(self, vc: PretrainedConfig):
+    def __init__(self, vc: PretrainedConfig, num_layers: int | None = None):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(vc) for _ in range(vc.num_hidden_layers))
+        count = vc.num_hidden_layers if num_layers is None else num_layers
+        self.layers = nn.ModuleList(CLIPEncoderLayer(vc) for _ in range(count))
 
 
 class SiglipVisionTower(nn.Module):
-    """The last hidden state after `post_layernorm`, [images, patches, hidden]; all images in one packed batch."""
+    """The last hidden state after `post_layernorm`, [images, patches, hidden]; all images in one packed batch.
 
-    def __init__(self, vc: PretrainedConfig):
+    With `feature_layers` (indices into the hidden states, `clip.hidden_state_indices`), as LLaVA-OneVision reads
+    it: those layers' hidden states instead, a list in that order, without the final norm; blocks past the deepest
+    are not built."""
+
+    def __init__(self, vc: PretrainedConfig, feature_layers: list[int] | None = None):
         super().__init__()
+        self.feature_layers = feature_layers
         self.embeddings = SiglipVisionEmbeddings(vc)
-        self.encoder = SiglipEncoder(vc)
-        self.post_layernorm = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.encoder = SiglipEncoder(vc, None if feature_layers is None else max(feature_layers))
+        if feature_layers is None:
+            self.post_layernorm = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         x = self.embeddings(pixel_values)
         images, tokens, dim = x.shape
         lengths = [tokens] * images
         seqs = PackedSeqs(copy_to_device([cu_seqlens(lengths)], x.device)[0], lengths)
         x = x.reshape(-1, dim)
+        if self.feature_layers is None:
+            for layer in self.encoder.layers:
+                x = layer(x, seqs)
+            return self.post_layernorm(x).view(images, tokens, dim)
+        states = [x]
         for layer in self.encoder.layers:
             x = layer(x, seqs)
-        return self.post_layernorm(x).view(images, tokens, dim)
+            states.append(x)
+        return [states[i].view(images, tokens, dim) for i in self.feature_layers]

@@ -74,6 +74,9 @@ _REQUEST_KWARGS: dict[str, dict[str, tuple[str, ...]]] = {
     "qwen2_5_vl": {"image": _PIXELS, "video": _PIXELS + _FRAMES},
     "qwen3_vl": {"image": _PIXELS, "video": _FRAMES},
     "qwen3_vl_moe": {"image": _PIXELS, "video": _FRAMES},
+    "llava_onevision": {"video": _FRAMES},  # the LLaVA video families: mmserve's frame sampling only
+    "llava_next_video": {"video": _FRAMES},
+    "internvl": {"video": _FRAMES},  # tiling (max_patches) is the checkpoint's: not per request
 }
 _MAX_FPS = 60.0  # a request's fps at most (or the server's own, if higher); the frame caps bound the work anyway
 # Processor outputs that belong to the prompt's text, not to one item's features
@@ -300,12 +303,18 @@ class MultimodalProcessor:
         # the processor's ids for the placeholder alone)
         self.placeholders: dict[int, str] = {}
         self.wrapping: dict[str, tuple[int, int]] = {}
+        # Text the HF processor puts before every prompt (Janus's default system prompt) is part of each item's
+        # processor output and cut off with the rest of the wrapping; the model's hook refuses what we cannot match
+        text_prefix = getattr(model_cls, "processor_text_prefix", None)
+        prefix = text_prefix(self.hf, args.chat_template) if text_prefix is not None else ""
         for modality in ("image", "video"):
             token = getattr(self.hf, f"{modality}_token", None)
             token_id = getattr(self.hf, f"{modality}_token_id", None)
+            if token is not None and token_id is None and token in self.hf.tokenizer.get_vocab():
+                token_id = self.hf.tokenizer.convert_tokens_to_ids(token)  # InternVL names its video token only
             if token is None or token_id is None:
                 continue
-            alone = self.hf.tokenizer(token)["input_ids"]
+            alone = self.hf.tokenizer(prefix + token)["input_ids"]
             if alone.count(token_id) != 1:
                 raise ValueError(f"the tokenizer does not keep the {modality} placeholder {token!r} as one token")
             self.placeholders[token_id] = modality

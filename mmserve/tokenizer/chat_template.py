@@ -283,11 +283,62 @@ def _phi3(name: str) -> str:
     )
 
 
+# The system prompt transformers' JanusProcessor puts before every prompt (`use_default_system_prompt`, set in the
+# converted Janus-Pro checkpoints)
+JANUS_SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                       "that the user provides, and assist the user with a variety of tasks using natural "
+                       "language.\n\n")
+
+
+def _janus(name: str) -> str:
+    """Janus-Pro: the processor's default system prompt, then the hub template's turns (`<|User|>: ...\\n\\n`,
+    `<|Assistant|>: ...<｜end▁of▁sentence｜>`, other roles capitalised). Within a turn, texts are trimmed at the
+    turn's ends and joined by a space; an image is `<image_placeholder>` on its own line."""
+    return (
+        r"{%- macro render_parts(parts) -%}"
+        r"{%- if parts is string -%}{{- parts.strip() -}}"
+        r"{%- else -%}"
+        r"{%- for part in parts -%}"
+        r"{%- if part['type'] in ['image', 'image_url'] -%}"
+        r"{{- ('' if loop.first else '\n') ~ '<image_placeholder>' ~ ('' if loop.last else '\n') -}}"
+        r"{%- elif part['type'] == 'text' -%}"
+        r"{%- set text = part['text'].lstrip() if loop.first else part['text'] -%}"
+        r"{%- set text = text.rstrip() if loop.last else text -%}"
+        r"{{- (' ' if not loop.first and parts[loop.index0 - 1]['type'] == 'text' else '') ~ text -}}"
+        r"{%- else -%}"
+        f"{{{{- raise_exception('the {name} chat template takes text and image parts only') -}}}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
+        r"{%- endif -%}"
+        r"{%- endmacro -%}"
+        + "{{- " + _jinja_str(JANUS_SYSTEM_PROMPT) + " -}}"
+        r"{%- for message in messages -%}"
+        r"{%- set role = message['role'] | lower -%}"
+        r"{%- if role == 'user' -%}{{- '<|User|>: ' -}}"
+        r"{%- elif role == 'assistant' -%}"
+        # no space after the header of a final, empty assistant message the prompt ends in
+        r"{%- set first = message['content'] if message['content'] is string else message['content'][0] -%}"
+        r"{%- set empty = first == '' or (first['type'] == 'text' and first['text'] == '') -%}"
+        r"{{- '<|Assistant|>:' ~ ('' if loop.last and not add_generation_prompt and empty else ' ') -}}"
+        r"{%- else -%}{{- message['role'] | capitalize ~ ': ' -}}"
+        r"{%- endif -%}"
+        r"{{- render_parts(message['content']) -}}"
+        r"{%- if not loop.last or add_generation_prompt -%}"
+        r"{{- '\n\n' if role == 'user' else '<｜end▁of▁sentence｜>' -}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<|Assistant|>:' -}}{%- endif -%}"
+    )
+
+
 _QWEN_SYSTEM = "You are a helpful assistant."
+# InternVL 2.5 / 3 / 3.5's default system prompt (its own chat code and SGLang's `internvl-2-5`)
+_INTERNVL_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+                    "多模态大语言模型。")
 
 _CANONICAL: dict[str, str] = {
     "chatml": _chatml("chatml"),
-    "chatml-llava": _chatml("chatml-llava", image="<image>\n"),
+    "chatml-llava": _chatml("chatml-llava", image="<image>\n", video="<video>\n"),  # LLaVA-OneVision's hub form
     "vicuna_v1.1": _vicuna("vicuna_v1.1"),
     "llama-2": _llama2("llama-2"),
     "llama-3-instruct": _llama3("llama-3-instruct"),
@@ -296,10 +347,13 @@ _CANONICAL: dict[str, str] = {
     "qwen2-vl": _chatml("qwen2-vl", image="<|vision_start|><|image_pad|><|vision_end|>",
                         video="<|vision_start|><|video_pad|><|vision_end|>", default_system=_QWEN_SYSTEM,
                         qwen_tools=True),
+    "internvl-2-5": _chatml("internvl-2-5", image="<IMG_CONTEXT>\n", video="<video>\n",
+                            default_system=_INTERNVL_SYSTEM),
     "gemma-it": _gemma("gemma-it"),
     "mistral": _mistral("mistral"),
     "deepseek": _deepseek("deepseek"),
     "phi-3": _phi3("phi-3"),
+    "janus-pro": _janus("janus-pro"),
 }
 
 # Other spellings users bring from SGLang, vLLM and model cards.
@@ -313,6 +367,7 @@ TEMPLATE_ALIASES: dict[str, str] = {
     "qwen2": "qwen",
     "qwen2.5": "qwen",
     "qwen2.5-vl": "qwen2-vl",
+    "internvl2_5": "internvl-2-5",  # lmdeploy's name
     "gemma": "gemma-it",
     "gemma3": "gemma-it",
     "mistral-instruct": "mistral",
@@ -321,6 +376,7 @@ TEMPLATE_ALIASES: dict[str, str] = {
     "llava": "vicuna_v1.1",
     "deepseek-v3": "deepseek",
     "phi3": "phi-3",
+    "janus": "janus-pro",
 }
 
 NAMED_TEMPLATES: dict[str, str] = {**_CANONICAL, **{alias: _CANONICAL[t] for alias, t in TEMPLATE_ALIASES.items()}}

@@ -1,0 +1,40 @@
+"""InternVL 3 through the HTTP server's chat completions with the model's own (InternVL3-*-hf style) template: images
+of different tile counts as data URLs give transformers' greedy answer, prompt length and log-probabilities."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import openai
+import torch
+from vl_helpers import hf_generate, picture
+
+
+def data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_completion_matches_transformers(start_server, tiny_internvl_dir):
+    from transformers import AutoProcessor, InternVLForConditionalGeneration
+
+    server = start_server(str(tiny_internvl_dir))
+    client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+    images = [picture(120, 40, 7), picture(60, 80, 8)]  # 4 and 7 tiles, thumbnails included
+    parts = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in images]
+    messages = [{"role": "user", "content": [parts[0], {"type": "text", "text": "What is this?"}, parts[1]]}]
+    resp = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=8, logprobs=True)
+
+    processor = AutoProcessor.from_pretrained(tiny_internvl_dir)
+    model = InternVLForConditionalGeneration.from_pretrained(tiny_internvl_dir, dtype=torch.float32).eval()
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What is this?"}, {"type": "image"}]}], add_generation_prompt=True)
+    ids, logits = hf_generate((model, processor), prompt, images)
+    prompt_len = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
+
+    assert resp.usage.prompt_tokens == prompt_len
+    assert resp.choices[0].message.content == processor.tokenizer.decode(ids)
+    for got, token, step in zip(resp.choices[0].logprobs.content, ids, logits, strict=True):
+        assert abs(got.logprob - step.log_softmax(-1)[token].item()) < 1e-4

@@ -1,0 +1,41 @@
+"""Janus-Pro through the HTTP server's chat completions with the model's own (hub-style) template: images as data
+URLs give transformers' greedy answer, prompt length and log-probabilities."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import openai
+import torch
+from vl_helpers import hf_generate, picture
+
+
+def data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_completion_matches_transformers(start_server, tiny_janus_dir):
+    from transformers import AutoProcessor, JanusForConditionalGeneration
+
+    server = start_server(str(tiny_janus_dir))
+    client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+    images = [picture(40, 30, 7), picture(30, 50, 8)]
+    parts = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in images]
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "What are these?"}]}]
+    resp = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=8, logprobs=True)
+
+    processor = AutoProcessor.from_pretrained(tiny_janus_dir)
+    model = JanusForConditionalGeneration.from_pretrained(tiny_janus_dir, dtype=torch.float32).eval()
+    hub_messages = [{"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "What are these?"}]}]
+    prompt = processor.apply_chat_template(hub_messages, add_generation_prompt=True)
+    ids, logits = hf_generate((model, processor), prompt, images)
+    prompt_len = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
+
+    assert resp.usage.prompt_tokens == prompt_len
+    assert resp.choices[0].message.content == processor.tokenizer.decode(ids)
+    for got, token, step in zip(resp.choices[0].logprobs.content, ids, logits, strict=True):
+        assert abs(got.logprob - step.log_softmax(-1)[token].item()) < 1e-4
