@@ -37,6 +37,10 @@ class ServerArgs:
                                           "as given, a folder's name, a .gguf file's name without its "
                                           "quantization tag).")
     chat_template: str | None = _flag(None, "A named chat template or a .jinja file (default: the tokenizer's).")
+    tool_call_parser: str | None = _flag(None, "How the model writes tool calls, read back into tool_calls for "
+                                         "tool_choice auto: hermes (also qwen25, qwen3: <tool_call> JSON blocks), "
+                                         "llama3 (JSON with parameters), mistral ([TOOL_CALLS]).",
+                                         choices=["hermes", "qwen25", "qwen3", "llama3", "mistral"])
     reasoning_parser: str | None = _flag(None, "Put a reasoning model's <think> block in the chat message's "
                                          "reasoning_content: qwen3 (the model opens it), qwen3-thinking or "
                                          "deepseek-r1 (the template opens it).",
@@ -152,6 +156,9 @@ class ServerArgs:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
         if self.mm_processor_workers < 1:
             raise ValueError(f"mm_processor_workers must be >= 1, got {self.mm_processor_workers}")
+        if self.tool_call_parser not in (None, "hermes", "qwen25", "qwen3", "llama3", "mistral"):
+            raise ValueError(f"tool_call_parser must be hermes, qwen25, qwen3, llama3 or mistral, got "
+                             f"{self.tool_call_parser!r}")
         if self.reasoning_parser not in (None, "qwen3", "qwen3-thinking", "deepseek-r1"):
             raise ValueError(f"reasoning_parser must be qwen3, qwen3-thinking or deepseek-r1, got "
                              f"{self.reasoning_parser!r}")
@@ -228,7 +235,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Flags that mean nothing to one prompt generated in this process (no HTTP, no media, one request):
 # `mmserve generate --help` leaves them out.
 _SERVER_ONLY = {
-    "served_model_name", "reasoning_parser", "allowed_local_media_path", "allow_private_media_urls",
+    "served_model_name", "reasoning_parser", "tool_call_parser", "allowed_local_media_path", "allow_private_media_urls",
     "limit_mm_per_prompt",
     "mm_process_config", "mm_processor_workers", "mm_processor_pool", "media_fetch_timeout", "media_min_bytes_per_s",
     "video_decode_timeout", "max_mm_bytes_per_request", "max_mm_bytes_in_flight", "mm_cache_size_mb",

@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from mmserve.constrained.grammar import grammar_error
@@ -19,7 +20,18 @@ from mmserve.multimodal.processor import media_parts
 from mmserve.sampling_params import SamplingParams
 from mmserve.server.errors import APIError, error_body
 from mmserve.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequestBody
-from mmserve.server.reasoning import PARSERS, ReasoningFormat, ReasoningStream, split_reasoning
+from mmserve.server.reasoning import PARSERS as REASONING_PARSERS
+from mmserve.server.reasoning import ReasoningFormat, ReasoningStream, split_reasoning
+from mmserve.server.tool_parser import PARSERS as TOOL_PARSERS
+from mmserve.server.tool_parser import (
+    ToolCall,
+    ToolParser,
+    ToolStream,
+    function_of,
+    named_schema,
+    parse_required,
+    required_schema,
+)
 from mmserve.tokenizer.chat_template import check_template_kwargs, validate_messages
 from mmserve.tokenizer.manager import TokenizerManager
 from mmserve.tokenizer.request_state import RequestState
@@ -52,7 +64,9 @@ class OpenAIServing:
         # the engine's bound (--max-logprobs), checked here too so the 400 names the OpenAI parameter
         self.max_logprobs = manager.args.max_logprobs
         parser = manager.args.reasoning_parser
-        self.reasoning = PARSERS[parser] if parser else None
+        self.reasoning = REASONING_PARSERS[parser] if parser else None
+        tools = manager.args.tool_call_parser
+        self.tool_parser = TOOL_PARSERS[tools]() if tools else None
 
     # ----- shared -----
 
@@ -63,13 +77,6 @@ class OpenAIServing:
         if getattr(body, "media_io_kwargs", None):
             raise APIError(400, "media_io_kwargs is not supported yet: media are loaded with the server's settings",
                            param="media_io_kwargs")
-        tool_choice = getattr(body, "tool_choice", None)
-        if tool_choice not in (None, "none"):
-            raise APIError(400, f"tool_choice {json.dumps(tool_choice)} is not supported yet: this server does not "
-                                'produce tool_calls (only "none" is accepted)', param="tool_choice")
-        if getattr(body, "tools", None) and tool_choice != "none":
-            raise APIError(400, "tools are not supported yet: this server does not produce tool_calls; with "
-                                'tool_choice "none" the tools only reach the chat template', param="tools")
         for name in ("functions", "function_call"):  # OpenAI's deprecated names for tools and tool_choice
             if getattr(body, name, None) not in (None, "none", []):
                 raise APIError(400, f"{name} is not supported: this server does not produce function calls",
@@ -84,7 +91,40 @@ class OpenAIServing:
         if not 1 <= body.n <= _MAX_N:
             raise APIError(400, f"n must be in [1, {_MAX_N}], got {body.n}", param="n")
 
-    def _grammar(self, body: Any) -> dict[str, str]:
+    def _tool_mode(self, body: ChatCompletionRequest) -> tuple[str, str | None]:
+        """("none" | "auto" | "required" | "named", the named function) from `tools` and `tool_choice`."""
+        tools, choice = body.tools or [], body.tool_choice
+        for i, tool in enumerate(tools):
+            try:
+                function_of(tool)
+            except ValueError as exc:
+                raise APIError(400, f"tools[{i}]: {exc}", param="tools") from exc
+        if choice is None:
+            choice = "auto" if tools else "none"
+        if choice == "none":
+            return "none", None
+        if not tools:
+            raise APIError(400, f"tool_choice {json.dumps(choice)} needs tools", param="tool_choice")
+        if choice == "auto":
+            if self.tool_parser is None:
+                raise APIError(400, "tool_choice \"auto\" needs the server started with --tool-call-parser (the "
+                                    "model's format of writing calls); \"required\", a named function and "
+                                    "\"none\" work without it", param="tool_choice")
+            return "auto", None
+        if choice == "required":
+            return "required", None
+        fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise APIError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                                '{"name": ...}}', param="tool_choice")
+        try:
+            named_schema(tools, name)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from exc
+        return "named", name
+
+    def _grammar(self, body: Any, tool_schema: dict[str, Any] | None = None) -> dict[str, str]:
         """The request's grammar as one sampling parameter ({} for none): from `response_format`, SGLang's
         `json_schema` / `regex` / `ebnf`, or vLLM's `guided_*` and `structured_outputs`; checked here, so a
         schema or pattern that does not parse is a 400 naming its field."""
@@ -105,6 +145,8 @@ class OpenAIServing:
         for name, kind in _GRAMMAR_FIELDS.items():
             if getattr(body, name, None) is not None:
                 given.append((name, kind, getattr(body, name)))
+        if tool_schema is not None:
+            given.append(("tool_choice", "json_schema", tool_schema))
         outputs = getattr(body, "structured_outputs", None)
         if outputs is not None:
             if not isinstance(outputs, dict) or set(outputs) - set(_STRUCTURED_OUTPUTS):
@@ -131,9 +173,10 @@ class OpenAIServing:
             raise APIError(400, error, param=field)
         return {kind: value}
 
-    def _params(self, body: Any, max_new_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    def _params(self, body: Any, max_new_tokens: int, logprobs: bool, top_logprobs: int,
+                tool_schema: dict[str, Any] | None = None) -> SamplingParams:
         values: dict[str, Any] = {"max_new_tokens": max_new_tokens, "logprobs": logprobs,
-                                  "top_logprobs_num": top_logprobs, **self._grammar(body)}
+                                  "top_logprobs_num": top_logprobs, **self._grammar(body, tool_schema)}
         for name in _PASS_THROUGH:
             if getattr(body, name, None) is not None:
                 values[name] = getattr(body, name)
@@ -281,6 +324,7 @@ class OpenAIServing:
         # vLLM's top-level fields; chat_template_kwargs (SGLang's way to give them) win, as in vLLM
         kwargs = {"add_generation_prompt": body.add_generation_prompt,
                   "continue_final_message": body.continue_final_message, **kwargs}
+        mode, named = self._tool_mode(body)
         if body.tools:
             kwargs["tools"] = body.tools
         try:
@@ -313,25 +357,34 @@ class OpenAIServing:
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         plp = body.prompt_logprobs
+        tool_schema = (required_schema(body.tools) if mode == "required" else
+                       named_schema(body.tools, named) if mode == "named" else None)
         params = self._params(body, self._budget(len(ids), max_tokens, param, "messages", expanded=mm is not None),
-                              body.logprobs or plp is not None, _engine_top(top, plp))
+                              body.logprobs or plp is not None, _engine_top(top, plp), tool_schema)
         rid = body.rid or f"chatcmpl-{uuid.uuid4().hex}"
         self.manager.check_capacity(body.n)
         gens = self._submit_all(rid, self._copies(rid, ids, params, body.n, first_start=None if plp is None else 0),
                                 mm)
         created = int(time.time())
         reasoning = self.reasoning if body.separate_reasoning else None
+        tools = _Tools(mode, named, self.tool_parser)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self._chat_stream(rid, created, await _primed(gens), len(ids), include_usage,
-                                     top if body.logprobs else None, reasoning)
+                                     top if body.logprobs else None, reasoning, tools)
         states = await self._finals(gens)
-        choices = [{
-            "index": i,
-            "message": self._message(s.visible_text(), reasoning),
-            "logprobs": self._chat_logprobs(s, 0, top) if body.logprobs else None,
-            "finish_reason": _finish(s),
-        } for i, s in enumerate(states)]
+        choices = []
+        for i, s in enumerate(states):
+            message = self._message(s.visible_text(), reasoning)
+            finish = _finish(s)
+            if mode != "none":
+                message["content"], calls = tools.parse(message["content"])
+                if calls:
+                    message["tool_calls"] = [c.to_openai() for c in calls]
+                    finish = tools.finish_reason(finish)
+            choices.append({"index": i, "message": message,
+                            "logprobs": self._chat_logprobs(s, 0, top) if body.logprobs else None,
+                            "finish_reason": finish})
         response = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                     "choices": choices, "usage": self._usage(states, len(ids))}
         if plp is not None:
@@ -359,10 +412,13 @@ class OpenAIServing:
         return {"content": content}
 
     async def _chat_stream(self, rid: str, created: int, gens, prompt_tokens: int, include_usage: bool,
-                           top_logprobs: int | None, reasoning: ReasoningFormat | None = None) -> AsyncIterator[str]:
+                           top_logprobs: int | None, reasoning: ReasoningFormat | None = None,
+                           tools: _Tools | None = None) -> AsyncIterator[str]:
         """`top_logprobs`: None without logprobs, else the alternatives per token. `reasoning`: split each
-        choice's text into reasoning_content and content deltas."""
+        choice's text into reasoning_content and content deltas. `tools`: read each choice's calls (content
+        stops where one may start; the calls come as one delta when the answer ends)."""
         splitters = [ReasoningStream(reasoning) if reasoning else None for _ in gens]
+        calls_of = [tools.stream() if tools is not None and tools.mode != "none" else None for _ in gens]
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         for i in range(len(gens)):
             yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -378,14 +434,20 @@ class OpenAIServing:
             if top_logprobs is not None:
                 logprobs = self._chat_logprobs(state, n_before, top_logprobs)
                 sent_logprobs[i] = len(state.token_logprobs)
-            delta = {"content": text} if text else {}
+            thought = ""
             if splitters[i] is not None:
                 thought, text = splitters[i].feed(text, final=state.finished)
-                delta = {**({"reasoning_content": thought} if thought else {}), **({"content": text} if text else {})}
+            calls: list[ToolCall] = []
+            if calls_of[i] is not None:
+                text, calls = calls_of[i].feed(text, final=state.finished)
+            delta = {**({"reasoning_content": thought} if thought else {}), **({"content": text} if text else {})}
+            finish = _finish(state) if state.finished else None
+            if calls:
+                delta["tool_calls"] = [c.to_openai(k) for k, c in enumerate(calls)]
+                finish = tools.finish_reason(finish)
             if delta or logprobs and logprobs["content"] or state.finished:
                 yield sse({**base, "choices": [{"index": i, "delta": delta,
-                                                "logprobs": logprobs,
-                                                "finish_reason": _finish(state) if state.finished else None}]})
+                                                "logprobs": logprobs, "finish_reason": finish}]})
             if state.finished:
                 finals[i] = state
         if include_usage:
@@ -633,6 +695,50 @@ def _check_image_detail(messages: list[dict[str, Any]]) -> None:
                                     "model processor's resolution whatever the detail, so low and high would change "
                                     'nothing; leave detail out or use "auto"',
                                param=f"messages[{m}].content[{p}].image_url.detail")
+
+
+@dataclass
+class _Tools:
+    """How a chat request's answers become tool calls: parsed in the model's format (`auto`), or read from the
+    JSON the grammar held them to (`required`: a list of calls; `named`: the function's arguments)."""
+
+    mode: str
+    named: str | None
+    parser: ToolParser | None
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.mode == "auto":
+            return self.parser.parse(text)
+        if self.mode == "required":
+            calls = parse_required(text)
+            return (None, calls) if calls else (text, [])
+        if self.mode == "named":
+            try:
+                args = json.loads(text)
+            except ValueError:
+                return text, []  # cut short by max_tokens
+            return None, [ToolCall(self.named, json.dumps(args, ensure_ascii=False))]
+        return text, []
+
+    def finish_reason(self, finish: str | None) -> str | None:
+        # OpenAI's: "tool_calls" when the model chose to call, "stop" when tool_choice named the function
+        return "stop" if self.mode == "named" else "tool_calls"
+
+    def stream(self) -> ToolStream:
+        return ToolStream(self.parser) if self.mode == "auto" else ToolStream(_WholeAnswer(self))
+
+
+class _WholeAnswer(ToolParser):
+    """For `required` and named calls: the whole answer is the call(s), kept until it ends."""
+
+    def __init__(self, tools: _Tools):
+        self.tools = tools
+
+    def call_starts(self, text: str) -> int | None:
+        return 0
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        return self.tools.parse(text)
 
 
 def _finish(state: RequestState) -> str | None:

@@ -1,6 +1,7 @@
 """Request parameters that used to be accepted and ignored: logit_bias, min_tokens, prompt_logprobs and
-truncate_prompt_tokens now work; tools, structured outputs, beam search, media_io_kwargs and image detail are
-refused with a 400 naming the parameter; a list of prompts streams (completions and /generate).
+truncate_prompt_tokens now work; beam search, media_io_kwargs and image detail are refused with a 400 naming the
+parameter, as is tool_choice "auto" on a server without --tool-call-parser; a list of prompts streams (completions
+and /generate).
 
 One server (a tiny random Qwen2 with SmolLM2's tokenizer, context 1024) serves the module."""
 
@@ -184,11 +185,6 @@ IMAGE = "data:image/png;base64,iVBORw0KGgo="
 
 
 @pytest.mark.parametrize("path, extra, param, words", [
-    ("/v1/chat/completions", {"tools": [TOOL]}, "tools", ["tool_calls"]),
-    ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": "auto"}, "tool_choice", ['"auto"']),
-    ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": "required"}, "tool_choice", ['"required"']),
-    ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "weather"}}},
-     "tool_choice", ["weather"]),
     ("/v1/chat/completions", {"functions": [TOOL["function"]]}, "functions", []),
     ("/v1/chat/completions", {"function_call": "auto"}, "function_call", []),
     ("/v1/completions", {"use_beam_search": True}, "use_beam_search", ["beam search"]),
@@ -197,6 +193,12 @@ IMAGE = "data:image/png;base64,iVBORw0KGgo="
 def test_unsupported_parameters_are_refused(http, path, extra, param, words):
     body = {"messages": MSGS} if path == "/v1/chat/completions" else {"prompt": "x"}
     refused(http.post(path, json={**body, "max_tokens": 1, **extra}), param, "not supported", *words)
+
+
+@pytest.mark.parametrize("extra", [{"tools": [TOOL]}, {"tools": [TOOL], "tool_choice": "auto"}])
+def test_auto_tool_choice_needs_a_parser(http, extra):
+    refused(http.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 1, **extra}), "tool_choice",
+            '"auto"', "--tool-call-parser")
 
 
 def test_harmless_values_of_refused_parameters_pass(http):
