@@ -27,6 +27,7 @@ from mmserve.layers.linear import QKVParallelLinear, RowParallelLinear, default_
 from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.mlp import GatedMLP
 from mmserve.layers.rotary import RotaryEmbedding, rope_parameters
+from mmserve.layers.vision import pixels_to_device
 from mmserve.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
 from mmserve.models.siglip import SiglipVisionTower
 from mmserve.multimodal.embed import embed_multimodal
@@ -209,8 +210,9 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
 
     def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
         """Projected features [mm_tokens_per_image, hidden] for each item (an image, or one pan-and-scan crop)."""
-        pixels = torch.cat([it.features["pixel_values"] for it in items])
-        states = self.vision_tower(pixels.to(self.vision_tower.post_layernorm.weight.device))
+        pixels = pixels_to_device([it.features["pixel_values"] for it in items],
+                                  self.vision_tower.post_layernorm.weight.device)
+        states = self.vision_tower(pixels)
         return list(self.multi_modal_projector(states))
 
     def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -31,7 +31,14 @@ from mmserve.layers.embedding import ParallelLMHead
 from mmserve.layers.linear import default_weight_loader
 from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.norm import RMSNorm
-from mmserve.layers.vision import PackedSeqs, VisionMLP, copy_to_device, cu_seqlens, varlen_attention
+from mmserve.layers.vision import (
+    PackedSeqs,
+    VisionMLP,
+    copy_to_device,
+    cu_seqlens,
+    pixels_to_device,
+    varlen_attention,
+)
 from mmserve.models.clip import hidden_state_indices
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
 from mmserve.models.qwen2 import Qwen2ForCausalLM
@@ -245,7 +252,8 @@ class InternVLForConditionalGeneration(LlamaForCausalLM):
     def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
         """Each item's features [tiles x tokens per tile, hidden]: all tiles of all items in one tower pass."""
         tiles = [it.features["pixel_values"] for it in items]
-        features = self.tile_features(torch.cat(tiles)).split([len(t) for t in tiles])
+        features = self.tile_features(pixels_to_device(tiles, self.vision_tower.embeddings.cls_token.device))
+        features = features.split([len(t) for t in tiles])
         return [f.flatten(0, 1) for f in features]
 
     def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

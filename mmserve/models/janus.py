@@ -25,6 +25,7 @@ from mmserve.layers.activation import get_act_fn
 from mmserve.layers.embedding import ParallelLMHead
 from mmserve.layers.linear import default_weight_loader
 from mmserve.layers.logits import LogitsProcessor
+from mmserve.layers.vision import pixels_to_device
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
 from mmserve.models.siglip import SiglipVisionTower
 from mmserve.multimodal.embed import embed_multimodal
@@ -101,7 +102,7 @@ class JanusForConditionalGeneration(LlamaForCausalLM):
 
     def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
         """Aligned features [patches, hidden] for each item, all images in one tower pass."""
-        pixels = torch.cat([it.features["pixel_values"] for it in items]).to(self.aligner.fc1.weight.device)
+        pixels = pixels_to_device([it.features["pixel_values"] for it in items], self.aligner.fc1.weight.device)
         return list(self.aligner(self.vision_tower(pixels)))
 
     def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -19,6 +19,7 @@ from mmserve.layers.activation import get_act_fn
 from mmserve.layers.embedding import ParallelLMHead
 from mmserve.layers.linear import default_weight_loader
 from mmserve.layers.logits import LogitsProcessor
+from mmserve.layers.vision import pixels_to_device
 from mmserve.models.clip import CLIPVisionTower, hidden_state_indices
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
 from mmserve.models.mistral import MistralForCausalLM
@@ -85,6 +86,10 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
 
     # ----- forward -----
 
+    def device_pixels(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """The items' pixels joined on the tower's device (from pinned memory: the host does not wait)."""
+        return pixels_to_device(pixels, self.vision_tower.embeddings.patch_embedding.weight.device)
+
     def vision_states(self, pixels: torch.Tensor) -> torch.Tensor:
         """[images, C, H, W] tower-sized pixels -> the selected layers' states side by side [images, tokens, dim]."""
         states = self.vision_tower(pixels.to(self.vision_tower.embeddings.patch_embedding.weight.device))
@@ -100,7 +105,7 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         """Projected image features [placeholder tokens, hidden] for each item."""
         if self.pixtral:  # each image its own size; its span holds the rows' break tokens too
             return encode_pixtral_images(items, self.vision_tower, self._project_pixtral, self.model.embed_tokens)
-        return list(self.image_features(torch.cat([it.features["pixel_values"] for it in items])))
+        return list(self.image_features(self.device_pixels([it.features["pixel_values"] for it in items])))
 
     def _project_pixtral(self, states: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         features = self.multi_modal_projector(states)

@@ -69,7 +69,7 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
         """Each image's packed features: base view, then the unpadded tile map row by row, each row closed by
         `image_newline`. All tiles of all items go through the tower in one pass."""
         tiles = [it.features["pixel_values"] for it in items]
-        features = self.image_features(torch.cat(tiles)).split([len(t) for t in tiles])
+        features = self.image_features(self.device_pixels(tiles)).split([len(t) for t in tiles])
         return [self._pack(f, it.features["image_sizes"][0].tolist()) for f, it in zip(features, items, strict=True)]
 
     def _pack(self, features: torch.Tensor, image_size: list[int]) -> torch.Tensor:

@@ -70,7 +70,7 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
         """Each image's packed features (base view, then the shrunk tile map row by row with `image_newline`), each
         video's pooled frames and one `image_newline`. Every tile and frame goes through the tower in one pass."""
         views = [it.features["pixel_values" if it.modality == "image" else "pixel_values_videos"] for it in items]
-        features = self.image_features(torch.cat(views)).split([len(v) for v in views])
+        features = self.image_features(self.device_pixels(views)).split([len(v) for v in views])
         return [self._pack(f, it.features["image_sizes"][0].tolist()) if it.modality == "image" else self._pool(f)
                 for f, it in zip(features, items, strict=True)]
 
