@@ -111,11 +111,12 @@ class Req:
     def can_sample_ahead(self) -> bool:
         """Whether the next token can be sampled before this step's token is known on the host (overlap
         scheduling): nothing per step is read back (log-probs, logits), and the sampler's input does not depend on
-        the tokens so far (penalties count them, a seed picks noise by step, min_new_tokens masks EOS by count, a
-        grammar's mask follows the tokens)."""
+        the tokens so far (penalties count them, a seed picks noise by step, min_new_tokens masks EOS by count). A
+        grammar's mask does follow the tokens, but a chained step reads the previous step's ids after launching its
+        forward and before sampling (`Scheduler._chain`), so it is ready in time."""
         p = self.params
         return not (self.return_logits or p.logprobs or p.top_logprobs_num or p.needs_penalty_state
-                    or p.seed is not None or self.held_back or self.grammar is not None)
+                    or p.seed is not None or self.held_back)
 
     def stop_ids(self, vocab_size: int) -> list[int]:
         """Token ids the sampler must not pick yet: those that would end a request still held back (EOS unless

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -253,15 +254,28 @@ class Scheduler:
         batch = self._place_decode(reqs)
         self._step_committed = False
         self.stats.overlapped_steps += 1
+        # A grammar's next mask needs `prev`'s tokens: they are read after this step's forward is launched and
+        # before it samples, so the host's reading and mask filling run while the GPU computes the forward.
+        processed = False
+
+        def read_prev() -> None:
+            nonlocal processed
+            self._process_decode(prev)
+            processed = True
+
+        needs_prev = any(r.grammar is not None for r in reqs)
         try:
-            self._inflight = self._launch_decode(batch, input_ids)
+            self._inflight = self._launch_decode(batch, input_ids, before_sampling=read_prev if needs_prev else None)
         except Exception as exc:  # noqa: BLE001 - as in step()
             self._fail_batch(batch, exc)
-        self._process_decode(prev)
+        if not processed:
+            self._process_decode(prev)
 
-    def _launch_decode(self, batch: list[tuple[Req, int]], input_ids: torch.Tensor | None = None) -> _InflightDecode:
+    def _launch_decode(self, batch: list[tuple[Req, int]], input_ids: torch.Tensor | None = None,
+                       before_sampling: Callable[[], None] | None = None) -> _InflightDecode:
         """Run a decode step and sample on the device without waiting: the ids come back to pinned host memory
-        behind an event. `input_ids` on the device replace the requests' last tokens (a chained step)."""
+        behind an event. `input_ids` on the device replace the requests' last tokens (a chained step);
+        `before_sampling` runs between launching the forward and sampling."""
         forward = self._decode_batch(batch)
         if input_ids is not None:
             forward.input_ids = input_ids
@@ -272,6 +286,8 @@ class Scheduler:
         for req in reqs:
             req.kv_len += 1
         self._step_committed = True
+        if before_sampling is not None:
+            before_sampling()
         if all(r.params.is_plain_greedy for r in reqs):
             next_ids = logits.argmax(dim=-1)
         else:  # sampling that does not depend on this step's ids (Req.can_sample_ahead)
@@ -687,7 +703,10 @@ class Scheduler:
         vocab = self.model_config.vocab_size
         return SamplingBatch.build([r.params for r in reqs], [r.penalty for r in reqs],
                                    [len(r.output_ids) for r in reqs], vocab, self.device, self.runner.generator,
-                                   stop_ids=[r.stop_ids(vocab) for r in reqs], grammars=[r.grammar for r in reqs])
+                                   stop_ids=[r.stop_ids(vocab) for r in reqs],
+                                   # a request that finished in the step before (its row's token is dropped) has
+                                   # no next mask
+                                   grammars=[None if r.finished else r.grammar for r in reqs])
 
     def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor) -> None:
         logprobs = top_ids = top_vals = None

@@ -8,6 +8,8 @@ compare with it off. On a GPU it is on by default and the same tests compare it 
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 
@@ -104,3 +106,26 @@ def test_what_cannot_run_ahead_waits(model_path):
             assert engine.scheduler.stats.overlapped_steps == 0  # every batch held a row that must wait
             assert_pool_consistent(engine)
     assert outs[True] == outs[False]
+
+
+def test_grammar_requests_overlap_with_the_same_outputs(model_path):
+    """A grammar's next mask follows the previous token: a chained step reads it after launching its forward and
+    before sampling. Greedy rows with a regex and a JSON schema give the same tokens as without overlap, beside a
+    sampled row with a schema (valid either way) and a free one."""
+    schema = ('{"type": "object", "properties": {"a": {"enum": ["x", "yy"]}, "b": {"type": "array", "items": '
+              '{"type": "boolean"}, "minItems": 2, "maxItems": 6}}, "required": ["a", "b"]}')
+    regex = "(ab|cd){2,6} [0-9]{3,6}"
+    params = [{"temperature": 0, "max_new_tokens": 40, "regex": regex},
+              {"temperature": 0, "max_new_tokens": 60, "json_schema": schema},
+              {"temperature": 1.0, "max_new_tokens": 60, "json_schema": schema}, {**GREEDY, "max_new_tokens": 30}]
+    results = {}
+    for overlap in (False, True):
+        with _engine(model_path, overlap) as engine:
+            out = engine.generate(PROMPTS[:4], params)
+            results[overlap] = [(r["output_ids"], r["meta_info"]["finish_reason"]) for r in (out[0], out[1], out[3])]
+            assert re.fullmatch(regex, out[0]["text"]), out[0]["text"]
+            for r in out[1:3]:
+                json.loads(r["text"])
+            assert (engine.scheduler.stats.overlapped_steps > 5) == overlap, engine.scheduler.stats
+            assert_pool_consistent(engine)
+    assert results[True] == results[False]
