@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mmserve.tokenizer.detokenizer import stop_holdback
+
 START, END = "<think>", "</think>"
 
 
@@ -24,14 +26,6 @@ class ReasoningFormat:
 
 PARSERS = {"qwen3": ReasoningFormat(starts_inside=False), "qwen3-thinking": ReasoningFormat(starts_inside=True),
            "deepseek-r1": ReasoningFormat(starts_inside=True)}
-
-
-def _partial_tag(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `tag` (held back while streaming)."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 class ReasoningStream:
@@ -61,7 +55,7 @@ class ReasoningStream:
                     reasoning.append(self.buffer[:at])
                     self.buffer, self.state = self.buffer[at + len(END):], "content"
                     continue
-                keep = 0 if final else _partial_tag(self.buffer, END)
+                keep = 0 if final else stop_holdback(self.buffer, [END])
                 reasoning.append(self.buffer[:len(self.buffer) - keep])
                 self.buffer = self.buffer[len(self.buffer) - keep:]
                 break

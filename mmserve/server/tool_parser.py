@@ -28,6 +28,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from mmserve.tokenizer.detokenizer import stop_holdback
+
 
 @dataclass
 class ToolCall:
@@ -157,17 +159,6 @@ PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesParser, "qwen25": Hermes
                                         "llama3": Llama3Parser, "mistral": MistralParser}
 
 
-def _partial_marker(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that is a proper start of a marker (held back while streaming)."""
-    best = 0
-    for marker in markers:
-        for n in range(min(len(marker) - 1, len(text)), best, -1):
-            if text.endswith(marker[:n]):
-                best = n
-                break
-    return best
-
-
 class ToolStream:
     """One streamed answer: content pieces until a call may be starting, then the calls when it ends."""
 
@@ -187,7 +178,7 @@ class ToolStream:
                 start += self.sent
                 out, self.sent = self.text[self.sent:start], start
             else:
-                keep = 0 if final else _partial_marker(self.text, self.parser.markers)
+                keep = 0 if final else stop_holdback(self.text, list(self.parser.markers))
                 if isinstance(self.parser, Llama3Parser) and not final and not self.text.strip():
                     keep = len(self.text) - self.sent  # only blanks so far: a call may still open
                 end = len(self.text) - keep
