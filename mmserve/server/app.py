@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mmserve.config import ServerArgs
+from mmserve.config import ServerArgs, architectures_of
 from mmserve.server import errors
 from mmserve.server.errors import APIError, error_response
 from mmserve.server.metrics import Metrics
@@ -214,12 +214,28 @@ def create_app(args: ServerArgs) -> FastAPI:
             return {"status": "ok"}
         return error_response(503, f"unhealthy: {manager.engine_error or 'the engine is starting'}")
 
-    @app.get("/get_server_info")
+    @app.get("/server_info")
+    @app.get("/get_server_info")  # SGLang's older name, which sglang-router falls back to
     async def server_info():
         stats = manager.stats
         return {"model": name, "engine": manager.info and _as_dict(manager.info),
                 "stats": stats and _as_dict(stats), "in_flight": len(manager.running_ids()),
-                "engine_pid": manager.engine_pid}
+                "engine_pid": manager.engine_pid,
+                # SGLang's fields that a router reads (sglang-router: the data-parallel ranks behind this URL)
+                "model_path": args.model_path, "tokenizer_path": args.tokenizer_path or args.model_path,
+                "served_model_name": name, "tp_size": args.tp_size, "dp_size": 1}
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def model_info():
+        """SGLang's shape: what sglang-router learns of the model behind this URL."""
+        config = manager.hf_config
+        return {"model_path": args.model_path, "tokenizer_path": args.tokenizer_path or args.model_path,
+                "served_model_name": name, "is_generation": True,
+                "has_image_understanding": manager.mm_processor is not None, "has_audio_understanding": False,
+                "model_type": getattr(config, "model_type", None),
+                "architectures": architectures_of(config), "preferred_sampling_params": None,
+                "weight_version": "default"}
 
     @app.get("/metrics")
     async def prometheus():

@@ -48,8 +48,9 @@ _START_TIMEOUT_S = 600.0
 _RESTART_WINDOW_S = 600
 
 
-def _multimodal_processor(args: ServerArgs) -> MultimodalProcessor | None:
-    """The model's media processor when its architecture takes media (found without loading the weights)."""
+def _model_config_and_processor(args: ServerArgs) -> tuple[Any, MultimodalProcessor | None]:
+    """The model's HF config, and its media processor when its architecture takes media (found without loading
+    the weights)."""
     from mmserve.config import architectures_of
     from mmserve.models.loader import load_hf_config, resolve_model_path, split_gguf
     from mmserve.models.registry import ModelRegistry
@@ -58,8 +59,8 @@ def _multimodal_processor(args: ServerArgs) -> MultimodalProcessor | None:
     hf_config = load_hf_config(checkpoint, args.trust_remote_code)
     model_cls = ModelRegistry.resolve(architectures_of(hf_config))
     if not hasattr(model_cls, "multimodal_inputs"):
-        return None
-    return MultimodalProcessor(args, model_cls, hf_config, split_gguf(checkpoint)[0])
+        return hf_config, None
+    return hf_config, MultimodalProcessor(args, model_cls, hf_config, split_gguf(checkpoint)[0])
 
 
 class EngineDead(Exception):
@@ -72,7 +73,7 @@ class TokenizerManager:
         self.metrics = metrics
         self.tokenizer = load_tokenizer_for(args)
         self.chat_template = resolve_chat_template(args.chat_template, self.tokenizer)
-        self.mm_processor = _multimodal_processor(args)
+        self.hf_config, self.mm_processor = _model_config_and_processor(args)
         # Threads that prepare one request's media each: they read headers, look up the processor cache and wait
         # for the processor's workers (--mm-processor-workers) to decode and process what is missing.
         self.mm_pool = ThreadPoolExecutor(args.mm_processor_workers, thread_name_prefix="mmserve-media")
