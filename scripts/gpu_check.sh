@@ -8,7 +8,9 @@
 # Logs go to $OUT; the last lines printed are the benchmark tables.
 set -uo pipefail
 # The GPU image lacks the server's packages: `../shared/device/wheels.sh openai distro jiter httpx2 httpcore2
-# annotated-doc opentelemetry-api importlib-metadata zipp truststore anyio h11 click prometheus-client av` fetches them into .whl/, carried along with .gpu.
+# annotated-doc opentelemetry-api importlib-metadata zipp truststore anyio h11 click prometheus-client av xgrammar
+# apache-tvm-ffi jsonschema referencing rpds-py attrs jsonschema-specifications` fetches them into .whl/, carried
+# along with .gpu.
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
@@ -19,7 +21,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cacheprovider \
   tests/models/test_text_models.py tests/models/test_qwen2_vl.py tests/models/test_qwen2_5_vl.py \
-  tests/models/test_qwen3_vl.py tests/scheduler tests/layers tests/cache tests/runner \
+  tests/models/test_qwen3_vl.py tests/models/test_llava.py tests/models/test_llava_next.py \
+  tests/models/test_llava_onevision.py tests/models/test_llava_next_video.py tests/models/test_gemma3.py \
+  tests/models/test_pixtral.py tests/models/test_mistral3.py tests/models/test_internvl.py tests/models/test_janus.py \
+  tests/scheduler tests/layers tests/cache tests/runner tests/constrained \
   tests/multimodal tests/server/test_openai_api.py tests/server/test_multimodal_api.py \
   tests/server/test_errors.py tests/attention 2>&1 | tee "$OUT/tests.log" | tail -15
 # the Triton attention kernels against the torch backend at real shapes, and their timing per layer call
@@ -36,6 +41,9 @@ if [ "${FASTPATH:-1}" != 0 ]; then
   python3 -m mmserve.bench.fastpath --preset llama-3.1-8b --tokenizer-dir .gpu/tokenizer --json "$OUT/fastpath.json" \
     2>&1 | tee "$OUT/fastpath.log" | tail -12
 fi
+# constrained decoding's cost (issue 18): batch 64 with and without a JSON schema
+python3 scripts/bench_structured.py --preset llama-3.1-8b --tokenizer-dir .gpu/tokenizer 2>&1 \
+  | tee "$OUT/structured.log" | tail -3
 # issue 16's table (images: V1 throughput, V2 time to first token, V3 decode, V5 video); MULTIMODAL=0 skips it
 if [ "${MULTIMODAL:-1}" != 0 ]; then
   python3 -m mmserve.bench.multimodal --preset qwen2.5-vl-7b --tokenizer-dir .gpu/tokenizer \
