@@ -86,7 +86,12 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
 
     @classmethod
     def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
-        return MultimodalInputs(items=cls.image_items(hf_config, processed))
+        """One item per image and, for the video families (their `video_tokens`), per video, in prompt order."""
+        items = cls.image_items(hf_config, processed)
+        if processed.get("pixel_values_videos") is not None and hasattr(cls, "video_tokens"):
+            items += video_items(processed["input_ids"][0], hf_config.video_token_id,
+                                 processed["pixel_values_videos"], lambda frames: cls.video_tokens(hf_config, frames))
+        return MultimodalInputs(items=sorted(items, key=lambda it: it.offset))
 
     @classmethod
     def image_items(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> list[MultimodalItem]:

@@ -6,14 +6,12 @@ projected; the frames' tokens follow one another with no newline.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch.nn import functional as F
 from transformers import PretrainedConfig
 
-from mmserve.models.llava_next import LlavaNextForConditionalGeneration, video_items
-from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
+from mmserve.models.llava_next import LlavaNextForConditionalGeneration
+from mmserve.multimodal.inputs import MultimodalItem
 
 _POOLS = {"average": F.avg_pool2d, "max": F.max_pool2d}
 
@@ -59,14 +57,6 @@ class LlavaNextVideoForConditionalGeneration(LlavaNextForConditionalGeneration):
     def video_tokens(cls, hf_config: PretrainedConfig, frames: int) -> int:
         side = hf_config.vision_config.image_size // hf_config.vision_config.patch_size
         return frames * (side // hf_config.spatial_pool_stride) ** 2
-
-    @classmethod
-    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
-        items = cls.image_items(hf_config, processed)
-        if processed.get("pixel_values_videos") is not None:
-            items += video_items(processed["input_ids"][0], hf_config.video_token_id,
-                                 processed["pixel_values_videos"], lambda frames: cls.video_tokens(hf_config, frames))
-        return MultimodalInputs(items=sorted(items, key=lambda it: it.offset))
 
 
 EntryClass = [LlavaNextVideoForConditionalGeneration]

@@ -14,7 +14,6 @@ A video is its frames through the tower and projector, each frame's feature map 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -27,10 +26,9 @@ from mmserve.models.llava_next import (
     tile_feature_map,
     tile_grid,
     unpadded_box,
-    video_items,
 )
 from mmserve.models.siglip import SiglipVisionTower
-from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
+from mmserve.multimodal.inputs import MultimodalItem
 
 
 def max_tile_views(config: PretrainedConfig) -> int:
@@ -104,14 +102,6 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
     def video_tokens(cls, hf_config: PretrainedConfig, frames: int) -> int:
         pooled = math.ceil(hf_config.vision_config.image_size // hf_config.vision_config.patch_size / 2)
         return frames * pooled * pooled + 1
-
-    @classmethod
-    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
-        items = cls.image_items(hf_config, processed)
-        if processed.get("pixel_values_videos") is not None:
-            items += video_items(processed["input_ids"][0], hf_config.video_token_id,
-                                 processed["pixel_values_videos"], lambda frames: cls.video_tokens(hf_config, frames))
-        return MultimodalInputs(items=sorted(items, key=lambda it: it.offset))
 
 
 EntryClass = [LlavaOnevisionForConditionalGeneration]
