@@ -88,8 +88,12 @@ def _ready() -> bool:
 
 def _run(kwargs: dict[str, Any], media: str, block_name: str, layout: Layout) -> tuple[str, Layout]:
     """The processor on the media in `block_name` (images, or video frames, as arrays); its tensors, packed."""
-    arrays = _unpack(block_name, layout, unlink=False)
-    out = _processor(**kwargs, **{media: [arrays[name] for name, *_ in layout]})
+    arrays = [array for array in _unpack(block_name, layout, unlink=False).values()]
+    if media == "images":  # as PIL images again, as the threads hand them over (an array 3 pixels high would read
+        from PIL import Image  # as channels-first to the processor)
+
+        arrays = [Image.fromarray(array) for array in arrays]
+    out = _processor(**kwargs, **{media: arrays})
     return _pack({name: value.numpy() for name, value in out.items() if isinstance(value, torch.Tensor)})
 
 

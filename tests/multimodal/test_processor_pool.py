@@ -28,7 +28,8 @@ def test_processes_give_what_threads_give(tiny_qwen2_vl_dir, in_processes):
     assert threads.processes is None and in_processes.processes is not None
     frames = np.random.RandomState(5).randint(0, 255, (4, 56, 84, 3), dtype=np.uint8)
     text = f"Look at {IMAGE} and {IMAGE}, then {VIDEO}."
-    media = [("image", png(90, 60, 1)), ("image", png(40, 120, 2)), ("video", frames)]
+    # the second image is 3 pixels high: as a bare array its height would pass for a channel count
+    media = [("image", png(90, 60, 1)), ("image", png(40, 3, 2)), ("video", frames)]
     blocks = set(os.listdir("/dev/shm"))
     ids, mm = in_processes.process(text, media)
     assert set(os.listdir("/dev/shm")) == blocks  # the shared-memory blocks of the tasks are gone
