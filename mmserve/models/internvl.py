@@ -28,7 +28,6 @@ from transformers import PretrainedConfig
 from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.activation import get_act_fn
 from mmserve.layers.embedding import ParallelLMHead
-from mmserve.layers.linear import default_weight_loader
 from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.norm import RMSNorm
 from mmserve.layers.vision import (
@@ -41,6 +40,7 @@ from mmserve.layers.vision import (
 )
 from mmserve.models.clip import hidden_state_indices
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
+from mmserve.models.llava import load_split_weights
 from mmserve.models.qwen2 import Qwen2ForCausalLM
 from mmserve.models.qwen3 import Qwen3ForCausalLM
 from mmserve.multimodal.embed import embed_multimodal
@@ -311,28 +311,8 @@ class InternVLForConditionalGeneration(LlamaForCausalLM):
         """Accepts the layout the -hf checkpoints are saved in ("language_model.model.", "language_model.lm_head.",
         "vision_tower.") and transformers 5's in memory ("model.language_model.", "lm_head.", "model.vision_tower.").
         The tower and projector load by name; the decoder as its text family does."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-
-        def text_weights() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                if name.startswith(tuple("model." + prefix for prefix in (*self.direct_weights, "language_model."))):
-                    name = name.removeprefix("model.")
-                if name.startswith(self.direct_weights):
-                    if name in params:
-                        default_weight_loader(params[name], tensor)
-                        loaded.add(name)
-                    # else: blocks past the feature layer, the unused final norm, a mask token
-                    continue
-                if name.startswith("language_model.lm_head."):
-                    name = name.removeprefix("language_model.")
-                elif name.startswith("language_model.model."):
-                    name = name.removeprefix("language_model.")
-                elif name.startswith("language_model."):
-                    name = "model." + name.removeprefix("language_model.")
-                yield name, tensor
-
-        return loaded | super().load_weights(text_weights())
+        # skipped there: blocks past the feature layer, the unused final norm, a mask token
+        return load_split_weights(self, weights)
 
 
 EntryClass = [InternVLForConditionalGeneration]

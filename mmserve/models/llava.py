@@ -144,29 +144,38 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         """Accepts the original llava-hf layout ("language_model.model.", "language_model.lm_head.",
         "vision_tower.vision_model.") and transformers 5's ("model.language_model.", "lm_head.",
         "model.vision_tower."). The tower and projector load by name; the decoder as its text family does."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        return load_split_weights(self, weights)
 
-        def text_weights() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                if name.startswith(tuple("model." + prefix for prefix in (*self.direct_weights, "language_model."))):
-                    name = name.removeprefix("model.")
-                name = name.replace("vision_tower.vision_model.", "vision_tower.", 1)
-                if name.startswith(self.direct_weights):
-                    if name in params:
-                        default_weight_loader(params[name], tensor)
-                        loaded.add(name)
-                    # else: the pooled head, or blocks past the deepest feature layer
-                    continue
-                if name.startswith("language_model.lm_head."):
-                    name = name.removeprefix("language_model.")
-                elif name.startswith("language_model.model."):
-                    name = name.removeprefix("language_model.")
-                elif name.startswith("language_model."):
-                    name = "model." + name.removeprefix("language_model.")
-                yield name, tensor
 
-        return loaded | super().load_weights(text_weights())
+def load_split_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """Weights of a vision-language model in the llava-hf layout ("language_model.model.", "language_model.lm_head.",
+    the tower's and projector's prefixes, a CLIP tower under "vision_tower.vision_model.") or transformers 5's
+    ("model.language_model.", "lm_head.", "model." before the others): names under the model's `direct_weights`
+    load as they are (those it has no parameter for are skipped: a pooled head, blocks past the deepest feature
+    layer), the rest as its Llama-family decoder loads them."""
+    params = dict(model.named_parameters())
+    direct = model.direct_weights
+    loaded: set[str] = set()
+
+    def text_weights() -> Iterable[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            if name.startswith(tuple("model." + prefix for prefix in (*direct, "language_model."))):
+                name = name.removeprefix("model.")
+            name = name.replace("vision_tower.vision_model.", "vision_tower.", 1)
+            if name.startswith(direct):
+                if name in params:
+                    default_weight_loader(params[name], tensor)
+                    loaded.add(name)
+                continue
+            if name.startswith("language_model.lm_head."):
+                name = name.removeprefix("language_model.")
+            elif name.startswith("language_model.model."):
+                name = name.removeprefix("language_model.")
+            elif name.startswith("language_model."):
+                name = "model." + name.removeprefix("language_model.")
+            yield name, tensor
+
+    return loaded | LlamaForCausalLM.load_weights(model, text_weights())
 
 
 EntryClass = [LlavaForConditionalGeneration]
