@@ -110,3 +110,13 @@ QWEN2_VL_STYLE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def image_data_url(image: Image.Image) -> str:
+    """A PIL image as a PNG data URL, as a client sends it in an `image_url` part."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vl_helpers import GREEDY, assert_same, hf_generate, picture
+from vl_helpers import GREEDY, assert_same, hf_generate, image_data_url, picture
 
 from mmserve import Engine
 
@@ -87,14 +87,6 @@ def test_chunked_prefill_smaller_than_an_image(tiny_gemma3_dir, hf):
     assert_same(ours, hf_generate(hf, prompt, images))
 
 
-def data_url(image) -> str:
-    import base64
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
 
 def test_chat_with_the_hub_template(tiny_gemma3_dir, engine, hf):
     """The model's own template (gemma-3-it style: images where they stand among the texts, the assistant as
@@ -113,7 +105,7 @@ def test_chat_with_the_hub_template(tiny_gemma3_dir, engine, hf):
     bos = processor.tokenizer.bos_token
     assert prompt == (f"{bos}<start_of_turn>user\nBe brief.\n\n{IMAGE}What is this?{IMAGE}<end_of_turn>\n"
                       "<start_of_turn>model\n")
-    chat = messages(*({"type": "image_url", "image_url": {"url": data_url(img)}} for img in images))
+    chat = messages(*({"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in images))
     assert render_chat(engine.tokenizer, chat, engine.chat_template) == prompt
     ref = hf_generate(hf, prompt, images)
     assert engine.chat(chat, GREEDY)["output_ids"] == ref[0]

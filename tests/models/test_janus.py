@@ -5,25 +5,18 @@ through `janus-pro` (the processor's default system prompt), and what is refused
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import shutil
 
 import pytest
 import torch
-from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, picture
+from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, image_data_url, picture
 
 from mmserve import Engine
 from mmserve.tokenizer.chat_template import JANUS_SYSTEM_PROMPT, render_chat
 
 IMAGE = "<image_placeholder>"
 
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +86,7 @@ def test_chat_with_the_hub_template(tiny_janus_dir, engine, hf):
     prompt = processor.apply_chat_template(chat_messages({"type": "image"}, {"type": "image"}),
                                            add_generation_prompt=True)
     assert prompt == f"<|User|>: What is this?\n{IMAGE}\n\n{IMAGE}\n  Be brief.\n\n<|Assistant|>:"
-    messages = chat_messages(*({"type": "image_url", "image_url": {"url": data_url(img)}} for img in images))
+    messages = chat_messages(*({"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in images))
     assert render_chat(engine.tokenizer, messages, engine.chat_template) == prompt
     ref = hf_generate(hf, prompt, images)
     assert engine.chat(messages, GREEDY)["output_ids"] == ref[0]
@@ -151,7 +144,7 @@ def test_default_system_prompt_needs_the_janus_pro_template(system_prompt_dir, h
     text_prompt = processor.apply_chat_template(CONVERSATIONS["text only"], add_generation_prompt=True)
     ref = hf_generate((hf[0], processor), prompt, images)
     ref_text = hf_generate((hf[0], processor), text_prompt, [])
-    messages = chat_messages({"type": "image_url", "image_url": {"url": data_url(images[0])}})
+    messages = chat_messages({"type": "image_url", "image_url": {"url": image_data_url(images[0])}})
     with Engine(model_path=str(system_prompt_dir), dtype="float32", chat_template="janus-pro") as e:
         assert e.chat(messages, GREEDY)["output_ids"] == ref[0]
         assert e.chat(CONVERSATIONS["text only"], GREEDY)["output_ids"] == ref_text[0]

@@ -3,22 +3,14 @@ of them adjacent), chunked prefill smaller than an image, and chat through the h
 
 from __future__ import annotations
 
-import base64
-import io
-
 import pytest
 import torch
-from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, picture
+from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, image_data_url, picture
 
 from mmserve import Engine
 
 IMAGE = "<image>"
 
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +59,7 @@ def test_chat_with_the_hub_template(tiny_llava_dir, hf):
     prompt = processor.apply_chat_template(chat_messages({"type": "image"}, {"type": "image"}),
                                            add_generation_prompt=True)
     assert prompt == f"USER: {IMAGE}\n{IMAGE}\nWhat is this? ASSISTANT:"
-    messages = chat_messages(*({"type": "image_url", "image_url": {"url": data_url(img)}} for img in images))
+    messages = chat_messages(*({"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in images))
     with Engine(model_path=str(tiny_llava_dir), dtype="float32") as e:
         from mmserve.tokenizer.chat_template import render_chat
 

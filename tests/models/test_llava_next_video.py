@@ -5,13 +5,10 @@ and chat through the hub's template."""
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 import pytest
 import torch
-from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, picture, video_data_url
+from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, image_data_url, picture, video_data_url
 
 from mmserve import Engine
 
@@ -28,11 +25,6 @@ def reference(folder):
     model = LlavaNextVideoForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(folder)
 
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +115,7 @@ def test_chat_with_the_hub_template(engine, hf):
     prompt = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "text", "text": "What is this?"}, {"type": "image"}, {"type": "image"}]}], add_generation_prompt=True)
     assert prompt == f"USER: {IMAGE}\n{IMAGE}\nWhat is this? ASSISTANT:"
-    parts = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in images]
+    parts = [{"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in images]
     messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, *parts]}]
     assert render_chat(engine.tokenizer, messages, engine.chat_template) == prompt
     ref = hf_generate(hf, prompt, images)

@@ -6,13 +6,10 @@ through the hub's template."""
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 import pytest
 import torch
-from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, picture, video_data_url
+from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, image_data_url, picture, video_data_url
 
 from mmserve import Engine
 
@@ -22,11 +19,6 @@ IMAGE, VIDEO = "<image>", "<video>"
 def chat(text: str) -> str:
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +108,7 @@ def test_chat_with_the_hub_template(engine, hf):
     prompt = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "text", "text": "What is this?"}, {"type": "image"}, {"type": "image"}]}], add_generation_prompt=True)
     assert prompt == chat(f"{IMAGE}\n{IMAGE}\nWhat is this?")
-    parts = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in images]
+    parts = [{"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in images]
     messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, *parts]}]
     assert render_chat(engine.tokenizer, messages, engine.chat_template) == prompt
     images_first = [{"role": "user", "content": [*parts, {"type": "text", "text": "What is this?"}]}]

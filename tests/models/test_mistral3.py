@@ -5,22 +5,14 @@ repeated image, chat through the hub's template and through the named `mistral` 
 
 from __future__ import annotations
 
-import base64
-import io
-
 import pytest
 import torch
-from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, picture
+from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, image_data_url, picture
 
 from mmserve import Engine
 
 IMAGE = "[IMG]"
 
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +93,7 @@ def chat_parts() -> list[dict]:
 def openai_messages(images) -> list[dict]:
     urls = iter(images)
     return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(next(urls))}} if p["type"] == "image" else p
+        {"type": "image_url", "image_url": {"url": image_data_url(next(urls))}} if p["type"] == "image" else p
         for p in chat_parts()]}]
 
 

@@ -5,22 +5,14 @@ the prefix cache over a repeated image, chat through the hub's template, and the
 
 from __future__ import annotations
 
-import base64
-import io
-
 import pytest
 import torch
-from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, picture
+from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, image_data_url, picture
 
 from mmserve import Engine
 
 IMAGE = "[IMG]"
 
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +87,7 @@ def test_chat_with_the_hub_template(tiny_pixtral_dir, hf):
     assert prompt.endswith(f"[INST]What is{IMAGE}and{IMAGE}[/INST]")
     urls = iter(images)
     messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(next(urls))}} if p["type"] == "image" else p
+        {"type": "image_url", "image_url": {"url": image_data_url(next(urls))}} if p["type"] == "image" else p
         for p in parts]}]
     with Engine(model_path=str(tiny_pixtral_dir), dtype="float32") as e:
         from mmserve.tokenizer.chat_template import render_chat

@@ -3,18 +3,9 @@ images as data URLs give transformers' greedy answer, prompt length and log-prob
 
 from __future__ import annotations
 
-import base64
-import io
-
 import openai
 import torch
-from vl_helpers import hf_generate, picture
-
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+from vl_helpers import hf_generate, image_data_url, picture
 
 
 def test_chat_completion_matches_transformers(start_server, tiny_llava_onevision_dir):
@@ -23,7 +14,7 @@ def test_chat_completion_matches_transformers(start_server, tiny_llava_onevision
     server = start_server(str(tiny_llava_onevision_dir))
     client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
     images = [picture(100, 150, 7), picture(200, 60, 8)]
-    parts = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in images]
+    parts = [{"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in images]
     messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, *parts]}]
     resp = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=8, logprobs=True)
 
