@@ -103,8 +103,7 @@ def pixels_to_device(pixels: Sequence[torch.Tensor], device: torch.device,
     if out is None:
         out = torch.empty(rows, *pixels[0].shape[1:], dtype=pixels[0].dtype, device=device)
     if device.type != "cuda" or all(p.device == device for p in pixels):
-        torch.cat([p.to(device) for p in pixels], out=out[:rows]) if len(pixels) > 1 else out[:rows].copy_(pixels[0])
-        return out[:rows]
+        return torch.cat([p.to(device) for p in pixels], out=out[:rows])
     staged = torch.empty(rows, *pixels[0].shape[1:], dtype=pixels[0].dtype, pin_memory=True)
     torch.cat([p.cpu() for p in pixels], out=staged)
     out[:rows].copy_(staged, non_blocking=True)
