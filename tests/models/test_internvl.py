@@ -135,7 +135,7 @@ def test_chat_with_the_hub_template(engine, hf):
     """The hub's template (ChatML, no default system prompt, media where they stand) renders OpenAI image parts as
     transformers' processor renders its messages, with transformers' answer; the named `internvl-2-5` template
     renders the same with InternVL's default system prompt."""
-    from test_llava import data_url
+    from vl_helpers import image_data_url
 
     from mmserve.tokenizer.chat_template import render_chat
 
@@ -144,7 +144,7 @@ def test_chat_with_the_hub_template(engine, hf):
     prompt = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "What is this? "}, {"type": "image"}]}], add_generation_prompt=True)
     assert prompt == chat(f"{IMAGE}\nWhat is this? {IMAGE}\n")
-    parts = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in images]
+    parts = [{"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in images]
     messages = [{"role": "user", "content": [parts[0], {"type": "text", "text": "What is this? "}, parts[1]]}]
     assert render_chat(engine.tokenizer, messages, engine.chat_template) == prompt
     ref = hf_generate(hf, prompt, images)
