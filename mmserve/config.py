@@ -114,7 +114,23 @@ class ServerArgs:
     disable_overlap_schedule: bool = _flag(False, "Read each decode step's sampled ids before launching the next "
                                            "(by default the GPU runs a step while the CPU finishes the last).")
     random_seed: int = _flag(0, "Seed of the sampler for requests that give no seed.")
-    tp_size: int = _flag(1, "Tensor-parallel degree (GPUs per model; only 1 so far).")
+    tp_size: int = _flag(1, "Tensor-parallel degree: ranks (GPUs, or CPU processes) that split each layer's "
+                         "weights; one engine process per rank, in lockstep.")
+    dp_size: int = _flag(1, "Data-parallel replicas: engines (each of --tp-size ranks) behind one API server, each "
+                         "request sent to one of them (see --load-balance-method).")
+    load_balance_method: str = _flag("least_loaded", "How --dp-size replicas share requests: least_loaded (fewest "
+                                     "requests in flight), round_robin, or prefix (a prompt whose first tokens a "
+                                     "replica has served goes back to it, for its prefix cache, unless that replica "
+                                     "is far busier).", choices=["least_loaded", "round_robin", "prefix"])
+    base_gpu_id: int = _flag(0, "First GPU this server uses; rank r of replica d runs on GPU base + d * tp + r.")
+    nnodes: int = _flag(1, "Hosts that share the --tp-size ranks (each runs `mmserve serve` with the same flags "
+                        "and its --node-rank; only node 0 serves HTTP).")
+    node_rank: int = _flag(0, "This host's index among --nnodes.")
+    dist_init_addr: str | None = _flag(None, "host:port of the ranks' rendezvous (node 0's address; needed with "
+                                       "--nnodes > 1; default: a free local port).")
+    mm_enable_dp_encoder: bool = _flag(False, "With --tp-size > 1, encode a step's images data-parallel: each rank "
+                                       "runs the (replicated) vision tower on its share of the images and the "
+                                       "embeddings are gathered, instead of every rank encoding all of them.")
     # Server
     host: str = _flag("127.0.0.1", "Address the HTTP server binds.")
     port: int = _flag(30000, "Port of the HTTP server.")
@@ -134,6 +150,18 @@ class ServerArgs:
             self.model_path = default_model_path()
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes); got node_rank {self.node_rank}, nnodes {self.nnodes}")
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"--tp-size {self.tp_size} must be a multiple of --nnodes {self.nnodes} (each host runs "
+                             "the same number of ranks)")
+        if self.nnodes > 1 and (self.dist_init_addr is None or self.dp_size > 1):
+            raise ValueError("--nnodes > 1 needs --dist-init-addr (node 0's host:port) and --dp-size 1 (replicas on "
+                             "several hosts go behind sglang-router; see the README)")
+        if self.base_gpu_id < 0:
+            raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
@@ -278,6 +306,13 @@ class ModelConfig:
         context_len = args.context_length or max_pos
         if context_len > max_pos:
             raise ValueError(f"context_length {context_len} exceeds the model's max_position_embeddings {max_pos}")
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        tp = args.tp_size
+        if heads % tp or (kv_heads % tp if kv_heads >= tp else tp % kv_heads):
+            raise ValueError(f"--tp-size {tp} does not divide the model's attention: {heads} query heads and "
+                             f"{kv_heads} key/value heads (query heads must split evenly, and key/value heads "
+                             f"split evenly or be replicated a whole number of times)")
         return cls(
             hf_config=hf_config,
             dtype=resolve_dtype(args.dtype, hf_config, device),

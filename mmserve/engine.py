@@ -7,6 +7,7 @@ turns prompts into text with the same front-end logic as the server (mmserve.tok
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import queue
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import msgspec
 import torch
 
 from mmserve.config import ServerArgs
@@ -38,6 +40,12 @@ class Engine:
 
     def __init__(self, **kwargs: Any):
         self.args = ServerArgs(**kwargs)
+        if self.args.dp_size > 1 or self.args.nnodes > 1:
+            raise ValueError("Engine runs one replica on this host: --dp-size and --nnodes are the server's "
+                             "(`mmserve serve`)")
+        self._followers: list[Any] = []  # the processes of tensor-parallel ranks 1.. (rank 0 is this process)
+        self._mirror: Any = None
+        self._wire = msgspec.msgpack.Encoder()
         self._inbox: queue.Queue = queue.Queue()
         self._queues: dict[str, queue.Queue] = {}
         self._lock = threading.Lock()
@@ -288,13 +296,49 @@ class Engine:
 
     def _build_and_loop(self, built: threading.Event) -> None:
         try:
+            if self.args.tp_size > 1:
+                self._join_ranks()
             self.core = EngineCore(self.args)
         except BaseException as exc:  # noqa: BLE001 - raised again by __init__ in the caller's thread
             self._error = exc
+            self._leave_ranks()
             return
         finally:
             built.set()
-        self._loop()
+        try:
+            self._loop()
+        finally:
+            self._leave_ranks()
+
+    def _join_ranks(self) -> None:
+        """Tensor parallelism: start ranks 1.. as processes and make this thread rank 0 of their group."""
+        from mmserve.distributed.launch import local_places, rendezvous, start_ranks
+        from mmserve.distributed.mirror import Mirror
+        from mmserve.distributed.parallel_state import get_cpu_group, init_distributed
+
+        places = local_places(self.args, 0, rendezvous(self.args))
+        self._followers = start_ranks(self.args, places[1:])
+        self.args = dataclasses.replace(self.args, device=places[0].device)
+        init_distributed(0, self.args.tp_size, places[0].init_method, self.args.resolved_device())
+        self._mirror = Mirror(get_cpu_group())
+
+    def _leave_ranks(self) -> None:
+        """Tell ranks 1.. to stop, wait for them, and leave the process group."""
+        if self.args.tp_size == 1:
+            return
+        from mmserve.distributed.parallel_state import destroy_distributed
+
+        if self._mirror is not None:
+            try:
+                self._mirror.stop()
+            except Exception:  # noqa: BLE001 - a rank that died already ended the broadcast
+                logger.warning("the other ranks did not take the stop message", exc_info=True)
+        for proc in self._followers:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        self._followers, self._mirror = [], None
+        destroy_distributed()
 
     def _loop(self) -> None:
         core = self.core
@@ -308,16 +352,19 @@ class Engine:
             self._error = exc
 
     def _take_messages(self, block: bool) -> None:
+        """Hand the inbox's messages to the core; with tensor parallelism, to the other ranks first (an empty
+        list when there are none, which keeps their loops turning with this one)."""
+        msgs = []
         try:
-            msg = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+            msgs.append(self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait())
+            while True:
+                msgs.append(self._inbox.get_nowait())
         except queue.Empty:
-            return
-        while True:
+            pass
+        if self._mirror is not None:
+            self._mirror.publish([self._wire.encode(msg) for msg in msgs])
+        for msg in msgs:
             self._deliver(self.core.handle(msg))
-            try:
-                msg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
 
     def _deliver(self, outputs: list[TokenOutput]) -> None:
         for out in outputs:

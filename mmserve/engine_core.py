@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from mmserve.config import ModelConfig, ServerArgs
+from mmserve.distributed.parallel_state import get_tp_size
 from mmserve.messages import AbortRequest, EngineReady, EngineStats, GenerateRequest, TokenOutput
 from mmserve.models.loader import generation_eos_ids, load_hf_config, load_tokenizer, resolve_model_path
 from mmserve.runner.model_runner import ModelRunner
@@ -29,8 +30,9 @@ def load_tokenizer_for(args: ServerArgs) -> Any:
 
 class EngineCore:
     def __init__(self, args: ServerArgs, tokenizer: Any = None):
-        if args.tp_size != 1:
-            raise ValueError(f"tensor parallelism (tp_size={args.tp_size}) is not supported yet; use --tp-size 1")
+        if args.tp_size != get_tp_size():
+            raise ValueError(f"tp_size {args.tp_size} needs that many ranks in a process group (the server and "
+                             f"Engine start them); this process is one of {get_tp_size()}")
         self.args = args
         self.device = args.resolved_device()
         checkpoint = resolve_model_path(args.model_path, args.revision)

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import uvicorn
@@ -131,6 +132,10 @@ def run_server(args: ServerArgs) -> None:
     """Serve until SIGTERM or SIGINT. What can be found wrong before the model loads (a busy port, a device this
     machine lacks, a folder without a model, ...) raises ValueError, in a second rather than after the loading."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.node_rank > 0:
+        check_before_loading(args)
+        serve_ranks_of_this_node(args)
+        return
     sock = bind_socket(args.host, args.port)
     try:
         args = dataclasses.replace(args, port=sock.getsockname()[1])  # the real one, for --port 0
@@ -166,6 +171,36 @@ def run_server(args: ServerArgs) -> None:
         sys.exit(1)
 
 
+def serve_ranks_of_this_node(args: ServerArgs) -> None:
+    """A host other than node 0 of --nnodes: no HTTP server, only its share of the engine's ranks, which follow
+    node 0's rank 0. When they exit (node 0 stopped or restarted its engine), start them again to meet node 0's
+    next engine at the same rendezvous; stop on SIGTERM/SIGINT."""
+    from mmserve.distributed.launch import local_places, rendezvous, start_ranks
+
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping:
+        places = local_places(args, 0, rendezvous(args))
+        logger.info("node %d of %d: starting ranks %s", args.node_rank, args.nnodes, [p.rank for p in places])
+        procs = start_ranks(args, places)
+        while not stopping and any(p.is_alive() for p in procs):
+            time.sleep(0.5)
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join(timeout=10)
+        if not stopping:
+            logger.warning("node %d: the ranks exited (codes %s); starting them again", args.node_rank,
+                           [p.exitcode for p in procs])
+            time.sleep(1.0)
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """The server's address, bound before the model loads, so a busy port is reported at once (not after the
     loading) and the socket is handed to uvicorn as it is. It listens only once the server is ready: until then
@@ -191,13 +226,12 @@ def check_before_loading(args: ServerArgs) -> None:
     import torch
 
     from mmserve.config import ModelConfig, architectures_of
+    from mmserve.distributed.launch import check_devices
     from mmserve.models.loader import check_model_files, load_hf_config, resolve_model_path
     from mmserve.models.registry import ModelRegistry
 
     device = args.resolved_device()
-    if args.tp_size > 1:
-        raise ValueError(f"--tp-size {args.tp_size}: tensor parallelism is not supported yet; serve on one device "
-                         "with --tp-size 1")
+    check_devices(args)
     if args.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use --dtype "
                          "float16")

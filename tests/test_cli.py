@@ -98,9 +98,9 @@ def test_no_model_means_the_smollm2_default():
     assert args.model_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def test_tensor_parallel_beyond_one_is_refused_clearly(tiny_model_dir):
-    with pytest.raises(ValueError, match="tp_size=2"):
-        Engine(model_path=str(tiny_model_dir("qwen2")), tp_size=2)
+def test_replicas_are_the_servers_not_the_engines(tiny_model_dir):
+    with pytest.raises(ValueError, match="--dp-size and --nnodes are the server's"):
+        Engine(model_path=str(tiny_model_dir("qwen2")), dp_size=2)
 
 
 def test_named_chat_template_is_used(tiny_model_dir):

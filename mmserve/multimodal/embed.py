@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from mmserve.distributed.parallel_state import dp_encoder, encode_data_parallel
 from mmserve.forward_batch import ForwardBatch, ForwardMode
 from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalItem, is_pad
@@ -43,7 +44,13 @@ def embed_multimodal(input_ids: torch.Tensor, batch: ForwardBatch,
     try:
         missing = list({item.hash: item for item, _, _ in placements if item.hash not in cache}.values())
         if missing:
-            for item, out in zip(missing, encode(missing), strict=True):
+            if dp_encoder():  # each rank encodes its share; the outputs are gathered
+                outs = encode_data_parallel(lambda share: encode([missing[i] for i in share]),
+                                            [item.length for item in missing], embeds.shape[-1], embeds.dtype,
+                                            embeds.device)
+            else:
+                outs = encode(missing)
+            for item, out in zip(missing, outs, strict=True):
                 assert out.shape[0] == item.length, f"encoder gave {out.shape[0]} rows for {item.length} placeholders"
                 cache.put(item.hash, out)
         for item, rows, part in placements:

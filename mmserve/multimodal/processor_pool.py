@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 import threading
-import types
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from mmserve.processes import blank_main
 
 _processor: Any = None  # in a worker process: the model's processor, loaded once
 
@@ -97,17 +95,6 @@ def _run(kwargs: dict[str, Any], media: str, block_name: str, layout: Layout) ->
     return _pack({name: value.numpy() for name, value in out.items() if isinstance(value, torch.Tensor)})
 
 
-@contextmanager
-def _blank_main() -> Iterator[None]:
-    """Processes spawned inside see an empty `__main__` (the parent's is put back after)."""
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
-
-
 class ProcessorCrashed(RuntimeError):
     pass
 
@@ -123,7 +110,7 @@ class ProcessorProcesses:
         threads = max(1, (os.cpu_count() or 1) // (2 * self.workers))
         pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_load, initargs=(*self._args, threads))
-        with _blank_main():
+        with blank_main():
             for _ in range(self.workers):  # starts every process now; each loads the processor meanwhile
                 pool.submit(_ready)
         return pool

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mmserve.attention.base import bind_attention, create_attention_backend
 from mmserve.cache.kv_pool import KVPool, ReqToTokenPool
 from mmserve.config import ModelConfig, ServerArgs
-from mmserve.distributed.parallel_state import get_tp_size
+from mmserve.distributed.parallel_state import get_tp_size, min_over_ranks, set_dp_encoder
 from mmserve.forward_batch import ForwardBatch
 from mmserve.layers import moe
 from mmserve.models.loader import iterate_weights
@@ -42,6 +42,7 @@ class ModelRunner:
         self.device = device
         self.dtype = model_config.dtype
         start = time.perf_counter()
+        set_dp_encoder(args.mm_enable_dp_encoder)
         self.model = self._load_model(checkpoint)
         if hasattr(self.model, "encoder_cache"):
             from mmserve.multimodal.encoder_cache import EncoderCache
@@ -49,7 +50,8 @@ class ModelRunner:
             self.model.encoder_cache = EncoderCache(args.mm_cache_size_mb << 20)
         self.load_seconds = time.perf_counter() - start
         self.max_running_requests = args.max_running_requests or _DEFAULT_MAX_RUNNING.get(device.type, 256)
-        self.max_total_tokens = self._kv_cache_tokens()
+        # Every rank holds the same requests: the cache is the smallest any rank can hold.
+        self.max_total_tokens = min_over_ranks(self._kv_cache_tokens())
         self.max_running_requests = min(self.max_running_requests, self.max_total_tokens)
         tp = get_tp_size()
         self.kv_pool = KVPool(self.max_total_tokens, model_config.num_layers,

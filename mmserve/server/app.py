@@ -221,9 +221,12 @@ def create_app(args: ServerArgs) -> FastAPI:
         return {"model": name, "engine": manager.info and _as_dict(manager.info),
                 "stats": stats and _as_dict(stats), "in_flight": len(manager.running_ids()),
                 "engine_pid": manager.engine_pid,
+                # each data-parallel replica: its ranks' processes on this host, requests in flight, its gauges
+                "replicas": [{"pids": [p.pid for p in r.procs], "load": r.load, "healthy": r.healthy,
+                              "stats": r.stats and _as_dict(r.stats)} for r in manager.replicas],
                 # SGLang's fields that a router reads (sglang-router: the data-parallel ranks behind this URL)
                 "model_path": args.model_path, "tokenizer_path": args.tokenizer_path or args.model_path,
-                "served_model_name": name, "tp_size": args.tp_size, "dp_size": 1}
+                "served_model_name": name, "tp_size": args.tp_size, "dp_size": args.dp_size}
 
     @app.get("/model_info")
     @app.get("/get_model_info")

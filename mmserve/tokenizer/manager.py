@@ -6,6 +6,7 @@ handlers await. It also watches the engine process, so a crash fails requests in
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import json
@@ -67,6 +68,85 @@ class EngineDead(Exception):
     pass
 
 
+class EngineReplica:
+    """One engine: the processes of its tensor-parallel ranks on this host, and the two sockets to its rank 0."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.push: zmq.asyncio.Socket | None = None
+        self.pull: zmq.asyncio.Socket | None = None
+        self.receiver: asyncio.Task | None = None
+        self.info: EngineReady | None = None
+        self.stats: EngineStats | None = None
+        self.error: str | None = None
+        self.generation = 0  # times started; each start gets its own sockets
+        self.restarts: list[float] = []  # monotonic times of recent restarts
+        self.load = 0  # requests in flight here
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.procs) and all(p.is_alive() for p in self.procs)
+
+    @property
+    def exit_code(self) -> int | None:
+        return next((p.exitcode for p in self.procs if not p.is_alive()), None)
+
+    @property
+    def healthy(self) -> bool:
+        receiving = self.receiver is not None and not self.receiver.done()
+        return self.error is None and self.info is not None and receiving
+
+    def stop(self) -> None:
+        """Stop the rank processes (if alive) and close the sockets."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        for sock in (self.push, self.pull):
+            if sock is not None:
+                sock.close(linger=0)
+
+
+class Balancer:
+    """Which replica takes a new request (--load-balance-method): the least loaded healthy one; round robin; or, for
+    `prefix`, the replica that last took a prompt with the same first tokens (its prefix cache likely holds them)
+    unless it has more than `_PREFIX_SLACK` requests over the least loaded one."""
+
+    _PREFIX_TOKENS = 32
+    _PREFIX_SLACK = 8
+    _PREFIX_ENTRIES = 65536
+
+    def __init__(self, method: str, replicas: list[EngineReplica]):
+        self.method, self.replicas = method, replicas
+        self._turn = 0
+        self._homes: collections.OrderedDict[int, EngineReplica] = collections.OrderedDict()
+
+    def pick(self, input_ids: list[int]) -> EngineReplica:
+        if len(self.replicas) == 1:
+            return self.replicas[0]
+        ready = [r for r in self.replicas if r.healthy] or self.replicas
+        if self.method == "round_robin":
+            self._turn += 1
+            return ready[self._turn % len(ready)]
+        least = min(ready, key=lambda r: r.load)
+        if self.method != "prefix" or len(input_ids) < self._PREFIX_TOKENS:
+            return least
+        key = hash(tuple(input_ids[: self._PREFIX_TOKENS]))
+        home = self._homes.get(key)
+        if home is None or home not in ready or home.load > least.load + self._PREFIX_SLACK:
+            home = least
+        self._homes[key] = home
+        self._homes.move_to_end(key)
+        if len(self._homes) > self._PREFIX_ENTRIES:
+            self._homes.popitem(last=False)
+        return home
+
+
 class TokenizerManager:
     def __init__(self, args: ServerArgs, metrics: Any = None):
         self.args = args
@@ -81,104 +161,114 @@ class TokenizerManager:
         # tokenizer runs the Rust `encode_batch`, which releases the GIL.
         self.tokenize_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
                                                 thread_name_prefix="mmserve-tokenize")
-        self.info: EngineReady | None = None
-        self.stats: EngineStats | None = None
-        self.engine_error: str | None = None
+        self.replicas = [EngineReplica(d) for d in range(args.dp_size)]
+        self.balancer = Balancer(args.load_balance_method, self.replicas)
         self._queues: dict[str, asyncio.Queue] = {}
+        self._owner: dict[str, EngineReplica] = {}  # request id -> the replica it was sent to
         # Client-visible request id -> the engine ids it expanded to (an ordered set), for requests whose engine
         # ids differ from it (n > 1, several prompts); see submit_group.
         self._groups: dict[str, dict[str, None]] = {}
         self.stopped: str | None = None  # set by fail_all: why later submissions are refused
         self._dir = tempfile.mkdtemp(prefix="mmserve-")
-        self._proc: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task] = []
-        self._receiver: asyncio.Task | None = None
-        self._generation = 0  # engine processes started so far; each gets its own sockets
-        self._restarts: list[float] = []  # monotonic times of recent engine restarts
-        self.fatal_error: str | None = None  # set when the server must exit (the engine keeps dying)
+        self.fatal_error: str | None = None  # set when the server must exit (an engine keeps dying)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(FromEngine)
 
     # ----- lifecycle -----
 
     async def start(self) -> None:
-        """Start the engine process and wait until it has loaded the model."""
+        """Start the engine processes (every replica's ranks) and wait until each has loaded the model."""
+        from mmserve.distributed.launch import check_devices
+
+        check_devices(self.args)
         self._ctx = zmq.asyncio.Context()
         # The engine process reads the tokenizer from a plain folder: converting it again (e.g. from GGUF)
         # would double the start-up time.
         self._tok_dir = os.path.join(self._dir, "tokenizer")
         self.tokenizer.save_pretrained(self._tok_dir)
-        await self._launch()
+        # one after another: each replica's start-up takes the memory it finds free on its own GPUs, and on the
+        # CPU the replicas would only compete for the cores
+        for replica in self.replicas:
+            await self._launch(replica)
         self._tasks = [asyncio.create_task(self._watch())]
 
-    async def _launch(self) -> None:
-        """Start an engine process on a fresh pair of sockets (nothing queued for a dead engine reaches the next
-        one) and wait for its EngineReady."""
-        self._generation += 1
-        to_engine = f"ipc://{self._dir}/to_engine_{self._generation}"
-        from_engine = f"ipc://{self._dir}/from_engine_{self._generation}"
-        self._push = self._ctx.socket(zmq.PUSH)
-        self._push.bind(to_engine)
-        self._pull = self._ctx.socket(zmq.PULL)
-        self._pull.bind(from_engine)
-        engine_args = dataclasses.replace(self.args, tokenizer_path=self._tok_dir)
-        spawn = multiprocessing.get_context("spawn")
-        from mmserve.engine_process import run_engine_process
+    async def _launch(self, replica: EngineReplica) -> None:
+        """Start a replica's rank processes on a fresh pair of sockets (nothing queued for a dead engine reaches the
+        next one) and wait for its rank 0's EngineReady."""
+        from mmserve.distributed.launch import local_places, rendezvous, start_ranks
 
-        self._proc = spawn.Process(target=run_engine_process, name="mmserve-engine", daemon=True,
-                                   args=(msgspec.json.encode(dataclasses.asdict(engine_args)).decode(),
-                                         to_engine, from_engine, os.getpid()))
-        self._proc.start()
+        replica.generation += 1
+        tag = f"{replica.index}_{replica.generation}"
+        to_engine, from_engine = f"ipc://{self._dir}/to_engine_{tag}", f"ipc://{self._dir}/from_engine_{tag}"
+        replica.push = self._ctx.socket(zmq.PUSH)
+        replica.push.bind(to_engine)
+        replica.pull = self._ctx.socket(zmq.PULL)
+        replica.pull.bind(from_engine)
+        engine_args = dataclasses.replace(self.args, tokenizer_path=self._tok_dir)
+        places = local_places(self.args, replica.index, rendezvous(self.args, replica.index))
+        replica.procs = start_ranks(engine_args, places, to_engine, from_engine)
         deadline = time.monotonic() + _START_TIMEOUT_S
         ready = None
         while ready is None:
-            if not self._proc.is_alive():
-                raise RuntimeError(f"the engine process exited during start-up (code {self._proc.exitcode}); "
+            if not replica.alive:
+                raise RuntimeError(f"the engine process exited during start-up (code {replica.exit_code}); "
                                    "see the log above")
             if time.monotonic() > deadline:
                 raise RuntimeError("the engine process did not become ready in time")
-            if await self._pull.poll(500):
-                msg = self._decode(await self._pull.recv())
+            if await replica.pull.poll(500):
+                msg = self._decode(await replica.pull.recv())
                 if isinstance(msg, EngineReady):
                     ready = msg
-        self.info, self.stats = ready, None  # a new engine holds nothing yet
-        self.engine_error = None
-        self._receiver = asyncio.create_task(self._receive(self._pull))
+        replica.info, replica.stats = ready, None  # a new engine holds nothing yet
+        replica.error = None
+        replica.receiver = asyncio.create_task(self._receive(replica.pull, replica))
 
     async def shutdown(self) -> None:
         self.mm_pool.shutdown(wait=False, cancel_futures=True)
         if self.mm_processor is not None:
             self.mm_processor.close()
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
-        for task in [*self._tasks, self._receiver]:
+        for task in [*self._tasks, *(r.receiver for r in self.replicas)]:
             if task is not None:
                 task.cancel()
-        self._stop_engine()
+        for replica in self.replicas:
+            replica.stop()
         if getattr(self, "_ctx", None) is not None:
             self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def _stop_engine(self) -> None:
-        """Stop the engine process (if alive) and close its sockets."""
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout=10)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(timeout=5)
-        for sock in (getattr(self, "_push", None), getattr(self, "_pull", None)):
-            if sock is not None:
-                sock.close(linger=0)
+    @property
+    def info(self) -> EngineReady | None:
+        """The first replica's EngineReady (every replica serves the same model)."""
+        return next((r.info for r in self.replicas if r.info is not None), None)
+
+    @property
+    def stats(self) -> EngineStats | None:
+        """Gauges summed over the replicas that have reported."""
+        reported = [r.stats for r in self.replicas if r.stats is not None]
+        if not reported:
+            return None
+        return EngineStats(*(sum(getattr(st, f) for st in reported) for f in EngineStats.__struct_fields__))
+
+    @property
+    def engine_error(self) -> str | None:
+        """Why no request can be served now (None when a replica can serve)."""
+        if self.fatal_error is not None:
+            return self.fatal_error
+        if any(r.healthy for r in self.replicas):
+            return None
+        return next((r.error for r in self.replicas if r.error is not None), None)
 
     @property
     def engine_pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        procs = self.replicas[0].procs
+        return procs[0].pid if procs else None
 
     @property
     def healthy(self) -> bool:
-        """Whether requests can be served: an engine is up and outputs are being received."""
-        receiving = self._receiver is not None and not self._receiver.done()
-        return self.engine_error is None and self.info is not None and receiving
+        """Whether requests can be served: a replica is up and its outputs are being received."""
+        return self.fatal_error is None and any(r.healthy for r in self.replicas)
 
     # ----- engine traffic -----
 
@@ -189,70 +279,88 @@ class TokenizerManager:
             logger.error("dropped a malformed message from the engine (%d bytes): %s", len(frame), exc)
             return None
 
-    async def _receive(self, pull: zmq.asyncio.Socket) -> None:
+    async def _receive(self, pull: zmq.asyncio.Socket, replica: EngineReplica) -> None:
         while True:
             msg = self._decode(await pull.recv())
             if not isinstance(msg, OutputBatch):
                 continue
             try:
-                self._dispatch(msg)
+                self._dispatch(msg, replica)
             except Exception:  # noqa: BLE001 - a bug here must not silence every later output
                 logger.exception("could not dispatch an output batch from the engine")
 
-    def _dispatch(self, batch: OutputBatch) -> None:
-        self.stats = batch.stats
+    def _dispatch(self, batch: OutputBatch, replica: EngineReplica) -> None:
+        replica.stats = batch.stats
         if self.metrics is not None:
-            self.metrics.observe_stats(batch.stats)
+            self.metrics.observe_stats(self.stats)
         for out in batch.outputs:
-            # The last output removes the request: in-flight counts stay right even if nobody reads it.
-            q = self._queues.get(out.rid) if out.finished_reason is None else self._queues.pop(out.rid, None)
+            if out.finished_reason is None:
+                q = self._queues.get(out.rid)
+            else:  # the last output removes the request: in-flight counts stay right even if nobody reads it
+                q = self._queues.pop(out.rid, None)
+                self._release(out.rid)
             if q is not None:
                 q.put_nowait(out)
 
+    def _release(self, rid: str) -> EngineReplica | None:
+        owner = self._owner.pop(rid, None)
+        if owner is not None:
+            owner.load -= 1
+        return owner
+
     async def _watch(self) -> None:
-        """Notice a dead engine (or a dead receive loop), fail the requests in flight, and start a new engine;
-        after `max_engine_restarts` restarts within ten minutes, ask the server to exit with an error instead."""
+        """Notice a dead replica (a dead rank, or a dead receive loop), fail the requests in flight on it, and start
+        it again; after `max_engine_restarts` restarts of one replica within ten minutes, ask the server to exit
+        with an error instead."""
         while True:
             await asyncio.sleep(0.5)
-            proc_alive = self._proc is not None and self._proc.is_alive()
-            if proc_alive and self._receiver is not None and not self._receiver.done():
-                continue
-            if proc_alive:
-                self.engine_error = "the engine's output receiver stopped"
-                logger.error("%s: %r", self.engine_error, self._receiver.exception() if self._receiver else None)
-            else:
-                self.engine_error = f"the engine process exited (code {self._proc.exitcode})"
-                logger.error("%s; failing %d in-flight requests", self.engine_error, len(self._queues))
-            self._fail_in_flight(self.engine_error)
-            if self._receiver is not None:
-                self._receiver.cancel()
-            self._stop_engine()
-            now = time.monotonic()
-            self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW_S]
-            if len(self._restarts) >= self.args.max_engine_restarts:
-                self._give_up(f"{self.engine_error}, after {len(self._restarts)} restarts in the last "
-                              f"{_RESTART_WINDOW_S // 60} minutes")
-                return
-            self._restarts.append(now)
-            self.engine_error = "the engine is restarting after a failure"
-            logger.warning("starting a new engine process (restart %d of at most %d in %d minutes)",
-                           len(self._restarts), self.args.max_engine_restarts, _RESTART_WINDOW_S // 60)
-            try:
-                await self._launch()
-            except Exception as exc:  # noqa: BLE001
-                self._give_up(f"the engine could not be restarted: {exc}")
-                return
-            logger.warning("the engine is back")
+            for replica in self.replicas:
+                if replica.alive and replica.receiver is not None and not replica.receiver.done():
+                    continue
+                if not await self._restart(replica):
+                    return
 
-    def _fail_in_flight(self, reason: str) -> None:
-        queues, self._queues = self._queues, {}
-        for q in queues.values():
-            q.put_nowait(EngineDead(reason))
+    async def _restart(self, replica: EngineReplica) -> bool:
+        name = "the engine" if len(self.replicas) == 1 else f"engine replica {replica.index}"
+        if replica.alive:
+            replica.error = f"{name}'s output receiver stopped"
+            logger.error("%s: %r", replica.error, replica.receiver.exception() if replica.receiver else None)
+        else:
+            replica.error = f"{name} process exited (code {replica.exit_code})"
+            logger.error("%s; failing %d in-flight requests", replica.error, replica.load)
+        self._fail_in_flight(replica.error, replica)
+        if replica.receiver is not None:
+            replica.receiver.cancel()
+        replica.stop()
+        now = time.monotonic()
+        replica.restarts = [t for t in replica.restarts if now - t < _RESTART_WINDOW_S]
+        if len(replica.restarts) >= self.args.max_engine_restarts:
+            self._give_up(f"{replica.error}, after {len(replica.restarts)} restarts in the last "
+                          f"{_RESTART_WINDOW_S // 60} minutes")
+            return False
+        replica.restarts.append(now)
+        replica.error = f"{name} is restarting after a failure"
+        logger.warning("starting a new engine process (restart %d of at most %d in %d minutes)",
+                       len(replica.restarts), self.args.max_engine_restarts, _RESTART_WINDOW_S // 60)
+        try:
+            await self._launch(replica)
+        except Exception as exc:  # noqa: BLE001
+            self._give_up(f"{name} could not be restarted: {exc}")
+            return False
+        logger.warning("%s is back", name)
+        return True
+
+    def _fail_in_flight(self, reason: str, replica: EngineReplica) -> None:
+        for rid in [rid for rid, owner in self._owner.items() if owner is replica]:
+            self._release(rid)
+            q = self._queues.pop(rid, None)
+            if q is not None:
+                q.put_nowait(EngineDead(reason))
 
     def _give_up(self, reason: str) -> None:
         """The engine cannot be kept alive: stop the server (SIGTERM to this process) with `fatal_error` set, so it
         exits non-zero and a supervisor restarts it; /health answers 503 meanwhile."""
-        self.fatal_error = self.engine_error = reason
+        self.fatal_error = reason
         logger.critical("%s; the server exits", reason)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -263,7 +371,8 @@ class TokenizerManager:
             raise APIError(503, f"the engine is not available: {self.engine_error or 'starting'}")
         limit = self.args.max_queued_requests
         if limit is not None and self.info is not None:
-            if len(self._queues) + extra > self.info.max_running_requests + limit:
+            running = sum(r.info.max_running_requests for r in self.replicas if r.info is not None)
+            if len(self._queues) + extra > running + limit:
                 raise APIError(503, "the server is at capacity (the waiting queue is full); retry later")
 
     def media_settings(self, kwargs: dict[str, Any] | None) -> MediaSettings | None:
@@ -317,12 +426,16 @@ class TokenizerManager:
         except (OverflowError, TypeError, msgspec.EncodeError) as exc:  # e.g. an integer past 64 bits
             raise APIError(400, f"the request holds a value out of range: {exc}") from exc
         state = RequestState.create(rid, params, input_ids, self.tokenizer)
+        replica = self.balancer.pick(input_ids)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
+        self._owner[rid] = replica
+        replica.load += 1
         try:
-            self._push.send(frame)
+            replica.push.send(frame)
         except BaseException:
             self._queues.pop(rid, None)
+            self._release(rid)
             raise
         return self._follow(state, q)
 
@@ -355,8 +468,9 @@ class TokenizerManager:
             return
         if self.metrics is not None:
             self.metrics.observe_aborted()
-        if self.healthy:
-            self._push.send(self._encoder.encode(AbortRequest(rid)))
+        owner = self._release(rid)
+        if owner is not None and owner.healthy:
+            owner.push.send(self._encoder.encode(AbortRequest(rid)))
 
     async def abort(self, rid: str) -> list[str]:
         """Abort what a client may name by `rid`: a request by the id the API returned for it (all of its
@@ -365,9 +479,10 @@ class TokenizerManager:
         request then finishes with reason "abort"."""
         group = self._groups.get(rid)
         targets = [sub for sub in (group if group is not None else [rid]) if sub in self._queues]
-        if self.healthy:
-            for sub in targets:
-                await self._push.send(self._encoder.encode(AbortRequest(sub)))
+        for sub in targets:
+            owner = self._owner.get(sub)
+            if owner is not None and owner.healthy:
+                await owner.push.send(self._encoder.encode(AbortRequest(sub)))
         return targets
 
     def running_ids(self) -> list[str]:

@@ -160,7 +160,7 @@ def test_the_api_receive_loop_survives_a_malformed_frame(model_path, tmp_path):
         push.connect(f"ipc://{tmp_path}/out")
         q: asyncio.Queue = asyncio.Queue()
         manager._queues["r"] = q
-        receiver = asyncio.create_task(manager._receive(pull))
+        receiver = asyncio.create_task(manager._receive(pull, manager.replicas[0]))
         await push.send(b"\x00garbage")
         stats = EngineStats(0, 0, 0, 10, 0, 0, 0)
         done = TokenOutput("r", [7], {"type": "length", "length": 1}, 1, 1, 0)

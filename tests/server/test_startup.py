@@ -52,8 +52,13 @@ def test_busy_port_fails_before_loading(busy_port, tiny_model_dir):
                        str(busy_port)), "in use")
 
 
-def test_tensor_parallel_refused_at_once():
-    assert_refused(run("mmserve.cli", "serve", "--tp-size", "2"), "--tp-size 2", "not supported")
+def test_parallel_layouts_that_cannot_work_are_refused_at_once(tiny_model_dir):
+    model = str(tiny_model_dir("qwen2"))  # 4 query heads, 2 key/value heads
+    assert_refused(run("mmserve.cli", "serve", model, "--tp-size", "3"), "--tp-size 3 does not divide",
+                   "4 query heads and 2 key/value heads")
+    assert_refused(run("mmserve.cli", "serve", model, "--tp-size", "2", "--nnodes", "2"), "--dist-init-addr")
+    assert_refused(run("mmserve.cli", "serve", model, "--tp-size", "3", "--nnodes", "2", "--dist-init-addr",
+                       "127.0.0.1:1"), "multiple of --nnodes")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
