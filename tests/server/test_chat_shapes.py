@@ -21,11 +21,6 @@ QUESTION = [{"role": "user", "content": "what is 1+1?"}]
 PREFILL = [*QUESTION, {"role": "assistant", "content": "It is"}]
 
 
-@pytest.fixture(scope="module")
-def text_server(start_server, tiny_model_dir):
-    return start_server(str(tiny_model_dir("qwen2")))
-
-
 def chat(server, messages: list[dict], **extra) -> httpx.Response:
     return httpx.post(server.base_url + "/chat/completions", timeout=60,
                       json={"model": "m", "messages": messages, **GREEDY, **extra})
@@ -40,35 +35,35 @@ def prompt_tokens(tokenizer, messages: list[dict], **kwargs) -> int:
     return len(tokenizer.encode(render_chat(tokenizer, messages, None, **kwargs), add_special_tokens=False))
 
 
-def test_text_parts_on_a_string_content_template(text_server, tokenizer):
-    as_string = ok(chat(text_server, QUESTION))
-    as_parts = ok(chat(text_server, [{"role": "user", "content": [{"type": "text", "text": "what is 1+1?"}]}]))
+def test_text_parts_on_a_string_content_template(tiny_text_server, tokenizer):
+    as_string = ok(chat(tiny_text_server, QUESTION))
+    as_parts = ok(chat(tiny_text_server, [{"role": "user", "content": [{"type": "text", "text": "what is 1+1?"}]}]))
     assert as_parts["choices"][0]["message"] == as_string["choices"][0]["message"]
     assert as_parts["usage"]["prompt_tokens"] == as_string["usage"]["prompt_tokens"]
     # several parts are joined with newlines
     two = [{"role": "user", "content": [{"type": "text", "text": "what is"}, {"type": "text", "text": "1+1?"}]}]
     joined = [{"role": "user", "content": "what is\n1+1?"}]
-    prompt_len = [ok(chat(text_server, messages))["usage"]["prompt_tokens"] for messages in (two, joined)]
+    prompt_len = [ok(chat(tiny_text_server, messages))["usage"]["prompt_tokens"] for messages in (two, joined)]
     assert prompt_len[0] == prompt_len[1]
     # what the serving benchmark sends
     args = argparse.Namespace(seed=0, image_resolution="8x8", num_prompts=2, input_len=6, dataset="random")
     for messages in build_requests(args):
-        ok(chat(text_server, messages))
+        ok(chat(tiny_text_server, messages))
 
 
-def test_tool_call_turns_render(text_server):
+def test_tool_call_turns_render(tiny_text_server):
     turns = [
         {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "18C"}]},
     ]
-    assert ok(chat(text_server, turns))["usage"]["prompt_tokens"] > 0
+    assert ok(chat(tiny_text_server, turns))["usage"]["prompt_tokens"] > 0
 
 
-def test_continue_final_message_and_add_generation_prompt(text_server, tokenizer):
+def test_continue_final_message_and_add_generation_prompt(tiny_text_server, tokenizer):
     def prompt_len(messages: list[dict], **extra) -> int:
-        return ok(chat(text_server, messages, **extra))["usage"]["prompt_tokens"]
+        return ok(chat(tiny_text_server, messages, **extra))["usage"]["prompt_tokens"]
 
     continued = prompt_len(PREFILL, continue_final_message=True)
     assert continued == prompt_tokens(tokenizer, PREFILL, continue_final_message=True)
@@ -87,8 +82,8 @@ def test_continue_final_message_and_add_generation_prompt(text_server, tokenizer
      "cannot both be true"),
     (QUESTION, {"continue_final_message": True}, "last message to be an assistant message"),
 ])
-def test_continue_final_message_errors(text_server, messages, extra, match):
-    response = chat(text_server, messages, **extra)
+def test_continue_final_message_errors(tiny_text_server, messages, extra, match):
+    response = chat(tiny_text_server, messages, **extra)
     assert response.status_code == 400, response.text
     assert match in response.json()["error"]["message"]
 

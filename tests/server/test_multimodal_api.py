@@ -225,9 +225,8 @@ def test_generate_takes_mm_processor_kwargs(vl_server):
     assert small["meta_info"]["prompt_tokens"] < default["meta_info"]["prompt_tokens"]
 
 
-def test_text_model_refuses_images(start_server, tiny_model_dir):
-    handle = start_server(str(tiny_model_dir("qwen2")))
-    text_client = openai.OpenAI(base_url=handle.base_url, api_key="none", max_retries=0)
+def test_text_model_refuses_images(tiny_text_server):
+    text_client = openai.OpenAI(base_url=tiny_text_server.base_url, api_key="none", max_retries=0)
     bad_request(text_client, image_message(data_url(png_bytes(32, 32, 0))), "text model")
     with pytest.raises(openai.BadRequestError, match="text model: it takes no mm_processor_kwargs"):
         text_client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], **GREEDY,

@@ -3,7 +3,7 @@ truncate_prompt_tokens now work; beam search, media_io_kwargs and image detail a
 parameter, as is tool_choice "auto" on a server without --tool-call-parser; a list of prompts streams (completions
 and /generate).
 
-One server (a tiny random Qwen2 with SmolLM2's tokenizer, context 1024) serves the module."""
+The shared `tiny_text_server` (a tiny random Qwen2 with SmolLM2's tokenizer, context 1024) serves the module."""
 
 from __future__ import annotations
 
@@ -27,13 +27,8 @@ def model_path(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(start_server, model_path):
-    return start_server(model_path)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
+def http(tiny_text_server):
+    with httpx.Client(base_url=tiny_text_server.url, timeout=120) as client:
         yield client
 
 

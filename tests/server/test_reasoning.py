@@ -41,8 +41,8 @@ REGEX = "<think>[a-z]{2,6}</think>[A-Z][a-z]{2,6}"
 
 
 @pytest.fixture(scope="module")
-def client(start_server):
-    server = start_server(None, "--reasoning-parser", "qwen3")
+def client(start_server, smollm2_dir):
+    server = start_server(str(smollm2_dir), "--reasoning-parser", "qwen3")
     return openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
 
 

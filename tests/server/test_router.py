@@ -18,8 +18,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def router(start_server, tmp_path_factory):
-    workers = [start_server(None), start_server(None)]
+def router(smollm2_server, start_server, smollm2_dir, tmp_path_factory):
+    workers = [smollm2_server, start_server(str(smollm2_dir))]
     port = free_port()
     log_path = os.path.join(str(tmp_path_factory.mktemp("router_logs")), "router.log")
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),

@@ -20,13 +20,8 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCH
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server(None)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+def client(smollm2_server):
+    return openai.OpenAI(base_url=smollm2_server.base_url, api_key="none", max_retries=0)
 
 
 def test_json_schema_answer(client):
@@ -55,14 +50,14 @@ def test_json_object_and_several_samples(client):
     assert resp.choices[0].message.content.startswith("{")
 
 
-def test_choice_and_regex(client, server):
+def test_choice_and_regex(client, smollm2_server):
     resp = client.chat.completions.create(model="default", messages=QUESTION, temperature=0, max_tokens=8,
                                           extra_body={"guided_choice": ["Paris", "London", "Rome"]})
     assert resp.choices[0].message.content in ("Paris", "London", "Rome")
     comp = client.completions.create(model="default", prompt="The capital of France is", temperature=0,
                                      max_tokens=10, extra_body={"regex": " [A-Z][a-z]+\\."})
     assert re.fullmatch(r" [A-Z][a-z]+\.", comp.choices[0].text), comp.choices[0].text
-    out = httpx.post(f"{server.url}/generate", json={"text": "The capital of France is", "sampling_params": {
+    out = httpx.post(f"{smollm2_server.url}/generate", json={"text": "The capital of France is", "sampling_params": {
         "temperature": 0, "max_new_tokens": 10, "regex": " (Paris|Lyon)"}}, timeout=60).json()
     assert out["text"] in (" Paris", " Lyon")
 

@@ -23,8 +23,8 @@ PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
 @pytest.fixture(scope="module")
-def client(start_server):
-    server = start_server(None, "--tool-call-parser", "hermes", "--chat-template", "qwen")
+def client(start_server, smollm2_dir):
+    server = start_server(str(smollm2_dir), "--tool-call-parser", "hermes", "--chat-template", "qwen")
     return openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
 
 
