@@ -87,7 +87,7 @@ def _leave_a_core_for_the_api_process(args: ServerArgs, ranks: int = 1) -> None:
 
 def _serve(args: ServerArgs, to_engine: str, from_engine: str, parent_pid: int, place: RankPlace,
            failed: list[BaseException]) -> None:
-    mirror = None
+    mirror = core = None
     try:
         if place.world_size > 1:
             from mmserve.distributed.mirror import Mirror
@@ -107,6 +107,13 @@ def _serve(args: ServerArgs, to_engine: str, from_engine: str, parent_pid: int, 
     except BaseException as exc:  # noqa: BLE001 - reported by the process's exit code
         logger.exception("engine process failed")
         failed.append(exc)
+    finally:
+        if mirror is not None:  # leave the group here: NCCL's threads must not meet the interpreter's exit
+            from mmserve.distributed.parallel_state import destroy_distributed
+
+            if core is not None:
+                core.runner.release_graphs()
+            destroy_distributed()
 
 
 def _lead(core: Any, mirror: Any, to_engine: str, from_engine: str, parent_pid: int) -> None:

@@ -6,6 +6,7 @@ It builds the model from the checkpoint, sizes the KV cache from a memory budget
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Iterator
@@ -111,6 +112,17 @@ class ModelRunner:
                     if decode else "off",
                     f"{len(prefill.token_buckets)} sizes up to {prefill.max_tokens} tokens "
                     f"({prefill.capture_seconds:.1f} s)" if prefill else "off", graph_mib, self.max_total_tokens)
+
+    def release_graphs(self) -> None:
+        """Drop every captured graph after the device's work is done: before a tensor-parallel rank leaves its
+        process group, whose collectives the graphs hold (NCCL then tears down without graphs that use it)."""
+        if self.device.type != "cuda":
+            return
+        torch.cuda.synchronize(self.device)
+        self.graph_runner = self.prefill_graph_runner = None
+        if getattr(self.model, "vision_graphs", None) is not None:
+            self.model.vision_graphs = None
+        gc.collect()
 
     def _use_cuda_graphs(self) -> bool:
         if self.device.type != "cuda" or self.args.disable_cuda_graph:
