@@ -12,6 +12,7 @@ import gc
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -72,8 +73,8 @@ class Engine:
                 from mmserve.multimodal.processor import MultimodalProcessor
 
                 folder, _ = split_gguf(self.core.checkpoint)
-                self.processor = MultimodalProcessor(self.args, type(self.core.runner.model),
-                                                     self.model_config.hf_config, folder)
+                self.processor = MultimodalProcessor(self.args, self.core.processor_spec, self.model_config.hf_config,
+                                                     folder)
         except BaseException:  # the scheduler thread already holds the model: stop it and free that first
             self.shutdown()
             raise
@@ -196,7 +197,9 @@ class Engine:
             self._prompt_pool.shutdown(wait=False, cancel_futures=True)
         if getattr(self, "processor", None) is not None:
             self.processor.close()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            logger.warning("the scheduler thread did not stop within 60 s")
         # Drop the model and the KV cache now rather than whenever the Engine object is collected. The model's
         # parameters hold their layers' weight_loader methods, a reference cycle that only the collector frees.
         del self.core
@@ -333,12 +336,19 @@ class Engine:
                 self._mirror.stop()
             except Exception:  # noqa: BLE001 - a rank that died already ended the broadcast
                 logger.warning("the other ranks did not take the stop message", exc_info=True)
+        start = time.perf_counter()
+        if getattr(self, "core", None) is not None:
+            self.core.runner.release_graphs()
+        destroy_distributed()  # while the other ranks leave theirs
+        left = time.perf_counter() - start
         for proc in self._followers:
-            proc.join(timeout=30)
+            proc.join(timeout=20)
             if proc.is_alive():
+                logger.warning("tensor-parallel rank process %d did not exit; killing it", proc.pid)
                 proc.kill()
+        logger.info("tensor-parallel ranks stopped (process group left in %.1f s, ranks joined in %.1f s)", left,
+                    time.perf_counter() - start - left)
         self._followers, self._mirror = [], None
-        destroy_distributed()
 
     def _loop(self) -> None:
         core = self.core

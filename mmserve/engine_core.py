@@ -13,10 +13,13 @@ import logging
 import time
 from typing import Any
 
+import torch
+
 from mmserve.config import ModelConfig, ServerArgs
 from mmserve.distributed.parallel_state import get_tp_size
 from mmserve.messages import AbortRequest, EngineReady, EngineStats, GenerateRequest, TokenOutput
 from mmserve.models.loader import generation_eos_ids, load_hf_config, load_tokenizer, resolve_model_path
+from mmserve.multimodal.processors import ProcessorRegistry, ProcessorSpec
 from mmserve.runner.model_runner import ModelRunner
 from mmserve.scheduler.scheduler import Scheduler, SchedulerStats
 
@@ -35,6 +38,9 @@ class EngineCore:
                              f"Engine start them); this process is one of {get_tp_size()}")
         self.args = args
         self.device = args.resolved_device()
+        if self.device.type == "cuda" and self.device.index is not None:
+            # this thread launches every kernel of the engine; Triton launches on the current device
+            torch.cuda.set_device(self.device)
         checkpoint = resolve_model_path(args.model_path, args.revision)
         hf_config = load_hf_config(checkpoint, args.trust_remote_code)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer_for(args)
@@ -85,8 +91,16 @@ class EngineCore:
         return ran
 
     @property
+    def processor_spec(self) -> ProcessorSpec | None:
+        """The processor side of the model's family (`multimodal/processors/`), by architecture name; None for a
+        model that takes text only."""
+        from mmserve.config import architectures_of
+
+        return ProcessorRegistry.resolve(architectures_of(self.model_config.hf_config))
+
+    @property
     def is_multimodal(self) -> bool:
-        return hasattr(type(self.runner.model), "multimodal_inputs")
+        return self.processor_spec is not None
 
     def handle(self, msg: GenerateRequest | AbortRequest) -> list[TokenOutput]:
         """Take one message; returns outputs only for a refused request. Nothing a request carries can raise out

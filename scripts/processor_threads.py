@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoProcessor
 
 from mmserve.bench.presets import write_preset
 from mmserve.config import ServerArgs
-from mmserve.models.registry import ModelRegistry
 from mmserve.multimodal.processor import MultimodalProcessor
+from mmserve.multimodal.processors import ProcessorRegistry
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--tokenizer-dir", required=True)
@@ -26,7 +26,7 @@ d = write_preset(args.preset, Path(args.tokenizer_dir), Path(tempfile.mkdtemp())
 p = AutoProcessor.from_pretrained(d)
 cfg = AutoConfig.from_pretrained(d)
 mp = MultimodalProcessor(ServerArgs(model_path=str(d), mm_processor_cache_mb=0, mm_processor_pool="thread"),
-                         ModelRegistry.resolve(cfg.architectures), cfg, d)
+                         ProcessorRegistry.resolve(cfg.architectures), cfg, d)
 rng = np.random.RandomState(0)
 print("default threads", torch.get_num_threads())
 for threads in (16, 8, 4, 2, 1):

@@ -63,7 +63,7 @@ def main() -> None:
     core = EngineCore(server_args)
     device = core.runner.device
     folder, _ = split_gguf(core.checkpoint)
-    processor = MultimodalProcessor(server_args, type(core.runner.model), core.model_config.hf_config, folder)
+    processor = MultimodalProcessor(server_args, core.processor_spec, core.model_config.hf_config, folder)
     width, height = map(int, args.size.split("x"))
     rng = np.random.default_rng(0)
 

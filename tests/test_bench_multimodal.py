@@ -104,8 +104,8 @@ def test_vision_preset_folder_loads_offline(preset, image_tokens, params, tokeni
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from mmserve.config import ServerArgs
-    from mmserve.models.registry import ModelRegistry
     from mmserve.multimodal.processor import MultimodalProcessor
+    from mmserve.multimodal.processors import ProcessorRegistry
 
     folder = write_preset(preset, tokenizer_dir, tmp_path / preset)
     config = AutoConfig.from_pretrained(folder)
@@ -113,7 +113,7 @@ def test_vision_preset_folder_loads_offline(preset, image_tokens, params, tokeni
     for key, token in QWEN_VISION_TOKENS.items():
         if hasattr(config, key):
             assert getattr(config, key) == hf.tokenizer.convert_tokens_to_ids(token), key
-    ours = MultimodalProcessor(ServerArgs(model_path=str(folder)), ModelRegistry.resolve(config.architectures),
+    ours = MultimodalProcessor(ServerArgs(model_path=str(folder)), ProcessorRegistry.resolve(config.architectures),
                                config, folder)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8))
     ids, _ = ours.process(f"<|im_start|>user\n{multimodal.IMAGE}Hi<|im_end|>\n", [("image", image)])

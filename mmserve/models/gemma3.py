@@ -8,7 +8,8 @@ global layers alternate (`layer_types`), each kind with its own rotary base and 
 The vision side is SigLIP (`models/siglip.py`); its patch features are average-pooled to `mm_tokens_per_image`
 tokens, RMS-normed and projected by one matrix. As in transformers, the tokens of one image see each other both ways
 in every decoder layer (within the window on sliding layers): the model asks the scheduler for its images' spans
-(`bidirectional_media`), and the scheduler never ends a prefill chunk inside one.
+(`bidirectional_media`), and the scheduler never ends a prefill chunk inside one. The processor side is
+`multimodal/processors/gemma3.py`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from mmserve.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_o
 from mmserve.models.siglip import SiglipVisionTower
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
-from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem, fixed_size_image_items
+from mmserve.multimodal.inputs import MultimodalItem
 
 _ENCODER_CACHE_BYTES = 512 << 20
 
@@ -187,8 +188,6 @@ class Gemma3MultiModalProjector(nn.Module):
 class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
     # the scheduler gives each image's tokens as a bidirectional span, and ends no prefill chunk inside one
     bidirectional_media = True
-    # the processor puts "\n\n" around each image, which transformers tokenises together with the prompt's text
-    expand_placeholders_in_text = True
     direct_weights: tuple[str, ...] = ("vision_tower.", "multi_modal_projector.")
 
     def __init__(self, config: PretrainedConfig):
@@ -224,19 +223,6 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
         hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
         return softcap(self.logits_processor(hidden_states, self.lm_head, batch), self.final_softcap)
-
-    # ----- processor side -----
-
-    @classmethod
-    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
-        """One item per run of `mm_tokens_per_image` image tokens: an image, or one of its pan-and-scan crops (each
-        between its own start and end of image tokens), in the order of `pixel_values`."""
-        ids = processed["input_ids"][0]
-        pixels = processed.get("pixel_values")
-        if pixels is None:
-            return MultimodalInputs(items=[])
-        # pan-and-scan crops are rows of pixel_values like whole images, each with its own run of tokens
-        return fixed_size_image_items(ids, hf_config.image_token_id, pixels, hf_config.mm_tokens_per_image)
 
     # ----- weights -----
 

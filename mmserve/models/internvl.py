@@ -5,7 +5,8 @@ The processor cuts each image into tower-sized tiles on the grid that best fits 
 `max_patches`) and adds a thumbnail of the whole image when there are several, so images of different shapes are
 different numbers of tiles. Every tile is the same `image_seq_length` placeholder tokens (`<IMG_CONTEXT>`), and an
 image's tokens sit between `<img>` and `</img>`. A video is its frames, each one tile between its own `<img>` and
-`</img>` after a "FrameN: " label; here each frame is an item of its own, as an image of one tile.
+`</img>` after a "FrameN: " label; here each frame is an item of its own, as an image of one tile (the processor
+side: `multimodal/processors/internvl.py`).
 
 InternViT (`InternVLVisionModel`): a class token and learned positions added to the patch embeddings, then pre-norm
 blocks (LayerNorm or RMSNorm by `norm_type`) whose attention output and MLP output are each scaled per channel
@@ -19,7 +20,6 @@ From the chosen layer's states without the class token, pixel shuffle folds each
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import nn
@@ -45,30 +45,13 @@ from mmserve.models.qwen2 import Qwen2ForCausalLM
 from mmserve.models.qwen3 import Qwen3ForCausalLM
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
-from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
+from mmserve.multimodal.inputs import MultimodalItem
+from mmserve.multimodal.processors.internvl import as_pair, shuffle_factor
 
 _ENCODER_CACHE_BYTES = 512 << 20
 # text_config.model_type -> the text family whose switches (q/k/v bias, q/k norm) the decoder takes
 _BACKBONES: dict[str, type[LlamaForCausalLM]] = {
     "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}
-
-
-def _pair(value: int | Iterable[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
-
-
-def shuffle_factor(config: PretrainedConfig) -> int:
-    """k of the k x k blocks pixel shuffle folds into one token (1 / `downsample_ratio`)."""
-    factor = round(1 / config.downsample_ratio)
-    if abs(factor * config.downsample_ratio - 1) > 1e-6:
-        raise ValueError(f"InternVL with downsample_ratio {config.downsample_ratio} is not supported (1 / k only)")
-    return factor
-
-
-def tokens_per_tile(config: PretrainedConfig) -> int:
-    """Placeholder tokens (rows of projected features) of one tower-sized tile."""
-    (height, width), (ph, pw) = _pair(config.vision_config.image_size), _pair(config.vision_config.patch_size)
-    return (height // ph) * (width // pw) // shuffle_factor(config) ** 2
 
 
 def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
@@ -94,15 +77,15 @@ def _vision_norm(vc: PretrainedConfig) -> nn.Module:
 class InternVisionPatchEmbeddings(nn.Module):
     def __init__(self, vc: PretrainedConfig):
         super().__init__()
-        patch = _pair(vc.patch_size)
+        patch = as_pair(vc.patch_size)
         self.projection = nn.Conv2d(vc.num_channels, vc.hidden_size, kernel_size=patch, stride=patch)
 
 
 class InternVisionEmbeddings(nn.Module):
     def __init__(self, vc: PretrainedConfig):
         super().__init__()
-        self.image_size = _pair(vc.image_size)
-        self.grid = tuple(side // patch for side, patch in zip(self.image_size, _pair(vc.patch_size), strict=True))
+        self.image_size = as_pair(vc.image_size)
+        self.grid = tuple(side // patch for side, patch in zip(self.image_size, as_pair(vc.patch_size), strict=True))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, vc.hidden_size))
         self.patch_embeddings = InternVisionPatchEmbeddings(vc)
         self.position_embeddings = (nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, vc.hidden_size))
@@ -110,7 +93,8 @@ class InternVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, C, H, W] tower-sized tiles -> [tiles, 1 + patches, hidden]."""
-        # tiles of another size are refused with the request (multimodal_inputs): positions are never interpolated
+        # tiles of another size are refused with the request (`multimodal/processors/internvl.py`): positions are
+        # never interpolated
         assert tuple(pixel_values.shape[-2:]) == self.image_size, "InternViT takes tiles of its image_size"
         projection = self.patch_embeddings.projection
         x = projection(pixel_values.to(projection.weight.dtype)).flatten(2).transpose(1, 2)
@@ -265,45 +249,6 @@ class InternVLForConditionalGeneration(LlamaForCausalLM):
         embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
         hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
         return self.logits_processor(hidden_states, self.lm_head, batch)
-
-    # ----- processor side -----
-
-    # An image's expansion is `<img>`, its context tokens, `</img>`; a video's is "Frame1: <img>...</img>\nFrame2: ...".
-    # That text merges with the prompt's around it when transformers tokenises the expanded prompt, so the
-    # placeholders are expanded in the text (see MultimodalProcessor._expand_in_text).
-    expand_placeholders_in_text = True
-
-    @classmethod
-    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
-        """One item per run of context tokens (an image's tiles, or one video frame), in order, each with its tiles:
-        the run's length over the tokens per tile."""
-        ids = processed["input_ids"][0]
-        pixels = processed.get("pixel_values")
-        if pixels is None:
-            return MultimodalInputs(items=[])
-        if isinstance(pixels, list):
-            pixels = torch.cat(pixels)
-        tile = _pair(hf_config.vision_config.image_size)
-        if tuple(pixels.shape[-2:]) != tile:
-            raise ValueError(f"InternVL with {tuple(pixels.shape[-2:])} px tiles from the processor is not supported: "
-                             f"the tower's image_size is {tile} (position interpolation is not implemented)")
-        per_tile = tokens_per_tile(hf_config)
-        positions = (ids == hf_config.image_token_id).nonzero().flatten().tolist()
-        runs: list[tuple[int, int]] = []  # (start, length)
-        for p in positions:
-            if runs and runs[-1][0] + runs[-1][1] == p:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((p, 1))
-        if any(length % per_tile for _, length in runs) or len(positions) != per_tile * len(pixels):
-            raise ValueError(f"the prompt has {len(positions)} image context tokens in runs of "
-                             f"{[length for _, length in runs]} for {len(pixels)} tiles of {per_tile} tokens")
-        items, seen = [], 0
-        for start, length in runs:
-            count = length // per_tile
-            items.append(MultimodalItem("image", {"pixel_values": pixels[seen:seen + count]}, start, length))
-            seen += count
-        return MultimodalInputs(items=items)
 
     # ----- weights -----
 

@@ -7,14 +7,14 @@ Image generation is not served: the VQ model, the generation embeddings, aligner
 our API has no way to ask for image tokens (the processor's `generation_mode` is not a request option).
 
 The processor resizes and pads every image to the tower's size, so each one is a fixed number of tokens,
-`<begin_of_image>` + that many `<image_placeholder>` + `<end_of_image>`.
+`<begin_of_image>` + that many `<image_placeholder>` + `<end_of_image>` (the processor side, with the default system
+prompt's check: `multimodal/processors/janus.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,17 +30,12 @@ from mmserve.models.llama import LlamaForCausalLM, LlamaModel
 from mmserve.models.siglip import SiglipVisionTower
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
-from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem, fixed_size_image_items
-from mmserve.tokenizer.chat_template import JANUS_SYSTEM_PROMPT
+from mmserve.multimodal.inputs import MultimodalItem
 
 _ENCODER_CACHE_BYTES = 512 << 20
 # Checkpoint prefixes of the image-generation side, never used to read images
 _GENERATION_WEIGHTS = ("model.vqmodel.", "model.generation_embeddings.", "model.generation_aligner.",
                        "model.generation_head.")
-# --chat-template names that write the processor's default system prompt (JANUS_SYSTEM_PROMPT) themselves
-SYSTEM_PROMPT_TEMPLATES = ("janus-pro", "janus")
-
-
 def tower_config(vc: PretrainedConfig) -> SimpleNamespace:
     """Janus's vision config in the names SigLIP's blocks read (the MLP's width is `mlp_ratio` times the hidden
     size). Options the blocks do not have are refused."""
@@ -114,33 +109,6 @@ class JanusForConditionalGeneration(LlamaForCausalLM):
         embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
         hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
         return self.logits_processor(hidden_states, self.lm_head, batch)
-
-    # ----- processor side -----
-
-    @classmethod
-    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
-        """One item per image, each the tower's patch count of placeholders (between its begin/end tokens)."""
-        pixels = processed.get("pixel_values")
-        if pixels is None:
-            return MultimodalInputs(items=[])
-        vision = hf_config.vision_config
-        per_image = (vision.image_size // vision.patch_size) ** 2
-        return fixed_size_image_items(processed["input_ids"][0], hf_config.image_token_id, pixels, per_image)
-
-    @classmethod
-    def processor_text_prefix(cls, hf_processor: Any, chat_template: str | None) -> str:
-        """Text transformers' processor puts before every prompt it tokenises: the default system prompt, where
-        the processor config sets `use_default_system_prompt` (the converted checkpoints do). mmserve tokenises
-        prompts as given, so it is written by the chat template instead: such a checkpoint needs `--chat-template
-        janus-pro`, which writes it (otherwise every answer would differ from transformers')."""
-        if not getattr(hf_processor, "use_default_system_prompt", False):
-            return ""
-        if chat_template not in SYSTEM_PROMPT_TEMPLATES:
-            raise ValueError("this Janus processor adds a default system prompt to every prompt "
-                             "(use_default_system_prompt=true in processor_config.json), which mmserve does not do: "
-                             "start with --chat-template janus-pro, which writes it, or set "
-                             "use_default_system_prompt to false")
-        return JANUS_SYSTEM_PROMPT
 
     # ----- weights -----
 

@@ -2,13 +2,13 @@
 "default" `vision_feature_select_strategy`) go through a 2-layer projector into the embedding rows of the image's
 placeholder tokens, ahead of a text decoder (Llama, Mistral or Qwen2, by the text config's model_type).
 
-Every image is cropped to the tower's size by the processor, so each one is a fixed number of tokens.
+Every image is cropped to the tower's size by the processor, so each one is a fixed number of tokens (the processor
+side: `multimodal/processors/llava.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,11 +23,11 @@ from mmserve.layers.vision import pixels_to_device
 from mmserve.models.clip import CLIPVisionTower, hidden_state_indices
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
 from mmserve.models.mistral import MistralForCausalLM
-from mmserve.models.pixtral import PixtralVisionTower, encode_pixtral_images, pixtral_image_inputs
+from mmserve.models.pixtral import PixtralVisionTower, encode_pixtral_images
 from mmserve.models.qwen2 import Qwen2ForCausalLM
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
-from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem, fixed_size_image_items
+from mmserve.multimodal.inputs import MultimodalItem
 
 _ENCODER_CACHE_BYTES = 512 << 20
 # text_config.model_type -> the text family whose switches (q/k/v bias, q/k norm) the decoder takes
@@ -121,22 +121,6 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
         hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
         return self.logits_processor(hidden_states, self.lm_head, batch)
-
-    # ----- processor side -----
-
-    @classmethod
-    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
-        """One item per image. Adjacent images make one run of placeholders, cut by the fixed tokens per image."""
-        ids = processed["input_ids"][0]
-        pixels = processed.get("pixel_values")
-        if pixels is None:
-            return MultimodalInputs(items=[])
-        patch = hf_config.vision_config.patch_size
-        if hf_config.vision_config.model_type == "pixtral":
-            return pixtral_image_inputs(hf_config, processed, patch)
-        per_image = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
-        per_image += hf_config.vision_feature_select_strategy == "full"
-        return fixed_size_image_items(ids, hf_config.image_token_id, pixels, per_image)
 
     # ----- weights -----
 

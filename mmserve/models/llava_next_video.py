@@ -1,7 +1,8 @@
 """LLaVA-NeXT-Video: LLaVA-NeXT (`models/llava_next.py`: CLIP tower, anyres images, Llama / Mistral / Qwen2
 decoders) plus video. A video's frames go through the tower like base views; each frame's feature map (before the
 projector) is pooled by `spatial_pool_mode` ("average" or "max") over `spatial_pool_stride` x stride windows, then
-projected; the frames' tokens follow one another with no newline.
+projected; the frames' tokens follow one another with no newline (the processor side:
+`multimodal/processors/llava_next_video.py`).
 """
 
 from __future__ import annotations
@@ -50,13 +51,6 @@ class LlavaNextVideoForConditionalGeneration(LlavaNextForConditionalGeneration):
         grid = frames.view(len(frames), side, side, -1).permute(0, 3, 1, 2)
         pooled = _POOLS[self.config.spatial_pool_mode](grid, kernel_size=self.pool_stride, stride=self.pool_stride)
         return pooled.flatten(2).transpose(1, 2)
-
-    # ----- processor side -----
-
-    @classmethod
-    def video_tokens(cls, hf_config: PretrainedConfig, frames: int) -> int:
-        side = hf_config.vision_config.image_size // hf_config.vision_config.patch_size
-        return frames * (side // hf_config.spatial_pool_stride) ** 2
 
 
 EntryClass = [LlavaNextVideoForConditionalGeneration]

@@ -9,6 +9,7 @@ prompt, which neither the processor called with a flat list nor mmserve does.
 
 A video is its frames through the tower and projector, each frame's feature map halved by bilinear interpolation
 (rounding up: 27x27 -> 14x14), all frames' tokens in order, then one `image_newline` after the whole video.
+The processor side is `multimodal/processors/llava_onevision.py`.
 """
 
 from __future__ import annotations
@@ -20,32 +21,10 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PretrainedConfig
 
-from mmserve.models.llava_next import (
-    LlavaNextForConditionalGeneration,
-    close_rows,
-    tile_feature_map,
-    tile_grid,
-    unpadded_box,
-)
+from mmserve.models.llava_next import LlavaNextForConditionalGeneration, close_rows, tile_feature_map
 from mmserve.models.siglip import SiglipVisionTower
 from mmserve.multimodal.inputs import MultimodalItem
-
-
-def max_tile_views(config: PretrainedConfig) -> int:
-    """N of `vision_aspect_ratio` "anyres_max_N"."""
-    aspect = getattr(config, "vision_aspect_ratio", "anyres_max_9")
-    if not aspect.startswith("anyres_max_") or not aspect.removeprefix("anyres_max_").isdigit():
-        raise ValueError(f"LLaVA-OneVision with vision_aspect_ratio {aspect!r} is not supported (anyres_max_N only)")
-    return int(aspect.removeprefix("anyres_max_"))
-
-
-def shrunk_size(height: int, width: int, side: int, max_views: int) -> tuple[int, int]:
-    """The size an unpadded tile map of height x width is interpolated to: unchanged unless its area is more than
-    1.1^2 times `max_views` views of side x side (transformers' rounding)."""
-    ratio = math.sqrt(height * width / (max_views * side**2))
-    if ratio > 1.1:
-        return int(height // ratio), int(width // ratio)
-    return height, width
+from mmserve.multimodal.processors.llava_onevision import max_tile_views, shrunk_size
 
 
 class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
@@ -86,22 +65,6 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
         grid = frames.view(len(frames), side, side, -1).permute(0, 3, 1, 2)
         pooled = F.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear").permute(0, 2, 3, 1)
         return torch.cat([pooled.reshape(-1, frames.shape[-1]), self.image_newline[None].to(frames.dtype)])
-
-    # ----- processor side -----
-
-    @classmethod
-    def image_tokens(cls, hf_config: PretrainedConfig, image_size: list[int]) -> int:
-        side = hf_config.vision_config.image_size // hf_config.vision_config.patch_size
-        rows, cols = tile_grid(image_size, hf_config)
-        kept_rows, kept_cols = unpadded_box(image_size, (rows * side, cols * side))
-        height, width = shrunk_size(kept_rows.stop - kept_rows.start, kept_cols.stop - kept_cols.start, side,
-                                    max_tile_views(hf_config))
-        return side * side + height * (width + 1)
-
-    @classmethod
-    def video_tokens(cls, hf_config: PretrainedConfig, frames: int) -> int:
-        pooled = math.ceil(hf_config.vision_config.image_size // hf_config.vision_config.patch_size / 2)
-        return frames * pooled * pooled + 1
 
 
 EntryClass = [LlavaOnevisionForConditionalGeneration]

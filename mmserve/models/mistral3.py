@@ -4,12 +4,10 @@ over the block's features side by side) and maps them through two linears into a
 
 Images are each their own size (a multiple of the merged patch on both sides); the prompt holds each one as rows
 of `[IMG]` tokens closed by `[IMG_BREAK]`, the last by `[IMG_END]`, and an item covers that whole span (see
-`models/pixtral.py` for why).
+`models/pixtral.py` for why; the processor side is `multimodal/processors/mistral3.py`).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +20,9 @@ from mmserve.layers.norm import RMSNorm
 from mmserve.models.clip import hidden_state_indices
 from mmserve.models.llama import LlamaModel
 from mmserve.models.llava import _BACKBONES, _ENCODER_CACHE_BYTES, LlavaForConditionalGeneration
-from mmserve.models.pixtral import PixtralVisionTower, encode_pixtral_images, pixtral_image_inputs
+from mmserve.models.pixtral import PixtralVisionTower, encode_pixtral_images
 from mmserve.multimodal.encoder_cache import EncoderCache
-from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
+from mmserve.multimodal.inputs import MultimodalItem
 
 
 class Mistral3PatchMerger(nn.Module):
@@ -65,7 +63,7 @@ class Mistral3MultiModalProjector(nn.Module):
 
 
 class Mistral3ForConditionalGeneration(LlavaForConditionalGeneration):
-    """LLaVA's decoder, loader and item handling, with Pixtral's tower and Mistral 3's merging projector."""
+    """LLaVA's decoder and loader, with Pixtral's tower and Mistral 3's merging projector."""
 
     def __init__(self, config: PretrainedConfig):
         nn.Module.__init__(self)
@@ -96,11 +94,6 @@ class Mistral3ForConditionalGeneration(LlavaForConditionalGeneration):
     def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
         """One row per position of each image's span: merged tokens row by row, with the break and end rows."""
         return encode_pixtral_images(items, self.vision_tower, self.multi_modal_projector, self.model.embed_tokens)
-
-    @classmethod
-    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
-        unit = hf_config.vision_config.patch_size * hf_config.spatial_merge_size
-        return pixtral_image_inputs(hf_config, processed, unit)
 
 
 EntryClass = [Mistral3ForConditionalGeneration]

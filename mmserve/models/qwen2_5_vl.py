@@ -1,21 +1,21 @@
 """Qwen2.5-VL (and MiMo-VL, which uses this architecture): Qwen2-VL with a different vision tower and video timing.
 
-What differs from `qwen2_vl.py`, and all this file holds:
+What differs from `qwen2_vl.py`:
 - ViT blocks use RMSNorm and a gated SiLU MLP (gate/up/down projections with bias); the merger's norm is RMSNorm;
 - most blocks attend only within windows of `window_size` pixels; the blocks in `fullatt_block_indexes` attend
   within each whole frame (pair). Patches are reordered once so that every window is a contiguous run, the blocks
   run on that order (each a single attention call over all windows or frames of the step: `layers/vision.py`),
   and the merged tokens are put back into the processor's order at the end;
 - in the LLM's M-RoPE, consecutive frame pairs of a video are `second_per_grid_ts * tokens_per_second` positions
-  apart (real time), not one.
+  apart (real time), not one (the processor side computes the positions).
 
-The processor cutting, the LLM and weight loading are Qwen2-VL's; the ViT layers are `layers/vision.py`'s.
+The processor cutting (with the video timing) is `multimodal/processors/qwen_vl.py`'s; the LLM and weight loading
+are Qwen2-VL's; the ViT layers are `layers/vision.py`'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,17 +123,6 @@ class Qwen2_5_VisionTransformer(nn.Module):
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     vision_tower = Qwen2_5_VisionTransformer
-
-    @classmethod
-    def time_interval(cls, hf_config: PretrainedConfig, processed: dict[str, Any], modality: str, index: int) -> float:
-        """A video's frame pairs are `second_per_grid_ts` seconds apart; M-RoPE spends `tokens_per_second`
-        positions per second. An image has one frame pair, so its step never shows."""
-        if modality != "video":
-            return 1.0
-        seconds = processed.get("second_per_grid_ts")
-        # without timing the reference takes one second per frame pair
-        step = 1.0 if seconds is None else float(seconds[index])
-        return step * hf_config.vision_config.tokens_per_second
 
 
 EntryClass = [Qwen2_5_VLForConditionalGeneration]

@@ -1,14 +1,13 @@
 """Qwen2-VL: a ViT with 2-D rotary over 14x14 patches (pairs of frames for video), a patch merger that turns each
 2x2 block of patches into one LLM token, and the Qwen2 decoder with 3-D (M-RoPE) positions.
 
-The processor side (`Qwen2VLForConditionalGeneration.multimodal_inputs`) cuts the HF processor output into one
-MultimodalItem per image/video and computes the prompt's M-RoPE positions.
+The processor side (cutting the HF processor output into one MultimodalItem per image/video and computing the
+prompt's M-RoPE positions) is `multimodal/processors/qwen_vl.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +34,7 @@ from mmserve.layers.vision import (
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
-from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
-from mmserve.multimodal.mrope import mrope_positions
+from mmserve.multimodal.inputs import MultimodalItem
 
 _ENCODER_CACHE_BYTES = 512 << 20
 
@@ -172,41 +170,6 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
         return self.logits_processor(hidden_states, self.lm_head, batch)
 
-    # ----- processor side -----
-
-    @classmethod
-    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
-        """Cut the HF processor's output (one prompt) into items, and compute the prompt's M-RoPE positions."""
-        ids = processed["input_ids"][0]
-        merge = hf_config.vision_config.spatial_merge_size
-        items, grids, intervals = [], [], []
-        for modality, token_id, pixels_key, grid_key in (
-            ("image", hf_config.image_token_id, "pixel_values", "image_grid_thw"),
-            ("video", hf_config.video_token_id, "pixel_values_videos", "video_grid_thw"),
-        ):
-            if processed.get(grid_key) is None:
-                continue
-            runs = _runs(ids, token_id)
-            grid_thw = processed[grid_key]
-            sizes = grid_thw.prod(-1).tolist()
-            if len(runs) != len(sizes):
-                raise ValueError(f"the prompt has {len(runs)} {modality} placeholders for {len(sizes)} {modality}s")
-            for index, ((start, length), pixels, grid) in enumerate(
-                    zip(runs, processed[pixels_key].split(sizes), grid_thw, strict=True)):
-                items.append(MultimodalItem(modality, {"pixel_values": pixels, "grid_thw": grid[None]}, start, length))
-                t, h, w = grid.tolist()
-                grids.append((t, h // merge, w // merge))
-                intervals.append(cls.time_interval(hf_config, processed, modality, index))
-        positions, delta = mrope_positions(len(ids), items, grids, intervals)
-        return MultimodalInputs(items=sorted(items, key=lambda it: it.offset), mrope_positions=positions,
-                                mrope_delta=delta)
-
-    @classmethod
-    def time_interval(cls, hf_config: PretrainedConfig, processed: dict[str, Any], modality: str, index: int) -> float:
-        """M-RoPE temporal step between consecutive frame pairs of the `index`-th `modality` item: one position
-        here; Qwen2.5-VL scales it by the video's frame timing."""
-        return 1.0
-
     # ----- weights -----
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -224,19 +187,6 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
                 yield name, tensor
 
         return super().load_weights(renamed())
-
-
-def _runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
-    """(start, length) of each maximal run of `token_id` in ids."""
-    mask = (ids == token_id).tolist()
-    runs, start = [], None
-    for i, m in enumerate([*mask, False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i - start))
-            start = None
-    return runs
 
 
 EntryClass = [Qwen2VLForConditionalGeneration]

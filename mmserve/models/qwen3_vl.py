@@ -16,14 +16,14 @@ What differs from `qwen2_vl.py`, and all this file holds:
   timestamp, and the reference gives each run the positions of a one-frame image; the ViT attends within a frame
   anyway, so each frame is its own item with grid (1, h, w).
 
-The processor cutting, encode and weight-name handling are Qwen2-VL's; the ViT layers are `layers/vision.py`'s.
+The processor cutting is `multimodal/processors/qwen_vl.py`'s; encode and weight-name handling are Qwen2-VL's;
+the ViT layers are `layers/vision.py`'s.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,6 @@ from mmserve.models.llama import LlamaModel
 from mmserve.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from mmserve.models.qwen3_moe import qwen_moe_mlp
 from mmserve.multimodal.embed import embed_multimodal
-from mmserve.multimodal.inputs import MultimodalInputs
 
 
 class PatchMerger(nn.Module):
@@ -179,18 +178,6 @@ class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             embeds = embed_multimodal(input_ids, batch, self.model.embed_tokens, self.encode, self.encoder_cache)
         hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds, deepstack=deepstack)
         return self.logits_processor(hidden_states, self.lm_head, batch)
-
-    @classmethod
-    def multimodal_inputs(cls, hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
-        """Qwen2-VL's cutting, with every video frame (temporal patch) its own item: the processor separates frames
-        by timestamp text, so each is a placeholder run of its own with one-frame positions."""
-        grid = processed.get("video_grid_thw")
-        if grid is not None:
-            frames = grid.repeat_interleave(grid[:, 0], dim=0)
-            frames[:, 0] = 1
-            # pixel_values_videos is frame-major within each video, so per-frame sizes split it as they are
-            processed = {**processed, "video_grid_thw": frames}
-        return super().multimodal_inputs(hf_config, processed)
 
 
 class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):

@@ -1,7 +1,9 @@
 """ModelRegistry: Hugging Face architecture name -> model class.
 
 Built-in families are the modules of `mmserve.models` that define `EntryClass`; they are imported the
-first time a lookup needs them. Code outside the package adds its own with `ModelRegistry.register`.
+first time a lookup needs them. Code outside the package adds its own with `ModelRegistry.register`. Whether a
+model takes media is its architecture's entry in `mmserve.multimodal.processors.ProcessorRegistry` (the processor
+side, which the API process uses without importing model code), registered there under the same name.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """MultimodalProcessor: prompt text with media placeholders + media sources -> expanded token ids and the
-request's MultimodalInputs, through the model's Hugging Face processor. Used by the in-process Engine and by
+request's MultimodalInputs, through the model's Hugging Face processor and its family's processor side
+(`multimodal/processors/`, found by architecture name: no model code is imported). Used by the in-process Engine and by
 the API server (downloads in the processor's own pool, the rest in worker threads, off the event loop).
 
 A request's media go through three steps: `download` (http(s) sources, concurrently, in a pool of their own so
@@ -53,6 +54,7 @@ from mmserve.multimodal.media import (
 )
 from mmserve.multimodal.processor_cache import ProcessedMedia, ProcessorCache
 from mmserve.multimodal.processor_pool import ProcessorCrashed, ProcessorProcesses
+from mmserve.multimodal.processors import ProcessorSpec
 
 _MIB = 1024 * 1024
 _DEFAULT_LIMITS = {"image": 16, "video": 2}
@@ -228,10 +230,11 @@ def _media_key(modality: str, digest: bytes, *settings: Any) -> bytes:
 
 
 class MultimodalProcessor:
-    def __init__(self, args: ServerArgs, model_cls: type, hf_config: Any, folder: Path):
+    def __init__(self, args: ServerArgs, spec: ProcessorSpec, hf_config: Any, folder: Path):
+        """`spec`: the model family's processor side (`ProcessorRegistry.resolve(architectures)`)."""
         from transformers import AutoProcessor
 
-        self.model_cls = model_cls
+        self.spec = spec
         self.hf_config = hf_config
         # transformers 5 loads the torchvision ("fast") image processor where there is one and torchvision is
         # installed, and video processors are torchvision-based: they run on `--mm-processor-device`.
@@ -304,9 +307,8 @@ class MultimodalProcessor:
         self.placeholders: dict[int, str] = {}
         self.wrapping: dict[str, tuple[int, int]] = {}
         # Text the HF processor puts before every prompt (Janus's default system prompt) is part of each item's
-        # processor output and cut off with the rest of the wrapping; the model's hook refuses what we cannot match
-        text_prefix = getattr(model_cls, "processor_text_prefix", None)
-        prefix = text_prefix(self.hf, args.chat_template) if text_prefix is not None else ""
+        # processor output and cut off with the rest of the wrapping; the family's hook refuses what we cannot match
+        prefix = spec.text_prefix(self.hf, args.chat_template) if spec.text_prefix is not None else ""
         for modality in ("image", "video"):
             token = getattr(self.hf, f"{modality}_token", None)
             token_id = getattr(self.hf, f"{modality}_token_id", None)
@@ -646,11 +648,11 @@ class MultimodalProcessor:
     def _assemble(self, text: str, items: list[_Item],
                   outputs: dict[bytes, ProcessedMedia]) -> tuple[list[int], MultimodalInputs]:
         """The prompt's ids with each placeholder expanded as the processor expanded its item, the items' features
-        joined in order, cut into MultimodalInputs by the model; each MultimodalItem hashed from its media's key and
-        where it starts in that media's expansion."""
+        joined in order, cut into MultimodalInputs by the family's spec; each MultimodalItem hashed from its media's
+        key and where it starts in that media's expansion."""
         by_modality: dict[str, Iterator[_Item]] = {
             modality: iter([item for item in items if item.modality == modality]) for modality in ("image", "video")}
-        if getattr(self.model_cls, "expand_placeholders_in_text", False):
+        if self.spec.expand_placeholders_in_text:
             ids, spans = self._expand_in_text(text, by_modality, outputs)
         else:
             ids, spans = self._expand_ids(text, by_modality, outputs)
@@ -666,7 +668,7 @@ class MultimodalProcessor:
             if len({part.shape[1:] for part in parts}) > 1:  # items of other shapes (LLaVA-NeXT tiles): a list
                 continue
             processed[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
-        mm = self.model_cls.multimodal_inputs(self.hf_config, processed)
+        mm = self.spec.multimodal_inputs(self.hf_config, processed)
         starts = [start for start, _ in spans]
         for mm_item in mm.items:
             start, key = spans[bisect_right(starts, mm_item.offset) - 1]

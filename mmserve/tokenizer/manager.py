@@ -50,18 +50,18 @@ _RESTART_WINDOW_S = 600
 
 
 def _model_config_and_processor(args: ServerArgs) -> tuple[Any, MultimodalProcessor | None]:
-    """The model's HF config, and its media processor when its architecture takes media (found without loading
-    the weights)."""
+    """The model's HF config, and its media processor when its architecture takes media (found by architecture
+    name in the processor registry, without model code; launch_server refuses an unknown architecture)."""
     from mmserve.config import architectures_of
     from mmserve.models.loader import load_hf_config, resolve_model_path, split_gguf
-    from mmserve.models.registry import ModelRegistry
+    from mmserve.multimodal.processors import ProcessorRegistry
 
     checkpoint = resolve_model_path(args.model_path, args.revision)
     hf_config = load_hf_config(checkpoint, args.trust_remote_code)
-    model_cls = ModelRegistry.resolve(architectures_of(hf_config))
-    if not hasattr(model_cls, "multimodal_inputs"):
+    spec = ProcessorRegistry.resolve(architectures_of(hf_config))
+    if spec is None:
         return hf_config, None
-    return hf_config, MultimodalProcessor(args, model_cls, hf_config, split_gguf(checkpoint)[0])
+    return hf_config, MultimodalProcessor(args, spec, hf_config, split_gguf(checkpoint)[0])
 
 
 class EngineDead(Exception):

@@ -124,14 +124,15 @@ def test_chat_with_the_hub_template(engine, hf):
 
 
 def test_token_counts_match_the_processor(hf):
-    from mmserve.models.llava_next_video import LlavaNextVideoForConditionalGeneration as Ours
+    from mmserve.multimodal.processors.llava_next import image_tokens
+    from mmserve.multimodal.processors.llava_next_video import video_tokens
 
     model, processor = hf
     for w, h in ((300, 60), (60, 300), (200, 60), (100, 150), (150, 100), (56, 56)):
         ids = processor(text=[IMAGE], images=[picture(w, h, 0)], return_tensors="pt")["input_ids"][0]
-        assert Ours.image_tokens(model.config, [h, w]) == int((ids == model.config.image_token_id).sum()), (w, h)
+        assert image_tokens(model.config, [h, w]) == int((ids == model.config.image_token_id).sum()), (w, h)
     ids = processor(text=[VIDEO], videos=[FRAMES[:3]], return_tensors="pt")["input_ids"][0]
-    assert Ours.video_tokens(model.config, 3) == int((ids == model.config.video_token_id).sum())
+    assert video_tokens(model.config, 3) == int((ids == model.config.video_token_id).sum())
 
 
 def test_conv_pooling_is_refused(tiny_llava_next_video_dir):

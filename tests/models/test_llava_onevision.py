@@ -124,12 +124,12 @@ def test_chat_with_the_hub_template(engine, hf):
 
 
 def test_token_counts_match_the_processor(hf):
-    from mmserve.models.llava_onevision import LlavaOnevisionForConditionalGeneration as Ours
+    from mmserve.multimodal.processors.llava_onevision import image_tokens, video_tokens
 
     model, processor = hf
     for w, h in ((300, 60), (60, 300), (200, 60), (100, 150), (150, 100), (90, 120), (56, 56), (28, 28)):
         ids = processor(text=[IMAGE], images=[picture(w, h, 0)], return_tensors="pt")["input_ids"][0]
-        assert Ours.image_tokens(model.config, [h, w]) == int((ids == model.config.image_token_id).sum()), (w, h)
+        assert image_tokens(model.config, [h, w]) == int((ids == model.config.image_token_id).sum()), (w, h)
     frames = np.zeros((3, 20, 20, 3), dtype=np.uint8)
     ids = processor(text=[VIDEO], videos=[frames], return_tensors="pt")["input_ids"][0]
-    assert Ours.video_tokens(model.config, 3) == int((ids == model.config.video_token_id).sum())
+    assert video_tokens(model.config, 3) == int((ids == model.config.video_token_id).sum())

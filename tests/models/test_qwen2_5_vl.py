@@ -15,6 +15,7 @@ from vl_helpers import GREEDY, IMAGE, VIDEO, assert_same, check_chunked_prefill,
 from mmserve import Engine
 from mmserve.models.loader import iterate_weights
 from mmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, window_order
+from mmserve.multimodal.processors.qwen_vl import qwen2_5_vl_inputs
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_video_mrope_positions_use_frame_timing(ours, hf, seconds):
         del enc["second_per_grid_ts"]  # the reference then takes one second per frame pair
     else:
         enc["second_per_grid_ts"] = torch.tensor([seconds])  # as if sampled at 2 / 1.3 fps
-    mm = Qwen2_5_VLForConditionalGeneration.multimodal_inputs(hf[0].config, enc)
+    mm = qwen2_5_vl_inputs(hf[0].config, enc)
     positions, deltas = reference_rope_index(hf, enc, enc.get("second_per_grid_ts"))
     expected = positions[:, 0].clone()
     video = next(it for it in mm.items if it.modality == "video")

@@ -61,12 +61,12 @@ def processor(model_dir, **flags):
     from transformers import AutoConfig
 
     from mmserve.config import ServerArgs
-    from mmserve.models.registry import ModelRegistry
     from mmserve.multimodal.processor import MultimodalProcessor
+    from mmserve.multimodal.processors import ProcessorRegistry
 
     config = AutoConfig.from_pretrained(model_dir)
     args = ServerArgs(model_path=str(model_dir), **flags)
-    return MultimodalProcessor(args, ModelRegistry.resolve(config.architectures), config, model_dir)
+    return MultimodalProcessor(args, ProcessorRegistry.resolve(config.architectures), config, model_dir)
 
 
 # ----------------------------------------------------------------------------------------------- shrinking
@@ -135,13 +135,13 @@ import json, resource, sys
 from pathlib import Path
 from transformers import AutoConfig
 from mmserve.config import ServerArgs
-from mmserve.models.registry import ModelRegistry
+from mmserve.multimodal.processors import ProcessorRegistry
 from mmserve.multimodal.processor import MultimodalProcessor
 
 model_dir, pngs = Path(sys.argv[1]), [Path(sys.argv[2]).read_bytes(), Path(sys.argv[4]).read_bytes()]
 config = AutoConfig.from_pretrained(model_dir)
 proc = MultimodalProcessor(ServerArgs(model_path=str(model_dir), mm_processor_workers=1),
-                           ModelRegistry.resolve(config.architectures), config, model_dir)
+                           ProcessorRegistry.resolve(config.architectures), config, model_dir)
 image = "<|vision_start|><|image_pad|><|vision_end|>"
 proc.process(image, [("image", Path(sys.argv[3]).read_bytes())])  # warm up: lazy imports, first allocations
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

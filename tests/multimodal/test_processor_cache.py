@@ -27,11 +27,11 @@ def processor(model_dir, **flags) -> MultimodalProcessor:
     from transformers import AutoConfig
 
     from mmserve.config import ServerArgs
-    from mmserve.models.registry import ModelRegistry
+    from mmserve.multimodal.processors import ProcessorRegistry
 
     config = AutoConfig.from_pretrained(model_dir)
     args = ServerArgs(model_path=str(model_dir), **flags)
-    return MultimodalProcessor(args, ModelRegistry.resolve(config.architectures), config, model_dir)
+    return MultimodalProcessor(args, ProcessorRegistry.resolve(config.architectures), config, model_dir)
 
 
 def png(width: int, height: int, seed: int) -> bytes:

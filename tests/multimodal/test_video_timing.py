@@ -23,12 +23,12 @@ def clip(tmp_path_factory) -> str:
 def processor(model_dir, fps: float | None = None) -> MultimodalProcessor:
     from transformers import AutoConfig
 
-    from mmserve.models.registry import ModelRegistry
+    from mmserve.multimodal.processors import ProcessorRegistry
 
     config = AutoConfig.from_pretrained(model_dir)
     extra = {"mm_process_config": json.dumps({"video": {"fps": fps}})} if fps else {}
     args = ServerArgs(model_path=str(model_dir), **extra)
-    return MultimodalProcessor(args, ModelRegistry.resolve(config.architectures), config, model_dir)
+    return MultimodalProcessor(args, ProcessorRegistry.resolve(config.architectures), config, model_dir)
 
 
 # fps -> timestamps of the frame pairs: the mean of each pair's frame times (index / 10 fps)
