@@ -21,8 +21,8 @@ import gc
 import random
 import statistics
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from mmserve.bench.fastpath import (
 from mmserve.bench.offline import load_hf_model, progress, say
 from mmserve.config import ServerArgs
 
+T = TypeVar("T")
 ROW_IDS = ("floor", "V1", "V2", "V3", "V4", "V5")
 # Qwen-VL's placeholders, which the processor expands to one pad token per vision token
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -79,16 +80,22 @@ TARGETS: dict[str, Target] = {
 # ----- the workload -----
 
 
-class MediaSource:
-    """Prompts of random words and images and videos of random pixels, new ones on every call."""
+# a user turn in Qwen-VL's chat layout: {media} becomes the media's placeholder, {text} the words
+QWEN_LAYOUT = "<|im_start|>user\n{media}{text}<|im_end|>\n<|im_start|>assistant\n"
 
-    def __init__(self, seed: int):
+
+class MediaSource:
+    """Prompts of random words and images and videos of random pixels, new ones on every call; `layout` is the
+    prompt around {media} and {text} (a family's rendered chat template may hold its image placeholder itself)."""
+
+    def __init__(self, seed: int, layout: str = QWEN_LAYOUT):
         self._rng = np.random.default_rng(seed)
         self._words = random.Random(seed)
+        self.layout = layout
 
     def prompt(self, placeholder: str, words: int) -> str:
         text = " ".join(self._words.choice(_WORDS) for _ in range(words))
-        return f"<|im_start|>user\n{placeholder}{text}<|im_end|>\n<|im_start|>assistant\n"
+        return self.layout.replace("{media}", placeholder).replace("{text}", text)
 
     def image(self, size: tuple[int, int]) -> Image.Image:
         width, height = size
@@ -148,34 +155,47 @@ def _throughput_id(hf_config: Any) -> str:
 # ----- mmserve -----
 
 
-def run_mmserve(args: argparse.Namespace, server_args: ServerArgs, only: set[str], floor_bw: Figure
-                ) -> tuple[dict[str, Row], dict[str, Any]]:
+def with_engine(args: argparse.Namespace, server_args: ServerArgs, body: Callable[[Any], T]) -> T:
+    """`body(engine)` on a vision-language engine, then the engine shut down and its memory freed (what it
+    returns must hold no tensors), so a transformers model of the same size fits after it."""
     from mmserve.engine import Engine
 
-    media = MediaSource(args.seed)
     say(f"mmserve: loading {args.preset or server_args.model_path}")
     with Engine(**vars(server_args)) as engine:
         if engine.processor is None:
             raise ValueError(f"{server_args.model_path} is a text model; this benchmark needs a vision-language "
                              "model (e.g. --preset qwen2.5-vl-7b)")
         device = engine.device
-        rows = {"floor": floor_row(engine, floor_bw)}
-        tokens = warm_up(engine, args, only, media)
-        if "V1" in only:
-            row = measure_offline(engine, args, media, tokens["image"])
-            rows[row.id] = row
-        if "V2" in only:
-            rows["V2"] = measure_image_ttft(engine, args, media)
-        if "V3" in only:
-            rows["V3"] = measure_decode(engine, args, media, rows["floor"].ours)
-        if "V5" in only:
-            rows["V5"] = measure_video_ttft(engine, args, media, tokens["video"])
-        env = {"device": device_name(device), "dtype": str(engine.model_config.dtype).removeprefix("torch.")}
+        result = body(engine)
     del engine
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         say(f"mmserve: shut down, {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB still allocated")
+    return result
+
+
+def run_mmserve(args: argparse.Namespace, server_args: ServerArgs, only: set[str], floor_bw: Figure
+                ) -> tuple[dict[str, Row], dict[str, Any]]:
+    return with_engine(args, server_args, lambda engine: _measure_all(engine, args, only, floor_bw))
+
+
+def _measure_all(engine: Any, args: argparse.Namespace, only: set[str], floor_bw: Figure
+                 ) -> tuple[dict[str, Row], dict[str, Any]]:
+    media = MediaSource(args.seed)
+    device = engine.device
+    rows = {"floor": floor_row(engine, floor_bw)}
+    tokens = warm_up(engine, args, only, media)
+    if "V1" in only:
+        row = measure_offline(engine, args, media, tokens["image"])
+        rows[row.id] = row
+    if "V2" in only:
+        rows["V2"] = measure_image_ttft(engine, args, media)
+    if "V3" in only:
+        rows["V3"] = measure_decode(engine, args, media, rows["floor"].ours)
+    if "V5" in only:
+        rows["V5"] = measure_video_ttft(engine, args, media, tokens["video"])
+    env = {"device": device_name(device), "dtype": str(engine.model_config.dtype).removeprefix("torch.")}
     return rows, env
 
 
@@ -222,9 +242,10 @@ def offline_requests(engine: Any, args: argparse.Namespace, media: MediaSource, 
             "prompt_tokens_mean": statistics.fmean(o["meta_info"]["prompt_tokens"] for o in outs)}
 
 
-def measure_offline(engine: Any, args: argparse.Namespace, media: MediaSource, image_tokens: int | None) -> Row:
-    """V1 (V4 on a mixture of experts): --runs of `offline_requests`."""
-    row_id = _throughput_id(engine.model_config.hf_config)
+def measure_offline(engine: Any, args: argparse.Namespace, media: MediaSource, image_tokens: int | None,
+                    row_id: str | None = None) -> Row:
+    """V1 (V4 on a mixture of experts; `row_id` where given): --runs of `offline_requests`."""
+    row_id = row_id or _throughput_id(engine.model_config.hf_config)
     workload = (f"{args.v1_prompts} × (one {_wxh(args.image_size)} image + {args.text_words} words), "
                 f"{args.v1_output_len} out, all at once")
     say(f"{row_id}: {workload}")
@@ -317,14 +338,17 @@ class HFRunner:
         self.device = next(self.model.parameters()).device
         folder, _ = split_gguf(resolve_model_path(server_args.model_path))
         self.processor = AutoProcessor.from_pretrained(folder)
-        self.processor.tokenizer.padding_side = "left"  # a batch's prompts end together, where generation starts
-        pad = self.processor.tokenizer.pad_token_id
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "left"  # a batch's prompts end together, where generation starts
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # padding a batch needs one; the attention mask hides it
+        pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else 0
 
     def generate(self, prompts: list[str], new_tokens: int, images: list[Image.Image] | None = None,
                  videos: list[np.ndarray] | None = None) -> float:
-        """Seconds to process `prompts` with their media and `generate` exactly `new_tokens` greedy tokens for each,
-        as one batch."""
+        """Seconds to process `prompts` with their media (one image each, or videos) and `generate` exactly
+        `new_tokens` greedy tokens for each, as one batch."""
         from mmserve.multimodal.processor import video_metadata
 
         # frames as given, sampled at 2 fps, as mmserve takes a frame array
@@ -332,7 +356,9 @@ class HFRunner:
                         "do_sample_frames": False} if videos else {}
         sync(self.device)
         start = time.perf_counter()
-        inputs = self.processor(text=prompts, images=images, videos=videos, padding=True, return_tensors="pt",
+        # each prompt's images as a list of their own: Gemma 3's processor matches images to prompts by nesting
+        nested = [[image] for image in images] if images else None
+        inputs = self.processor(text=prompts, images=nested, videos=videos, padding=True, return_tensors="pt",
                                 **video_kwargs).to(self.device)
         self.model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                             pad_token_id=self.pad_token_id)
