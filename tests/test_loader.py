@@ -68,3 +68,26 @@ def test_missing_path_and_offline_hub_fail_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="could not download 'nosuch-org/nosuch-model'"):
         resolve_model_path("nosuch-org/nosuch-model")
+
+
+def test_a_shard_reader_reads_the_slices_loaders_ask_for(tmp_path):
+    """A tensor-parallel rank's view of a safetensors tensor: narrow and a leading slice come from the file's slice
+    (the whole tensor is never read for them); anything else reads the whole tensor and works on it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mmserve.layers.linear import default_weight_loader
+    from mmserve.models.loader import ShardReader
+
+    w = torch.arange(48, dtype=torch.bfloat16).reshape(6, 8)
+    save_file({"w": w}, tmp_path / "m.safetensors")
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        lazy = ShardReader(f, "w")
+        assert lazy.shape == (6, 8) and lazy.dtype == torch.bfloat16 and lazy.element_size() == 2
+        assert torch.equal(lazy.narrow(1, 4, 4), w.narrow(1, 4, 4))
+        assert torch.equal(lazy.narrow(0, 2, 3), w[2:5]) and torch.equal(lazy[3:6], w[3:6])
+        assert lazy._whole is None  # nothing so far needed the whole tensor
+        param = torch.nn.Parameter(torch.zeros(6, 8, dtype=torch.bfloat16), requires_grad=False)
+        default_weight_loader(param, lazy)  # a torch method given the reader: the whole tensor
+        assert torch.equal(param.data, w) and torch.equal(lazy.t(), w.t())
+        assert torch.equal(torch.cat([lazy, lazy]), torch.cat([w, w]))

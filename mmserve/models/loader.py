@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from mmserve.distributed.parallel_state import get_tp_size
+
 logger = logging.getLogger(__name__)
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
@@ -124,10 +126,12 @@ def iterate_weights(path: Path, hf_config: Any = None,
 
         if on_count is not None:
             on_count(_safetensors_count(path, files))
+        # a tensor-parallel rank reads only its shards of the tensors it splits (ShardReader)
+        lazy = get_tp_size() > 1
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, f.get_tensor(name)
+                    yield name, ShardReader(f, name) if lazy else f.get_tensor(name)
         return
     bins = sorted(path.glob("pytorch_model*.bin"))
     if not bins:
@@ -136,6 +140,79 @@ def iterate_weights(path: Path, hf_config: Any = None,
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         yield from state.items()
         del state
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+class ShardReader:
+    """A safetensors tensor read only as far as a weight loader asks: `narrow` and slicing read just those bytes
+    (safetensors' `get_slice`), so a tensor-parallel rank reads its shard of a split weight rather than the whole
+    of it from disk; any other use (a torch function, a method) reads the whole tensor once and works on that.
+    Valid while the checkpoint's file is open, which `iterate_weights` keeps it until the next tensor."""
+
+    def __init__(self, f: Any, name: str):
+        self._slice = f.get_slice(name)
+        self.shape = torch.Size(self._slice.get_shape())
+        self._dtype = _SAFETENSORS_DTYPES.get(self._slice.get_dtype())
+        self._whole: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype if self._dtype is not None else self.whole().dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def whole(self) -> torch.Tensor:
+        if self._whole is None:
+            self._whole = self._slice[tuple(slice(None) for _ in self.shape)] if self.shape else self._slice[()]
+        return self._whole
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if self._whole is not None:
+            return self._whole.narrow(dim, start, length)
+        index = [slice(None)] * len(self.shape)
+        index[dim % len(self.shape)] = slice(start, start + length)
+        return self._slice[tuple(index)]
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        plain = isinstance(key, slice) and key.step in (None, 1)
+        if self._whole is None and plain and self.shape:
+            start, stop, _ = key.indices(self.shape[0])
+            return self.narrow(0, start, max(0, stop - start))
+        return self.whole()[key]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.whole(), name)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        def real(x: Any) -> Any:
+            if isinstance(x, ShardReader):
+                return x.whole()
+            if isinstance(x, (list, tuple)):
+                return type(x)(real(v) for v in x)
+            return x
+
+        return func(*real(args), **{k: real(v) for k, v in (kwargs or {}).items()})
 
 
 def _safetensors_files(path: Path) -> list[Path]:
