@@ -49,6 +49,23 @@ if [ "${MULTIMODAL:-1}" != 0 ]; then
   python3 -m mmserve.bench.multimodal --preset qwen2.5-vl-7b --tokenizer-dir .gpu/tokenizer \
     --json "$OUT/multimodal.json" 2>&1 | tee "$OUT/multimodal.log" | tail -10
 fi
+# issue 17's rows, one per family (LLaVA-1.5-7B, Gemma-3-12B, Mistral-Small-3.1-24B, InternVL3-8B); FAMILIES="" skips
+for preset in ${FAMILIES-llava-1.5-7b gemma-3-12b mistral-small-3.1-24b internvl3-8b}; do
+  python3 -m mmserve.bench.families --preset "$preset" --tokenizer-dir .gpu/tokenizer --runs 1 \
+    --json "$OUT/family_$preset.json" 2>&1 | tee "$OUT/family_$preset.log" | tail -8
+done
+# on two or more GPUs (issue 19): tp 2 against tp 1 on tiny models (NCCL, float32, graphs), T1/T2 at tp 2, the
+# collectives' time per decode step, and the Qwen2.5-VL-32B shape's image workload at tp 2
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cacheprovider \
+    tests/distributed/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -3
+  python3 -m mmserve.bench.fastpath --preset llama-3.1-8b --tokenizer-dir .gpu/tokenizer --only T1,T2 --no-hf \
+    --tp-size 2 2>&1 | tee "$OUT/fastpath_tp2.log" | tail -8
+  python3 scripts/profile_tp.py --preset llama-3.1-8b --tokenizer-dir .gpu/tokenizer --tp-size 2 --batch 1 64 \
+    2>&1 | tee "$OUT/profile_tp.log" | tail -4
+  python3 -m mmserve.bench.multimodal --preset qwen2.5-vl-32b --tokenizer-dir .gpu/tokenizer --only V1 --no-hf \
+    --tp-size 2 2>&1 | tee "$OUT/v1_32b_tp2.log" | tail -6
+fi
 # PRESETS="" runs the tests only; PRESETS=qwen3-30b-a3b the MoE shape (about 90 s more, 61 GB of weights)
 for preset in ${PRESETS-qwen2.5-0.5b llama-3.1-8b}; do
   python3 -m mmserve.bench.offline --preset "$preset" --tokenizer-dir .gpu/tokenizer \
