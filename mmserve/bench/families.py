@@ -40,7 +40,7 @@ from mmserve.bench.multimodal import (
     IMAGE,
     HFRunner,
     MediaSource,
-    hf_batched,
+    hf_throughput,
     measure_offline,
     offline_requests,
     with_engine,
@@ -129,14 +129,7 @@ def run_hf(args: argparse.Namespace, server_args: ServerArgs, only: set[str], la
     figures: dict[str, Figure] = {}
     if "F1" in only:
         num = min(args.v1_prompts, args.hf_requests or args.v1_prompts)
-        say(f"transformers F1: {num} requests with an image / {args.v1_output_len} out, batches of {batch}, "
-            f"{args.hf_runs} runs")
-        runs = []
-        for i in range(args.hf_runs):
-            seconds = hf_batched(hf, args, media, num, batch)
-            runs.append(num / seconds)
-            say(f"  run {i + 1}: {seconds:.2f} s, {runs[-1]:.2f} req/s")
-        figures["F1"] = Figure(runs)
+        figures["F1"] = hf_throughput(hf, args, media, num, batch, "F1")
     if "F2" in only:
         say(f"transformers F2: time to first token, median of {args.ttft_images} images, {args.hf_runs} runs")
         figures["F2"] = measure_ttft(lambda prompt, image: hf.generate([prompt], 1, images=[image]), args, media,

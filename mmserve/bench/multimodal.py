@@ -384,6 +384,18 @@ def hf_batched(hf: HFRunner, args: argparse.Namespace, media: MediaSource, num: 
     return seconds
 
 
+def hf_throughput(hf: Any, args: argparse.Namespace, media: Any, num: int, batch: int, row_id: str) -> Figure:
+    """transformers' requests per second over `num` prompts of one image each, in batches, --hf-runs times."""
+    say(f"transformers {row_id}: {num} prompts with an image / {args.v1_output_len} out, batches of {batch}, "
+        f"{args.hf_runs} runs")
+    runs = []
+    for i in range(args.hf_runs):
+        seconds = hf_batched(hf, args, media, num, batch)
+        runs.append(num / seconds)
+        say(f"  run {i + 1}: {seconds:.2f} s, {runs[-1]:.2f} req/s")
+    return Figure(runs)
+
+
 def run_hf(args: argparse.Namespace, server_args: ServerArgs, only: set[str]) -> dict[str, Figure]:
     hf = HFRunner(server_args)
     media = MediaSource(args.seed + 1)
@@ -402,14 +414,7 @@ def run_hf(args: argparse.Namespace, server_args: ServerArgs, only: set[str]) ->
         # same rate; a slow reference, e.g. a mixture of experts looping over experts, need not run them all)
         row_id = _throughput_id(hf.model.config)
         num = min(args.v1_prompts, args.hf_v1_prompts or args.v1_prompts)
-        say(f"transformers {row_id}: {num} prompts with an image / {args.v1_output_len} out, batches of {batch}, "
-            f"{args.hf_runs} runs")
-        runs = []
-        for i in range(args.hf_runs):
-            seconds = hf_batched(hf, args, media, num, batch)
-            runs.append(num / seconds)
-            say(f"  run {i + 1}: {seconds:.2f} s, {runs[-1]:.2f} req/s")
-        figures[row_id] = Figure(runs)
+        figures[row_id] = hf_throughput(hf, args, media, num, batch, row_id)
     if "V2" in only:
         step = _image_step(hf.processor)
         smallest, largest, seen = _v2_range(args, step)

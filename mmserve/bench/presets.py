@@ -64,22 +64,6 @@ PRESETS: dict[str, dict] = {
                           "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
                           "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
     },
-    # Qwen/Qwen2.5-VL-32B-Instruct: the 7B's ViT with a wider MLP under a 64-layer, 5,120-wide decoder (issue 19's
-    # tensor-parallel image workload)
-    "qwen2.5-vl-32b": {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_size": 5120,
-        "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40, "num_key_value_heads": 8,
-        "max_position_embeddings": 128000, "max_window_layers": 64, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "sliding_window": 32768,
-        "use_sliding_window": False, "vocab_size": 152064, "tie_word_embeddings": False, "hidden_act": "silu",
-        "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645,
-        "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
-        "image_token_id": 151655, "video_token_id": 151656,
-        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3456,
-                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 5120, "patch_size": 14,
-                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
-                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
-    },
     # Qwen/Qwen3-VL-30B-A3B-Instruct (31.1B parameters, 0.54B of them the ViT): qwen3-30b-a3b's experts under a
     # ViT of 16 px patches with DeepStack
     "qwen3-vl-30b-a3b": {
@@ -183,6 +167,14 @@ PRESETS: dict[str, dict] = {
             "layer_scale_init_value": 0.1,
         },
     },
+}
+
+# Qwen/Qwen2.5-VL-32B-Instruct: the 7B's ViT with a wider MLP under a 64-layer, 5,120-wide decoder (issue 19's
+# tensor-parallel image workload)
+PRESETS["qwen2.5-vl-32b"] = {
+    **PRESETS["qwen2.5-vl-7b"], "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
+    "num_attention_heads": 40, "num_key_value_heads": 8, "max_window_layers": 64,
+    "vision_config": {**PRESETS["qwen2.5-vl-7b"]["vision_config"], "intermediate_size": 3456, "out_hidden_size": 5120},
 }
 
 _CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
