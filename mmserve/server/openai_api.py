@@ -24,10 +24,12 @@ from mmserve.server.reasoning import PARSERS as REASONING_PARSERS
 from mmserve.server.reasoning import ReasoningFormat, ReasoningStream, split_reasoning
 from mmserve.server.tool_parser import PARSERS as TOOL_PARSERS
 from mmserve.server.tool_parser import (
+    PartialCall,
     ToolCall,
     ToolParser,
     ToolStream,
     function_of,
+    named_partial,
     named_schema,
     parse_required,
     required_schema,
@@ -416,7 +418,7 @@ class OpenAIServing:
                            tools: _Tools | None = None) -> AsyncIterator[str]:
         """`top_logprobs`: None without logprobs, else the alternatives per token. `reasoning`: split each
         choice's text into reasoning_content and content deltas. `tools`: read each choice's calls (content
-        stops where one may start; the calls come as one delta when the answer ends)."""
+        stops where one may start; each call streams as a first delta with its name, then its arguments' text)."""
         splitters = [ReasoningStream(reasoning) if reasoning else None for _ in gens]
         calls_of = [tools.stream() if tools is not None and tools.mode != "none" else None for _ in gens]
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
@@ -437,13 +439,14 @@ class OpenAIServing:
             thought = ""
             if splitters[i] is not None:
                 thought, text = splitters[i].feed(text, final=state.finished)
-            calls: list[ToolCall] = []
+            calls: list[dict[str, Any]] = []
             if calls_of[i] is not None:
                 text, calls = calls_of[i].feed(text, final=state.finished)
             delta = {**({"reasoning_content": thought} if thought else {}), **({"content": text} if text else {})}
             finish = _finish(state) if state.finished else None
             if calls:
-                delta["tool_calls"] = [c.to_openai(k) for k, c in enumerate(calls)]
+                delta["tool_calls"] = calls
+            if state.finished and calls_of[i] is not None and calls_of[i].called:
                 finish = tools.finish_reason(finish)
             if delta or logprobs and logprobs["content"] or state.finished:
                 yield sse({**base, "choices": [{"index": i, "delta": delta,
@@ -739,6 +742,9 @@ class _WholeAnswer(ToolParser):
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         return self.tools.parse(text)
+
+    def partial(self, text: str) -> list[PartialCall]:
+        return named_partial(self.tools.named, text) if self.tools.mode == "named" else super().partial(text)
 
 
 def _finish(state: RequestState) -> str | None:

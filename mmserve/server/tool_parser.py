@@ -16,8 +16,12 @@ schema (a list of calls, each one of the tools with its parameters; or the named
 vLLM does) and read as such, so the calls always parse.
 
 Streaming: content streams until a call could be starting (text that could still be a format's opening marker is
-held back); from there the answer is kept, and read when it ends, its calls sent as deltas, each with its whole
-arguments.
+held back). From there each call is streamed as OpenAI does: a first delta with its index, id and name once the name
+is written and its arguments have begun, then the arguments' JSON text in fragments as the model writes them
+(verbatim, so the fragments join to exactly what the model wrote). The whole answer is parsed when it ends: a call
+the fragments could not follow (arguments before the name, or given as a JSON string) is then sent whole; an answer
+that turns out not to hold calls, and that sent none, is sent as content. Once a call has gone out it cannot be
+taken back: if the answer then fails to parse (cut by max_tokens), the client has what was written.
 """
 
 from __future__ import annotations
@@ -74,6 +78,57 @@ def _json_values(text: str) -> list[Any] | None:
         values.append(value)
 
 
+def _object_prefix(text: str, start: int) -> tuple[str, bool]:
+    """The JSON object that opens at text[start] ("{"), as far as `text` goes: (its text so far, whether it closed)."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start : i + 1], True
+    return text[start:], False
+
+
+# a call's name, then its arguments object opening: `"name": "f", "arguments": {` (or "parameters")
+_NAME_THEN_ARGS = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+
+
+@dataclass
+class PartialCall:
+    name: str
+    arguments: str  # the arguments' JSON text as far as written
+    closed: bool
+
+
+def _partial_calls(text: str, pattern: re.Pattern, quoted_name: bool = True) -> list[PartialCall]:
+    """The calls `text` has begun so far, in order: each whose name is written and whose arguments object has
+    opened, with its arguments as far as written; the last may still be open."""
+    calls, at = [], 0
+    while (m := pattern.search(text, at)) is not None:
+        args, closed = _object_prefix(text, m.end())
+        try:
+            name = json.loads(f'"{m.group(1)}"') if quoted_name else m.group(1).strip()
+        except ValueError:
+            return calls
+        calls.append(PartialCall(name, args, closed))
+        if not closed:
+            break
+        at = m.end() + len(args)
+    return calls
+
+
 class ToolParser:
     name = ""
     markers: tuple[str, ...] = ()  # text that starts a call
@@ -81,6 +136,10 @@ class ToolParser:
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, calls) of a whole answer; ([text], []) when it holds no call that parses."""
         raise NotImplementedError
+
+    def partial(self, text: str) -> list[PartialCall]:
+        """The calls begun so far in `text` (from where a call starts), for streaming their arguments."""
+        return _partial_calls(text, _NAME_THEN_ARGS)
 
     def call_starts(self, text: str) -> int | None:
         """Where in `text` a call starts, or None."""
@@ -133,6 +192,12 @@ class Llama3Parser(ToolParser):
 class MistralParser(ToolParser):
     name = "mistral"
     markers = ("[TOOL_CALLS]",)
+    _v11 = re.compile(r"\[TOOL_CALLS\]\s*([^\[\]{}\"]+?)\[ARGS\](?=\{)")
+
+    def partial(self, text: str) -> list[PartialCall]:
+        if self._v11.search(text):
+            return _partial_calls(text, self._v11, quoted_name=False)
+        return super().partial(text)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         start = self.call_starts(text)
@@ -160,17 +225,22 @@ PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesParser, "qwen25": Hermes
 
 
 class ToolStream:
-    """One streamed answer: content pieces until a call may be starting, then the calls when it ends."""
+    """One streamed answer: content pieces until a call may be starting, then each call's deltas as it is written
+    (see the module's docstring)."""
 
     def __init__(self, parser: ToolParser):
         self.parser = parser
         self.text = ""
         self.sent = 0  # characters of `text` already sent as content
         self.in_call = False
+        self.started: list[tuple[str, str]] = []  # per call streamed so far: its name, its arguments sent so far
+        self.called = False  # the whole answer parsed as calls (the choice finishes with tool_calls)
 
-    def feed(self, piece: str, final: bool) -> tuple[str, list[ToolCall]]:
-        """(content to send now, the calls: only with `final`, and only when the kept part parses as calls)."""
+    def feed(self, piece: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        """(content to send now, tool-call deltas in OpenAI's shape: each with its index; a call's first has its id,
+        type and name)."""
         self.text += piece
+        out = ""
         if not self.in_call:
             start = self.parser.call_starts(self.text[self.sent:])
             if start is not None:
@@ -184,15 +254,33 @@ class ToolStream:
                 end = len(self.text) - keep
                 out, self.sent = self.text[self.sent:end], max(self.sent, end)
                 return out, []
-        else:
-            out = ""
+        deltas = self._follow(self.parser.partial(self.text[self.sent:]))
         if not final:
-            return out, []
+            return out, deltas
         content, calls = self.parser.parse(self.text)
-        if not calls:  # what was kept was not a call after all: it is content
-            rest, self.sent = self.text[self.sent:], len(self.text)
-            return out + rest, []
-        return out, calls
+        self.called = bool(calls)
+        if not calls:
+            if not self.started:  # what was kept was not a call after all: it is content
+                rest, self.sent = self.text[self.sent:], len(self.text)
+                return out + rest, deltas
+            return out, deltas  # calls went out and the answer ended unparsed (cut short): nothing to add
+        for index, call in enumerate(calls[len(self.started):], start=len(self.started)):
+            deltas.append(call.to_openai(index))  # a call the fragments could not follow: whole
+            self.started.append((call.name, call.arguments))
+        return out, deltas
+
+    def _follow(self, partial: list[PartialCall]) -> list[dict[str, Any]]:
+        deltas = []
+        for index, call in enumerate(partial):
+            if index == len(self.started):
+                first = ToolCall(call.name, "").to_openai(index)
+                deltas.append(first)
+                self.started.append((call.name, ""))
+            name, sent = self.started[index]
+            if len(call.arguments) > len(sent):
+                deltas.append({"index": index, "function": {"arguments": call.arguments[len(sent):]}})
+                self.started[index] = (name, call.arguments)
+        return deltas
 
 
 # ----- tool_choice "required" and named functions -----
@@ -217,6 +305,15 @@ def named_schema(tools: list[Any], name: str) -> dict[str, Any]:
         if fn["name"] == name:
             return fn.get("parameters") or {"type": "object"}
     raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+
+
+def named_partial(name: str, text: str) -> list[PartialCall]:
+    """A named function's call as far as written: the answer is its arguments object."""
+    start = text.find("{")
+    if start < 0:
+        return []
+    args, closed = _object_prefix(text, start)
+    return [PartialCall(name, args, closed)]
 
 
 def parse_required(text: str) -> list[ToolCall]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mmserve import Engine
+from mmserve.config import ServerArgs
 from mmserve.runner.model_runner import LoadProgress
 
 FAST_S = 10.0  # the model loads in 20-60 s on this machine; refusing takes the interpreter's start and torch's import
@@ -56,9 +57,10 @@ def test_parallel_layouts_that_cannot_work_are_refused_at_once(tiny_model_dir):
     model = str(tiny_model_dir("qwen2"))  # 4 query heads, 2 key/value heads
     assert_refused(run("mmserve.cli", "serve", model, "--tp-size", "3"), "--tp-size 3 does not divide",
                    "4 query heads and 2 key/value heads")
-    assert_refused(run("mmserve.cli", "serve", model, "--tp-size", "2", "--nnodes", "2"), "--dist-init-addr")
-    assert_refused(run("mmserve.cli", "serve", model, "--tp-size", "3", "--nnodes", "2", "--dist-init-addr",
-                       "127.0.0.1:1"), "multiple of --nnodes")
+    with pytest.raises(ValueError, match="--dist-init-addr"):
+        ServerArgs(model_path=model, tp_size=2, nnodes=2)
+    with pytest.raises(ValueError, match="multiple of --nnodes"):
+        ServerArgs(model_path=model, tp_size=3, nnodes=2, dist_init_addr="127.0.0.1:1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -48,10 +48,24 @@ def test_required(client):
     stream = client.chat.completions.create(model="default", messages=ASK, tools=TOOLS, tool_choice="required",
                                             temperature=0, max_tokens=80, stream=True)
     chunks = [c for c in stream if c.choices]
-    streamed = [call for c in chunks for call in (c.choices[0].delta.tool_calls or [])]
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed] == calls
-    assert [c.index for c in streamed] == list(range(len(streamed)))
+    assert streamed_calls(chunks) == calls
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def streamed_calls(chunks) -> list[tuple[str, dict]]:
+    """Each call from its deltas, as the openai client's users join them: the first names it (with its id), the
+    rest append to its arguments; more than one delta per call, so the arguments came in pieces."""
+    calls: dict[int, list] = {}
+    pieces = 0
+    for chunk in chunks:
+        for d in chunk.choices[0].delta.tool_calls or []:
+            pieces += 1
+            if d.index not in calls:
+                assert d.id.startswith("call_") and d.type == "function"
+                calls[d.index] = [d.function.name, ""]
+            calls[d.index][1] += d.function.arguments or ""
+    assert list(calls) == list(range(len(calls))) and pieces > len(calls)
+    return [(name, json.loads(args)) for name, args in calls.values()]
 
 
 def test_named_function(client):
@@ -61,6 +75,11 @@ def test_named_function(client):
     assert choice.finish_reason == "stop"  # as OpenAI answers a named tool_choice
     [(name, args)] = check_calls(choice.message.tool_calls)
     assert name == "get_weather" and "city" in args
+    stream = client.chat.completions.create(model="default", messages=ASK, tools=TOOLS, temperature=0, max_tokens=40,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            stream=True)
+    chunks = [c for c in stream if c.choices]
+    assert streamed_calls(chunks) == [(name, args)] and chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_auto_reads_the_models_calls(client):

@@ -54,15 +54,50 @@ def test_parse(name, answer, content, calls):
     assert calls_of(got_calls) == calls
 
 
+def joined(deltas):
+    """(name, arguments) per call from OpenAI-shaped deltas: a call's first delta names it, the rest add text."""
+    calls: dict[int, list] = {}
+    for d in deltas:
+        if d["index"] not in calls:
+            assert d["type"] == "function" and d["id"].startswith("call_") and d["function"]["name"]
+            calls[d["index"]] = [d["function"]["name"], ""]
+        calls[d["index"]][1] += d["function"].get("arguments", "")
+    assert list(calls) == list(range(len(calls)))
+    return [(name, json.loads(args)) for name, args in calls.values()]
+
+
+# streamed cut after the call's name and its arguments' opening: the stream has sent that call (see below)
+BROKEN_AFTER_OPENING = {'<tool_call>{"name": "weather", "arguments": {"city": </tool_call>'}
+
+
 @pytest.mark.parametrize("name, answer, content, calls", CASES)
 def test_streamed(name, answer, content, calls):
     for size in (1, 3, 7):
         stream = ToolStream(PARSERS[name]())
         pieces = [answer[i:i + size] for i in range(0, len(answer), size)]
         out = [stream.feed(p, final=False) for p in pieces] + [stream.feed("", final=True)]
-        assert all(not c for _, c in out[:-1])  # calls only at the end
+        deltas = [d for _, ds in out for d in ds]
+        if answer in BROKEN_AFTER_OPENING:
+            # a call goes out once its name and the opening of its arguments are written, and cannot be taken back:
+            # the client has what the model wrote, and the choice does not finish with tool_calls
+            assert not stream.called and "".join(t for t, _ in out) == ""
+            assert deltas[0]["function"]["name"] == "weather"
+            continue
         assert "".join(t for t, _ in out) == (content or "")
-        assert calls_of(out[-1][1]) == calls
+        assert joined(deltas) == calls and stream.called == bool(calls)
+        if calls and name != "qwen25":  # arguments written as an object stream before the answer ends
+            assert any(ds for _, ds in out[:-1])
+
+
+def test_arguments_stream_as_the_model_writes_them():
+    """The fragments join to the model's own text of the arguments, and each call's name comes first, alone."""
+    answer = '<tool_call>{"name": "weather", "arguments": {"city": "O\\"slo {x}", "days": [1, 2]}}</tool_call>'
+    stream = ToolStream(PARSERS["hermes"]())
+    deltas = [d for i in range(0, len(answer), 4) for d in stream.feed(answer[i:i + 4], final=False)[1]]
+    deltas += stream.feed("", final=True)[1]
+    assert deltas[0]["function"] == {"name": "weather", "arguments": ""}
+    assert "".join(d["function"].get("arguments", "") for d in deltas) == '{"city": "O\\"slo {x}", "days": [1, 2]}'
+    assert len(deltas) > 5
 
 
 def test_required_and_named_schemas():
