@@ -36,6 +36,9 @@ class ServerArgs:
     served_model_name: str | None = _flag(None, "Model id reported by the API (default: the model's name: a hub id "
                                           "as given, a folder's name, a .gguf file's name without its "
                                           "quantization tag).")
+    is_embedding: bool = _flag(False, "Serve the model for embeddings (/v1/embeddings, Engine.encode): prefill only, "
+                               "a pooled vector per input, no generation. Chosen automatically for *Model and "
+                               "*ForSequenceClassification architectures (the latter also serve /classify).")
     chat_template: str | None = _flag(None, "A named chat template or a .jinja file (default: the tokenizer's).")
     tool_call_parser: str | None = _flag(None, "How the model writes tool calls, read back into tool_calls for "
                                          "tool_choice auto: hermes (also qwen25, qwen3: <tool_call> JSON blocks), "
@@ -297,6 +300,7 @@ class ModelConfig:
     vocab_size: int
     eos_token_ids: set[int] = field(default_factory=set)
     max_position: int = 0  # rotary positions the model has tables for (M-RoPE positions may outrun the context)
+    is_embedding: bool = False  # requests are prefilled and pooled, never decoded (see is_embedding_model)
 
     @classmethod
     def from_hf(cls, hf_config: Any, args: ServerArgs, device: torch.device,
@@ -324,6 +328,7 @@ class ModelConfig:
             vocab_size=text.vocab_size,
             eos_token_ids=set(eos_token_ids or ()),
             max_position=max_pos,
+            is_embedding=is_embedding_model(args, hf_config),
         )
 
 
@@ -336,6 +341,13 @@ def architectures_of(hf_config: Any) -> list[str]:
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", ""))
     return [name] if isinstance(name, str) else []
+
+
+def is_embedding_model(args: ServerArgs, hf_config: Any) -> bool:
+    """Whether the server pools instead of generating: --is-embedding, or an architecture that has no LM head (a
+    `*Model` checkpoint such as MistralModel or Qwen2Model, or a `*ForSequenceClassification` score head)."""
+    return args.is_embedding or any(arch.endswith(("Model", "ForSequenceClassification"))
+                                    for arch in architectures_of(hf_config))
 
 
 def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:

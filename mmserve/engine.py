@@ -23,6 +23,7 @@ import torch
 
 from mmserve.config import ServerArgs
 from mmserve.engine_core import EngineCore
+from mmserve.layers.pooler import shorten
 from mmserve.messages import AbortRequest, GenerateRequest, TokenOutput
 from mmserve.models.loader import split_gguf
 from mmserve.multimodal.inputs import to_wire
@@ -114,6 +115,8 @@ class Engine:
         media settings (e.g. `max_pixels`, `fps`; the model family's list, as the server's request field).
 
         Several prompts with media are processed `--mm-processor-workers` at a time, each submitted once ready."""
+        if self.model_config.is_embedding:
+            raise ValueError(f"{self.args.model_path} is served as an embedding model: use encode(), not generate()")
         if prompt is not None and input_ids is not None:
             raise ValueError("give either prompt or input_ids, not both")
         if prompt is None and input_ids is None:
@@ -160,6 +163,55 @@ class Engine:
         results = [[self._wait(*sub) for sub in group] for group in groups]
         results = [group[0] if len(group) == 1 else group for group in results]
         return results[0] if single else results
+
+    def encode(self, prompt: str | list[str] | list[int] | list[list[int]],
+               dimensions: int | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+        """Pooled vectors of an embedding model (a score head: one score per label), as OpenAI's embeddings take
+        input: a string or token ids give one result, a list of them a list in order. `dimensions` keeps the first
+        that many values and normalises them again (Matryoshka embeddings). A result is {"embedding": [...],
+        "meta_info": {"prompt_tokens": n}}."""
+        if not self.model_config.is_embedding:
+            raise ValueError(f"{self.args.model_path} is served as a generative model: start the Engine with "
+                             "is_embedding=True for embeddings")
+        single = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
+                                             and isinstance(prompt[0], int))
+        inputs = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
+        if not inputs:
+            raise ValueError("give a string, token ids, or a non-empty list of either")
+        token_lists = [self._encode(p) if isinstance(p, str) else list(p) for p in inputs]
+        if not all(ids and all(isinstance(t, int) for t in ids) for ids in token_lists):
+            raise ValueError("each input must be a non-empty string or a non-empty list of token ids")
+        pending = []
+        for ids in token_lists:
+            rid, outputs = uuid.uuid4().hex, queue.Queue()
+            with self._lock:
+                self._queues[rid] = outputs
+            self._inbox.put(GenerateRequest(rid, ids, embed=True))
+            pending.append((rid, outputs))
+        results = []
+        try:
+            for rid, outputs in pending:
+                out = self._final_output(outputs)
+                vector = out.embedding if dimensions is None else shorten(out.embedding, dimensions)
+                results.append({"embedding": vector, "meta_info": {"id": rid, "prompt_tokens": out.prompt_tokens}})
+        finally:
+            for rid, _ in pending[len(results):]:  # a failed one: the others need not run on
+                self.abort(rid)
+        return results[0] if single else results
+
+    def _final_output(self, outputs: queue.Queue) -> TokenOutput:
+        """An embedding request's one output; raises its error."""
+        while True:
+            try:
+                out: TokenOutput = outputs.get(timeout=1.0)
+            except queue.Empty:
+                if self._error is not None:
+                    raise RuntimeError(f"the engine stopped: {self._error!r}") from self._error
+                continue
+            if out.error_status is not None:
+                raise (ValueError if out.error_status < 500 else RuntimeError)(out.finished_reason["message"])
+            if out.finished_reason is not None:
+                return out
 
     def chat(self, messages: list[dict[str, Any]], sampling_params: dict[str, Any] | None = None,
              stream: bool = False, mm_processor_kwargs: dict[str, Any] | None = None, **template_kwargs: Any):

@@ -17,6 +17,7 @@ import torch
 
 from mmserve.config import ModelConfig, ServerArgs
 from mmserve.distributed.parallel_state import get_tp_size
+from mmserve.layers.pooler import Pooler
 from mmserve.messages import AbortRequest, EngineReady, EngineStats, GenerateRequest, TokenOutput
 from mmserve.models.loader import generation_eos_ids, load_hf_config, load_tokenizer, resolve_model_path
 from mmserve.multimodal.processors import ProcessorRegistry, ProcessorSpec
@@ -50,7 +51,10 @@ class EngineCore:
         self.model_config = ModelConfig.from_hf(hf_config, args, self.device, eos)
         self.runner = ModelRunner(self.model_config, args, checkpoint, self.device)
         self.checkpoint = checkpoint
-        self.scheduler = Scheduler(args, self.model_config, self.runner, self.tokenizer)
+        # an embedding server pools each prompt's hidden states instead of generating (layers/pooler.py)
+        self.pooler = (Pooler.for_model(checkpoint if checkpoint.is_dir() else checkpoint.parent, hf_config,
+                                        self.model_config.architectures) if self.model_config.is_embedding else None)
+        self.scheduler = Scheduler(args, self.model_config, self.runner, self.tokenizer, pooler=self.pooler)
         if self.device.type == "cuda":
             self.warm_up()
 
@@ -76,7 +80,8 @@ class EngineCore:
 
         def run(batch: list[tuple[str, list[int]]]) -> None:
             for rid, ids in batch:
-                sched.add_request(GenerateRequest(rid=rid, input_ids=ids, sampling_params=params))
+                sched.add_request(GenerateRequest(rid=rid, input_ids=ids, sampling_params=params,
+                                                  embed=self.pooler is not None))
             while sched.has_work():
                 sched.step()
 
@@ -129,6 +134,7 @@ class EngineCore:
             max_total_tokens=self.runner.max_total_tokens,
             max_running_requests=self.runner.max_running_requests,
             vocab_size=self.model_config.vocab_size,
+            is_embedding=self.model_config.is_embedding,
             dtype=str(self.model_config.dtype).removeprefix("torch."),
             device=str(self.device),
         )

@@ -40,6 +40,9 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]  # new tokens of each request in this step (1 for decode)
     logits_indices: torch.Tensor | None  # rows of the hidden states whose logits are needed (None: all)
+    # an embedding server's step: the model returns those rows' final hidden states (a score head: its scores)
+    # instead of logits, for the pooler
+    pooling: bool = False
     attn_metadata: Any = field(default=None)  # filled by the backend's init_forward_metadata
     mm_inputs: list[Any] | None = None  # per request: MultimodalInputs or None (EXTEND steps only)
     # per request: sorted, disjoint [start, end) token indices that attend bidirectionally (None: no request has any)

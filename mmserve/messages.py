@@ -41,6 +41,7 @@ class GenerateRequest(msgspec.Struct, tag=True):
     logprob_start_len: int = -1
     return_logits: bool = False  # keep full next-token logits in TokenOutput.logits (in-process only)
     mm_inputs: WireMultimodal | None = None  # media of the prompt; input_ids hold their placeholder tokens
+    embed: bool = False  # pool the prompt (an embedding server) instead of generating; sampling_params unused
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -62,6 +63,7 @@ class TokenOutput(msgspec.Struct, tag=True):
     input_top_logprobs: list[list[tuple[int, float]]] | None = None
     logits: Any = None  # list of float32 tensors [vocab], one per new token (in-process only)
     error_status: int | None = None  # a refused request: HTTP status; the reason is in finished_reason
+    embedding: list[float] | None = None  # an embed request's pooled vector (a score head: one score per label)
 
 
 class EngineReady(msgspec.Struct, tag=True):
@@ -73,6 +75,7 @@ class EngineReady(msgspec.Struct, tag=True):
     vocab_size: int
     dtype: str
     device: str
+    is_embedding: bool = False  # pools prompts (/v1/embeddings) instead of generating
 
 
 class EngineStats(msgspec.Struct, tag=True):

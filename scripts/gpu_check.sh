@@ -24,6 +24,7 @@ MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cachep
   tests/models/test_qwen3_vl.py tests/models/test_llava.py tests/models/test_llava_next.py \
   tests/models/test_llava_onevision.py tests/models/test_llava_next_video.py tests/models/test_gemma3.py \
   tests/models/test_pixtral.py tests/models/test_mistral3.py tests/models/test_internvl.py tests/models/test_janus.py \
+  tests/models/test_glm4v.py \
   tests/scheduler tests/layers tests/cache tests/runner tests/constrained \
   tests/multimodal tests/server/test_openai_api.py tests/server/test_multimodal_api.py \
   tests/server/test_errors.py tests/attention 2>&1 | tee "$OUT/tests.log" | tail -15

@@ -194,3 +194,26 @@ def tiny_janus_dir(tokenizer_dir, tmp_path_factory) -> Path:
     from tiny_models import build_tiny_janus
 
     return build_tiny_janus(tokenizer_dir, tmp_path_factory.mktemp("tiny_janus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4v_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_glm4v
+
+    return build_tiny_glm4v(tokenizer_dir, tmp_path_factory.mktemp("tiny_glm4v"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pooling_dir(tokenizer_dir, tmp_path_factory):
+    """A function kind -> folder of a tiny embedder or sequence classifier (tiny_models.POOLING_MODELS), each
+    built once per session."""
+    from tiny_models import build_tiny_pooling_model
+
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = build_tiny_pooling_model(kind, tokenizer_dir, tmp_path_factory.mktemp(f"tiny_{kind}"))
+        return built[kind]
+
+    return get

@@ -644,3 +644,109 @@ def build_tiny_janus(tokenizer_dir: Path, out: Path) -> Path:
                                chat_template=JANUS_STYLE)
     processor.save_pretrained(out)
     return out
+
+
+# zai-org/GLM-4.1V-9B-Thinking's template, less its thinking and tool parts: "[gMASK]<sop>", roles as special tokens,
+# each content part in order, images and videos wrapped in their begin/end tokens
+GLM4V_STYLE = (
+    "[gMASK]<sop>{%- for msg in messages %}{%- if msg.role == 'system' %}<|system|>\n{{ msg.content }}"
+    "{%- elif msg.role == 'user' %}<|user|>{{ '\\n' }}{%- if msg.content is string %}{{ msg.content }}{%- else %}"
+    "{%- for item in msg.content %}{%- if item.type == 'video' or 'video' in item %}"
+    "<|begin_of_video|><|video|><|end_of_video|>{%- elif item.type == 'image' or 'image' in item %}"
+    "<|begin_of_image|><|image|><|end_of_image|>{%- elif item.type == 'text' %}{{ item.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{%- elif msg.role == 'assistant' %}<|assistant|>\n{{ msg.content }}{%- endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+GLM4V_TOKENS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>",
+                "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"]
+
+
+def build_tiny_glm4v(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer GLM-4.1V (head_dim 16, rotary on its first 8 dims over [2, 1, 1] M-RoPE bands) under a 2-block ViT
+    over 14 px patches with a 4x4 learned position table (test images are larger and smaller) and a qkv bias;
+    SmolLM2's tokenizer plus GLM's tokens (`image_token`, `video_token` named), the GLM-4V processor and template."""
+    from transformers import (
+        AutoTokenizer,
+        Glm4vConfig,
+        Glm4vForConditionalGeneration,
+        Glm4vImageProcessor,
+        Glm4vProcessor,
+        Glm4vVideoProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens={"image_token": "<|image|>",
+                                                                             "video_token": "<|video|>"})
+    tok.add_special_tokens({"additional_special_tokens": GLM4V_TOKENS})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|image|>", "<|video|>", *GLM4V_TOKENS]}
+    text = vl_text_config(len(tok), mrope_section=[2, 1, 1])
+    text["rope_parameters"]["partial_rotary_factor"] = 0.5
+    vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=14,
+                  image_size=56, spatial_merge_size=2, temporal_patch_size=2, attention_bias=True)
+    config = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image|>"],
+                         video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
+                         image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
+                         video_end_token_id=ids["<|end_of_video|>"], tie_word_embeddings=False)
+    save_random_vl(Glm4vForConditionalGeneration, config, 7654, out)
+    # 28 px = one LLM token per side; at most 48 LLM tokens per image or frame pair (pixels count both frames)
+    size = {"shortest_edge": 2 * 56 * 56, "longest_edge": 2 * 28 * 28 * 48}
+    processor = Glm4vProcessor(image_processor=Glm4vImageProcessor(size=size),
+                               video_processor=Glm4vVideoProcessor(size=size, max_image_size={"longest_edge": size[
+                                   "longest_edge"]}),
+                               tokenizer=tok, chat_template=GLM4V_STYLE)
+    processor.save_pretrained(out)
+    return out
+
+
+# Embedding and score models (tests/models/test_embeddings.py): architecture -> (family config, extra).
+# `*Model` checkpoints are saved from the bare decoder (tensor names without "model."), as embedders ship.
+POOLING_MODELS = {
+    "qwen2_embed": ("qwen2", "Qwen2Model", {}),  # last token, normalised (no sentence-transformers files)
+    "llama_embed_mean": ("llama", "LlamaModel", {"pooling": "mean"}),  # sentence-transformers: mean + Normalize
+    "mistral_embed_cls": ("mistral", "MistralModel", {"pooling": "cls"}),  # sentence-transformers: CLS, raw
+    "qwen2_cls": ("qwen2", "Qwen2ForSequenceClassification", {"num_labels": 3}),
+    "llama_cls": ("llama", "LlamaForSequenceClassification", {"num_labels": 2}),
+    "qwen3_reward": ("qwen3", "Qwen3ForSequenceClassification", {"num_labels": 1}),
+}
+
+
+def build_tiny_pooling_model(kind: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer random embedder or sequence classifier of POOLING_MODELS[kind], float32, with SmolLM2's
+    tokenizer; an embedder with a pooling method also gets sentence-transformers' modules.json and
+    1_Pooling/config.json."""
+    import json
+    import shutil
+
+    import transformers
+
+    family, arch, extra = POOLING_MODELS[kind]
+    torch.manual_seed(4242 + list(POOLING_MODELS).index(kind))
+    config = _tiny_configs()[family]()
+    if "num_labels" in extra:
+        config.num_labels = extra["num_labels"]
+        config.id2label = {i: f"label_{i}" for i in range(extra["num_labels"])}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    config.architectures = [arch]
+    model = getattr(transformers, arch)(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    pooling = extra.get("pooling")
+    if pooling is not None:
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if pooling == "mean":
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        (out / "modules.json").write_text(json.dumps(modules))
+        (out / "1_Pooling").mkdir()
+        (out / "1_Pooling" / "config.json").write_text(json.dumps({
+            "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+            "pooling_mode_lasttoken": False}))
+    return out

@@ -1,4 +1,5 @@
-"""Logits for the positions a step needs (each request's last token), gathered across vocabulary shards."""
+"""Logits for the positions a step needs (each request's last token), gathered across vocabulary shards; on an
+embedding server, those positions' hidden states instead."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class LogitsProcessor(nn.Module):
         """float32 logits [len(batch.logits_indices), vocab] (all positions when logits_indices is None)."""
         if batch.logits_indices is not None:
             hidden_states = hidden_states[batch.logits_indices]
+        if batch.pooling:  # a generative checkpoint served for embeddings (--is-embedding): no LM head
+            return hidden_states.float()
         logits = tp_all_gather(F.linear(hidden_states, lm_head.weight))[:, : self.vocab_size]
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale

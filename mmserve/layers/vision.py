@@ -274,12 +274,13 @@ class VisionAttention(nn.Module):
     """qkv projection, 2-D rotary on q and k, attention within each packed sequence, output projection. Weight
     names as the Qwen-VL checkpoints have them (`qkv`, `proj`)."""
 
-    def __init__(self, dim: int, num_heads: int, bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, bias: bool = True, proj_bias: bool | None = None):
+        """`proj_bias` defaults to `bias` (GLM-4.1V's tower has no output bias whatever its qkv has)."""
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias if proj_bias is None else proj_bias)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], seqs: PackedSeqs) -> torch.Tensor:
         n = x.shape[0]
@@ -323,13 +324,15 @@ class VisionMLP(nn.Module):
 
 class VisionBlock(nn.Module):
     """Pre-norm ViT block: attention and an MLP (any module [N, dim] -> [N, dim]), each with a residual. `norm` is the
-    norm's class (nn.LayerNorm, or layers.norm.RMSNorm), built with eps 1e-6."""
+    norm's class (nn.LayerNorm, or layers.norm.RMSNorm), built with `eps`; `attn` replaces the default
+    `VisionAttention(dim, num_heads)` (a tower with other biases)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, norm: type[nn.Module] = nn.LayerNorm):
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, norm: type[nn.Module] = nn.LayerNorm,
+                 eps: float = 1e-6, attn: VisionAttention | None = None):
         super().__init__()
-        self.norm1 = norm(dim, eps=1e-6)
-        self.norm2 = norm(dim, eps=1e-6)
-        self.attn = VisionAttention(dim, num_heads)
+        self.norm1 = norm(dim, eps=eps)
+        self.norm2 = norm(dim, eps=eps)
+        self.attn = attn if attn is not None else VisionAttention(dim, num_heads)
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], seqs: PackedSeqs) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 A decoder layer is pre-norm attention then pre-norm gated MLP, each with a residual. The attention block
 takes the two switches that separate the families: a bias on q/k/v (Qwen2) and a per-head RMSNorm on q and
-k before rotary (Qwen3).
+k before rotary (Qwen3). Without the LM head the same decoder serves embedders (`LlamaEmbeddingModel`, HF's
+`LlamaModel` checkpoints) and score heads (`LlamaForSequenceClassification`).
 """
 
 from __future__ import annotations
@@ -191,4 +192,48 @@ class LlamaForCausalLM(nn.Module):
         return loaded
 
 
-EntryClass = [LlamaForCausalLM]
+class LlamaEmbeddingModel(LlamaForCausalLM):
+    """The decoder without its LM head: an embedder (a `*Model` checkpoint, or a causal one served with
+    --is-embedding). `forward` returns the final hidden states of the rows the pooler asks for
+    (`batch.logits_indices`), in float32. Checkpoints saved from the bare decoder name tensors without `model.`."""
+
+    def __init__(self, config: PretrainedConfig):
+        nn.Module.__init__(self)
+        self.config = config
+        self.model = LlamaModel(config, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, mlp_factory=self.mlp_factory)
+        self.tied = False
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        hidden_states = self.model(input_ids, positions, batch)
+        if batch.logits_indices is not None:
+            hidden_states = hidden_states[batch.logits_indices]
+        return self.head(hidden_states)
+
+    def head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states.float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        own = ("model.", "score.")
+        return super().load_weights((name if name.startswith(own) else f"model.{name}", tensor)
+                                    for name, tensor in weights if not name.startswith("lm_head."))
+
+
+class LlamaForSequenceClassification(LlamaEmbeddingModel):
+    """A score head (reward models, classifiers): a linear map of the pooled token's hidden state to one score per
+    label. The pooler picks the last token that is not padding, as transformers does."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden_states).float()
+
+
+def architecture(name: str, cls: type[nn.Module]) -> type[nn.Module]:
+    """`cls` registered under the architecture `name`, for a name this module already uses for something else
+    (HF's `LlamaModel` checkpoint, where our `LlamaModel` is the decoder stack)."""
+    return type(name, (cls,), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+EntryClass = [LlamaForCausalLM, LlamaForSequenceClassification, architecture("LlamaModel", LlamaEmbeddingModel)]

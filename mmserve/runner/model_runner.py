@@ -125,8 +125,8 @@ class ModelRunner:
         gc.collect()
 
     def _use_cuda_graphs(self) -> bool:
-        if self.device.type != "cuda" or self.args.disable_cuda_graph:
-            return False
+        if self.device.type != "cuda" or self.args.disable_cuda_graph or self.config.is_embedding:
+            return False  # an embedding server never decodes, and its prefill steps return hidden states
         if not self.attn_backend.supports_cuda_graph:
             logger.info("CUDA graphs off: the %s attention backend cannot be captured",
                         type(self.attn_backend).__name__)
@@ -139,6 +139,11 @@ class ModelRunner:
 
     def _load_model(self, checkpoint: Path) -> torch.nn.Module:
         cls = ModelRegistry.resolve(self.config.architectures)
+        if self.config.is_embedding and cls.__name__.endswith("ForCausalLM"):
+            # --is-embedding on a causal checkpoint (gte-Qwen2, Qwen3-Embedding): its family's decoder without the
+            # LM head when there is one; otherwise the causal model returns hidden states (ForwardBatch.pooling)
+            bare = cls.__name__.removesuffix("ForCausalLM") + "Model"
+            cls = ModelRegistry.resolve([bare]) if bare in ModelRegistry.supported() else cls
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:

@@ -55,6 +55,11 @@ class Req:
     input_logprobs_sent: bool = False
     # encoder-cache keys this request pinned while its prompt is prefilled in chunks (Scheduler._pin_media)
     encoder_pins: list[int] | None = None
+    # an embedding request (prefill only): the prompt positions whose hidden states the pooler reads, the running
+    # float32 sum of those computed so far, and the result
+    pool_span: range | None = None
+    pooled: torch.Tensor | None = None
+    embedding: list[float] | None = None
 
     @property
     def wants_input_logprobs(self) -> bool:

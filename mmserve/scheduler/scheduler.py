@@ -20,6 +20,7 @@ from mmserve.cache.radix_cache import RadixCache
 from mmserve.config import ModelConfig, ServerArgs
 from mmserve.constrained.grammar import GrammarCompiler
 from mmserve.forward_batch import ForwardBatch, ForwardMode
+from mmserve.layers.pooler import Pooler
 from mmserve.messages import GenerateRequest, TokenOutput
 from mmserve.multimodal.inputs import MultimodalInputs, from_wire
 from mmserve.runner.model_runner import ModelRunner
@@ -63,8 +64,10 @@ class _InflightDecode:
 
 
 class Scheduler:
-    def __init__(self, args: ServerArgs, model_config: ModelConfig, runner: ModelRunner, tokenizer=None):
+    def __init__(self, args: ServerArgs, model_config: ModelConfig, runner: ModelRunner, tokenizer=None,
+                 pooler: Pooler | None = None):
         self.args = args
+        self.pooler = pooler  # an embedding server: every request is prefilled and pooled, never decoded
         self.model_config = model_config
         self.runner = runner
         self.tokenizer = tokenizer  # for stop strings and grammars
@@ -100,7 +103,13 @@ class Scheduler:
 
     def add_request(self, request: GenerateRequest) -> None:
         """Validate and queue a request; bad input raises ValueError with the user's words."""
-        params = SamplingParams.from_dict(request.sampling_params)
+        if request.embed != (self.pooler is not None):
+            raise ValueError("this server serves an embedding model: use /v1/embeddings (Engine.encode), not "
+                             "generation" if self.pooler is not None else
+                             "this server serves a generative model: it has no embeddings (start one with "
+                             "--is-embedding)")
+        # an embedding request generates nothing, so it reserves no room for output
+        params = SamplingParams.from_dict(request.sampling_params if not request.embed else {"max_new_tokens": 0})
         if request.rid in self.reqs:
             raise ValueError(f"duplicate request id {request.rid!r}")
         prompt_len = len(request.input_ids)
@@ -117,10 +126,11 @@ class Scheduler:
         if any(not 0 <= t < vocab for i, t in enumerate(input_ids) if i not in media):
             raise ValueError(f"input_ids must be in [0, {vocab})")
         context = self.model_config.context_len
-        if prompt_len >= context:
+        if prompt_len >= context + request.embed:
             expanded = " after expanding multimodal tokens" if request.mm_inputs is not None else ""
+            room = "" if request.embed else " (room must remain for at least one output token)"
             raise ValueError(f"the prompt is too long{expanded}: {prompt_len} tokens, but the context length is "
-                             f"{context} tokens (room must remain for at least one output token)")
+                             f"{context} tokens{room}")
         max_new = min(params.max_new_tokens, context - prompt_len, self._position_room(mm, prompt_len))
         if prompt_len + max_new > self.kv_pool.size:
             raise ValueError(f"the request needs {prompt_len + max_new} tokens of KV cache ({prompt_len} prompt + "
@@ -144,7 +154,9 @@ class Scheduler:
             req.stop_detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
                                                           params.spaces_between_special_tokens,
                                                           prompt_ids=list(request.input_ids))
-        if max_new == 0 and req.logprob_start_len < 0:  # with prompt log-probs, the prompt still runs
+        if request.embed:
+            req.pool_span = self.pooler.span(input_ids)
+        elif max_new == 0 and req.logprob_start_len < 0:  # with prompt log-probs, the prompt still runs
             req.finished_reason = {"type": "length", "length": 0}
         self.reqs[req.rid] = req
         self.waiting.append(req)
@@ -363,8 +375,11 @@ class Scheduler:
         row = self.req_pool.alloc()
         if row is None:
             return False
-        # Prompt log-probs need the logits of every prompt position, so such a request computes its prefix.
+        # Prompt log-probs need the logits of every prompt position, so such a request computes its prefix; an
+        # embedding request computes its pool span (all of a mean-pooled prompt).
         key = req.fill_ids[:-1] if not req.wants_input_logprobs else []
+        if req.pool_span is not None:
+            key = key[: req.pool_span.start]
         slots, node = self.tree.match_prefix(key)
         self.tree.inc_lock_ref(node)
         req.req_pool_idx, req.last_node = row, node
@@ -589,6 +604,8 @@ class Scheduler:
     # ----- running a batch -----
 
     def _run(self, batch: list[tuple[Req, int]], mode: ForwardMode) -> None:
+        if self.pooler is not None:
+            return self._run_pooled(batch)
         if mode == ForwardMode.DECODE:
             forward, prompt_rows, prompt_scored, sampled = self._decode_batch(batch), [], [], [r for r, _ in batch]
         else:
@@ -607,6 +624,38 @@ class Scheduler:
         if sampled:
             self._sample_and_append(sampled, logits[len(prompt_rows) :])
         self._after_step(batch, mode, set(sampled))
+
+    def _run_pooled(self, batch: list[tuple[Req, int]]) -> None:
+        """An embedding server's prefill step: the model returns the hidden states (a score head: the scores) of
+        the positions each request's pool span has in this step; they are summed into the request, and a request
+        whose prompt is complete gets its pooled vector and finishes."""
+        forward = self._extend_batch(batch)[0]
+        rows: list[int] = []
+        counts: list[int] = []  # each request's pooled rows in this step
+        offset = 0
+        for req, n in batch:
+            start, end = max(req.kv_len, req.pool_span.start), min(req.kv_len + n, req.pool_span.stop)
+            rows.extend(range(offset + start - req.kv_len, offset + end - req.kv_len))
+            counts.append(max(0, end - start))
+            offset += n
+        forward.logits_indices = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        forward.pooling = True
+        out = self.runner.forward(forward)
+        self.stats.steps += 1
+        self.stats.prefill_steps += 1
+        row = 0
+        done: set[Req] = set()
+        for (req, n), count in zip(batch, counts, strict=True):
+            req.pooled = Pooler.accumulate(req.pooled, out[row : row + count])
+            row += count
+            req.kv_len += n
+            if req.kv_len == req.seq_len and not req.finished:
+                vector = self.pooler.finish(req.pooled, len(req.pool_span))
+                req.embedding, req.pooled = vector.tolist(), None
+                req.finished_reason = {"type": "stop", "matched": None}
+                done.add(req)
+        self._step_committed = True
+        self._after_step(batch, ForwardMode.EXTEND, done)
 
     def _extend_batch(self, batch: list[tuple[Req, int]]) -> tuple[ForwardBatch, list[int], list, list[Req]]:
         """The prefill step's inputs: (batch, rows scored for prompt log-probs, their requests, requests sampled)."""
@@ -777,6 +826,7 @@ class Scheduler:
                 prompt_tokens=len(req.origin_input_ids),
                 completion_tokens=len(req.output_ids),
                 cached_tokens=req.cached_tokens,
+                embedding=req.embedding,
                 token_logprobs=req.pending_logprobs if (req.params.logprobs or req.params.top_logprobs_num) else None,
                 top_logprobs=req.pending_top if req.params.top_logprobs_num else None,
                 logits=req.pending_logits if req.return_logits else None,

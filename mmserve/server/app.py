@@ -24,15 +24,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mmserve.config import ServerArgs, architectures_of
 from mmserve.server import errors
+from mmserve.server.embeddings_api import EmbeddingServing
 from mmserve.server.errors import APIError, error_response
 from mmserve.server.metrics import Metrics
 from mmserve.server.openai_api import OpenAIServing, sse_with_errors
 from mmserve.server.protocol import (
     AbortBody,
     ChatCompletionRequest,
+    ClassifyRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     GenerateRequestBody,
+    RerankRequest,
     TokenizeRequest,
 )
 from mmserve.tokenizer.manager import TokenizerManager
@@ -144,6 +148,7 @@ def create_app(args: ServerArgs) -> FastAPI:
     metrics = Metrics(name) if args.enable_metrics else None
     manager = TokenizerManager(args, metrics)
     serving = OpenAIServing(manager, name)
+    pooling = EmbeddingServing(manager, name)
     created = int(time.time())
 
     @asynccontextmanager
@@ -192,6 +197,19 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def generate(body: GenerateRequestBody, request: Request):
         return await respond(request, serving.generate(body))
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        return await respond(request, pooling.embeddings(body))
+
+    @app.post("/classify")
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: Request):
+        return await respond(request, pooling.classify(body))
+
+    @app.post("/v1/rerank")
+    async def rerank(body: RerankRequest, request: Request):
+        return await respond(request, pooling.rerank(body))
+
     def model_card() -> dict[str, Any]:
         info = manager.info
         return {"id": name, "object": "model", "created": created, "owned_by": "mmserve",
@@ -234,7 +252,7 @@ def create_app(args: ServerArgs) -> FastAPI:
         """SGLang's shape: what sglang-router learns of the model behind this URL."""
         config = manager.hf_config
         return {"model_path": args.model_path, "tokenizer_path": args.tokenizer_path or args.model_path,
-                "served_model_name": name, "is_generation": True,
+                "served_model_name": name, "is_generation": not manager.is_embedding,
                 "has_image_understanding": manager.mm_processor is not None, "has_audio_understanding": False,
                 "model_type": getattr(config, "model_type", None),
                 "architectures": architectures_of(config), "preferred_sampling_params": None,

@@ -151,4 +151,34 @@ class AbortBody(_Body):
     rid: str
 
 
+class EmbeddingRequest(_Body):
+    """OpenAI's embeddings body."""
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    rid: str | None = None
+
+
+class ClassifyRequest(_Body):
+    """vLLM's and SGLang's classify body (`input`), SGLang's older `text`, or chat conversations (`messages`: one, or
+    a list of them) that the chat template renders, as a reward model scores them."""
+
+    input: str | list[str] | None = None
+    text: str | list[str] | None = None
+    messages: list[dict[str, Any]] | list[list[dict[str, Any]]] | None = None
+    model: str | None = None
+    rid: str | None = None
+
+
+class RerankRequest(_Body):
+    query: str
+    documents: list[str]
+    top_n: int | None = None
+    return_documents: bool = True
+    model: str | None = None
+
+
 FinishReason = Literal["stop", "length", "abort"]

@@ -25,7 +25,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from mmserve.config import ServerArgs
+from mmserve.config import ServerArgs, is_embedding_model
 from mmserve.engine_core import load_tokenizer_for
 from mmserve.messages import (
     AbortRequest,
@@ -34,6 +34,7 @@ from mmserve.messages import (
     FromEngine,
     GenerateRequest,
     OutputBatch,
+    TokenOutput,
     WireMultimodal,
 )
 from mmserve.multimodal.inputs import to_wire
@@ -154,6 +155,8 @@ class TokenizerManager:
         self.tokenizer = load_tokenizer_for(args)
         self.chat_template = resolve_chat_template(args.chat_template, self.tokenizer)
         self.hf_config, self.mm_processor = _model_config_and_processor(args)
+        # an embedding server pools prompts (/v1/embeddings) and generates nothing; a generative one the reverse
+        self.is_embedding = is_embedding_model(args, self.hf_config)
         # Threads that prepare one request's media each: they read headers, look up the processor cache and wait
         # for the processor's workers (--mm-processor-workers) to decode and process what is missing.
         self.mm_pool = ThreadPoolExecutor(args.mm_processor_workers, thread_name_prefix="mmserve-media")
@@ -417,6 +420,9 @@ class TokenizerManager:
 
         Submission is eager (capacity is counted from this moment); the iterator aborts the request if its
         consumer stops early. Nothing stays registered when submission fails."""
+        if self.is_embedding:
+            raise APIError(400, f"{self.args.model_path} is served as an embedding model: it generates nothing; use "
+                           "/v1/embeddings (or /classify for a classifier)")
         self.check_capacity()
         if rid in self._queues:
             raise APIError(400, f"duplicate request id {rid!r}")
@@ -438,6 +444,36 @@ class TokenizerManager:
             self._release(rid)
             raise
         return self._follow(state, q)
+
+    async def encode(self, rid: str, input_ids: list[int]) -> TokenOutput:
+        """An embedding request: sent now, its one output awaited (an APIError for a refusal). Cancelling the
+        caller aborts it in the engine."""
+        if self.stopped is not None:
+            raise APIError(503, self.stopped)
+        self.check_capacity()
+        if rid in self._queues:
+            raise APIError(400, f"duplicate request id {rid!r}")
+        frame = self._encoder.encode(GenerateRequest(rid, input_ids, embed=True))
+        replica = self.balancer.pick(input_ids)
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = q
+        self._owner[rid] = replica
+        replica.load += 1
+        finished = False
+        try:
+            replica.push.send(frame)
+            while True:
+                out = await q.get()
+                if isinstance(out, EngineDead):
+                    raise APIError(503, str(out))
+                if out.error_status is not None:
+                    raise APIError(out.error_status, out.finished_reason["message"])
+                if out.finished_reason is not None:
+                    finished = True
+                    return out
+        finally:
+            if not finished:
+                self.cancel(rid)
 
     async def _follow(self, state: RequestState, q: asyncio.Queue) -> AsyncIterator[RequestState]:
         start = last = time.perf_counter()
