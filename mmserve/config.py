@@ -343,10 +343,16 @@ def architectures_of(hf_config: Any) -> list[str]:
     return [name] if isinstance(name, str) else []
 
 
+# the bare decoders mmserve serves as embedders (e5-mistral as MistralModel, gte-Qwen2 as Qwen2Model, ...); by name,
+# so the API process decides without importing model code
+POOLING_ARCHITECTURES = frozenset({"LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model"})
+
+
 def is_embedding_model(args: ServerArgs, hf_config: Any) -> bool:
-    """Whether the server pools instead of generating: --is-embedding, or an architecture that has no LM head (a
-    `*Model` checkpoint such as MistralModel or Qwen2Model, or a `*ForSequenceClassification` score head)."""
-    return args.is_embedding or any(arch.endswith(("Model", "ForSequenceClassification"))
+    """Whether the server pools instead of generating: --is-embedding, or an architecture that has no LM head (one
+    of POOLING_ARCHITECTURES, or a `*ForSequenceClassification` score head). Any other name, such as a class
+    registered from outside, generates unless --is-embedding says otherwise."""
+    return args.is_embedding or any(arch in POOLING_ARCHITECTURES or arch.endswith("ForSequenceClassification")
                                     for arch in architectures_of(hf_config))
 
 

@@ -423,16 +423,23 @@ class TokenizerManager:
         if self.is_embedding:
             raise APIError(400, f"{self.args.model_path} is served as an embedding model: it generates nothing; use "
                            "/v1/embeddings (or /classify for a classifier)")
+        state = RequestState.create(rid, params, input_ids, self.tokenizer)
+        q = self._send(GenerateRequest(rid, input_ids, params.to_dict(), logprob_start_len=logprob_start_len,
+                                       mm_inputs=mm_inputs))
+        return self._follow(state, q)
+
+    def _send(self, request: GenerateRequest) -> asyncio.Queue:
+        """Check capacity, pick the request's replica and send it; returns the queue its outputs arrive on.
+        Nothing stays registered when sending fails."""
         self.check_capacity()
+        rid = request.rid
         if rid in self._queues:
             raise APIError(400, f"duplicate request id {rid!r}")
         try:
-            frame = self._encoder.encode(GenerateRequest(rid, input_ids, params.to_dict(),
-                                                         logprob_start_len=logprob_start_len, mm_inputs=mm_inputs))
+            frame = self._encoder.encode(request)
         except (OverflowError, TypeError, msgspec.EncodeError) as exc:  # e.g. an integer past 64 bits
             raise APIError(400, f"the request holds a value out of range: {exc}") from exc
-        state = RequestState.create(rid, params, input_ids, self.tokenizer)
-        replica = self.balancer.pick(input_ids)
+        replica = self.balancer.pick(request.input_ids)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
         self._owner[rid] = replica
@@ -443,25 +450,16 @@ class TokenizerManager:
             self._queues.pop(rid, None)
             self._release(rid)
             raise
-        return self._follow(state, q)
+        return q
 
     async def encode(self, rid: str, input_ids: list[int]) -> TokenOutput:
         """An embedding request: sent now, its one output awaited (an APIError for a refusal). Cancelling the
         caller aborts it in the engine."""
         if self.stopped is not None:
             raise APIError(503, self.stopped)
-        self.check_capacity()
-        if rid in self._queues:
-            raise APIError(400, f"duplicate request id {rid!r}")
-        frame = self._encoder.encode(GenerateRequest(rid, input_ids, embed=True))
-        replica = self.balancer.pick(input_ids)
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = q
-        self._owner[rid] = replica
-        replica.load += 1
+        q = self._send(GenerateRequest(rid, input_ids, embed=True))
         finished = False
         try:
-            replica.push.send(frame)
             while True:
                 out = await q.get()
                 if isinstance(out, EngineDead):

@@ -83,9 +83,9 @@ def test_tp2_with_replicated_kv_heads(kv1_model_dir):
     assert_same(run(kv1_model_dir, 2), run(kv1_model_dir, 1))
 
 
-def test_tp2_image_prompts_with_and_without_a_data_parallel_encoder(tiny_qwen2_vl_dir):
-    """Two images of different sizes in one prompt (one step): replicated towers, or each rank encoding one and the
-    outputs gathered."""
+def test_tp2_image_prompt_with_a_data_parallel_encoder(tiny_qwen2_vl_dir):
+    """Two images of different sizes in one prompt (one step): each rank encodes one, the outputs are gathered, and
+    the answer is one rank's."""
     prompt = f"<|im_start|>user\n{IMAGE}{IMAGE}Compare them.<|im_end|>\n<|im_start|>assistant\n"
     images = [picture(56, 84, 1), picture(112, 56, 2)]
 
@@ -97,8 +97,9 @@ def test_tp2_image_prompts_with_and_without_a_data_parallel_encoder(tiny_qwen2_v
             model.encode = lambda items: encoded.extend(items) or encode(items)  # rank 0's encoder calls
             return engine.generate(prompt, GREEDY, image_data=images)["output_ids"], len(encoded)
 
-    ref, _ = answer(1)
-    assert answer(2) == (ref, 2)
+    # (the replicated tower at tp 2 is tests/models/test_glm4v.py's tensor-parallel case)
+    ref, encoded = answer(1)
+    assert encoded == 2
     assert answer(2, mm_enable_dp_encoder=True) == (ref, 1)  # rank 1 encoded the other image
 
 

@@ -12,17 +12,15 @@ import httpx
 import pytest
 from conftest import free_port, launch
 
-from mmserve import Engine
-
 PROMPTS = ["The capital of France is", "One, two, three,", "Hello there", "The history of the city begins",
            "A list of colours: red,", "def main():", "Once upon a time", "The weather today"]
 PARAMS = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_model_dir):
-    with Engine(model_path=str(tiny_model_dir("llama")), dtype="float32", device="cpu") as engine:
-        return [r["output_ids"] for r in engine.generate(PROMPTS, PARAMS)]
+def expected(tiny_text_server):
+    """One engine's answers (the package's shared server of the same tiny Qwen2)."""
+    return [generate(tiny_text_server, p) for p in PROMPTS]
 
 
 def generate(server, prompt: str) -> list[int]:
@@ -36,7 +34,7 @@ def info(server) -> dict:
 
 
 def test_two_replicas_answer_concurrent_requests(start_server, tiny_model_dir, expected):
-    server = start_server(str(tiny_model_dir("llama")), "--device", "cpu", "--dp-size", "2")
+    server = start_server(str(tiny_model_dir("qwen2")), "--device", "cpu", "--dp-size", "2")
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda p: generate(server, p), PROMPTS))
     assert answers == expected
@@ -50,7 +48,7 @@ def test_two_replicas_answer_concurrent_requests(start_server, tiny_model_dir, e
 def test_tp2_over_two_nodes_and_a_rank_that_dies(tiny_model_dir, expected, tmp_path):
     """Rank 1 lives in node 1's process tree; killing it ends node 0's engine, which the server restarts, and node
     1 starts its rank again to meet it."""
-    model = str(tiny_model_dir("llama"))
+    model = str(tiny_model_dir("qwen2"))
     flags = ("--device", "cpu", "--tp-size", "2", "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}")
     node1 = launch_node1(model, flags, tmp_path)
     server = None
