@@ -65,6 +65,18 @@ def assert_same(ours: dict, ref: tuple[list[int], list[torch.Tensor]]) -> None:
         assert diff < 1e-4, f"step {step}: max abs logit diff {diff}"
 
 
+def assert_chat_matches_transformers(resp, hf, prompt: str, images: list[Image.Image]) -> None:
+    """A server's greedy chat completion (with log-probs) against transformers on the prompt the family's processor
+    renders from the hub template: the same prompt length, the same text, every step's log-probability within 1e-4."""
+    processor = hf[1]
+    ids, logits = hf_generate(hf, prompt, images)
+    prompt_len = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
+    assert resp.usage.prompt_tokens == prompt_len
+    assert resp.choices[0].message.content == processor.tokenizer.decode(ids)
+    for got, token, step in zip(resp.choices[0].logprobs.content, ids, logits, strict=True):
+        assert abs(got.logprob - step.log_softmax(-1)[token].item()) < 1e-4
+
+
 def check_chunked_prefill(model_dir, hf, prompt: str, images: list[Image.Image]) -> None:
     """Prefill chunks (8 tokens) smaller than an image: the same output as transformers, each image encoded once
     and then sliced for every chunk that holds some of its tokens."""

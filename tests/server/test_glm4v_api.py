@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import openai
 import torch
-from vl_helpers import hf_generate, image_data_url, picture
+from vl_helpers import assert_chat_matches_transformers, image_data_url, picture
 
 
 def test_chat_completion_matches_transformers(start_server, tiny_glm4v_dir):
@@ -23,10 +23,4 @@ def test_chat_completion_matches_transformers(start_server, tiny_glm4v_dir):
     hub_messages = [{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "What is this?"}, {"type": "image"}]}]
     prompt = processor.apply_chat_template(hub_messages, add_generation_prompt=True)
-    ids, logits = hf_generate((model, processor), prompt, images)
-    prompt_len = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
-
-    assert resp.usage.prompt_tokens == prompt_len
-    assert resp.choices[0].message.content == processor.tokenizer.decode(ids)
-    for got, token, step in zip(resp.choices[0].logprobs.content, ids, logits, strict=True):
-        assert abs(got.logprob - step.log_softmax(-1)[token].item()) < 1e-4
+    assert_chat_matches_transformers(resp, (model, processor), prompt, images)
