@@ -30,6 +30,7 @@ from mmserve.layers.mlp import GatedMLP
 from mmserve.layers.rotary import RotaryEmbedding, rope_parameters
 from mmserve.layers.vision import pixels_to_device
 from mmserve.models.llama import LlamaForCausalLM, head_dim_of, sliding_window_of
+from mmserve.models.llava import split_weight_names
 from mmserve.models.siglip import SiglipVisionTower
 from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
@@ -234,25 +235,14 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         loaded: set[str] = set()
 
         def text_weights() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                if name.startswith(tuple("model." + p for p in (*self.direct_weights, "language_model."))):
-                    name = name.removeprefix("model.")
-                name = name.replace("vision_tower.vision_model.", "vision_tower.", 1)
-                if name.startswith(self.direct_weights):
-                    if name.startswith("vision_tower.head."):
-                        continue  # SigLIP's pooling head, which Gemma 3 never uses
+            for direct, name, tensor in split_weight_names(weights, self.direct_weights):
+                if not direct:
+                    yield name, tensor
+                elif not name.startswith("vision_tower.head."):  # SigLIP's pooling head, which Gemma 3 never uses
                     if name not in params:
                         raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
                     default_weight_loader(params[name], tensor)
                     loaded.add(name)
-                    continue
-                if name.startswith("language_model.lm_head."):
-                    name = name.removeprefix("language_model.")
-                elif name.startswith("language_model.model."):
-                    name = name.removeprefix("language_model.")
-                elif name.startswith("language_model."):
-                    name = "model." + name.removeprefix("language_model.")
-                yield name, tensor
 
         return loaded | super().load_weights(text_weights())
 

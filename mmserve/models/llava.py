@@ -8,7 +8,7 @@ side: `multimodal/processors/llava.py`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -131,33 +131,41 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         return load_split_weights(self, weights)
 
 
+def split_weight_names(weights: Iterable[tuple[str, torch.Tensor]],
+                       direct: tuple[str, ...]) -> Iterator[tuple[bool, str, torch.Tensor]]:
+    """(whether the tensor is under one of `direct`'s prefixes, its name in our model, the tensor) for a
+    vision-language checkpoint in the llava-hf layout ("language_model.model.", "language_model.lm_head.", the tower's
+    and projector's prefixes, a CLIP or SigLIP tower under "vision_tower.vision_model.") or transformers 5's
+    ("model.language_model.", "lm_head.", "model." before the others). The rest are named as the model's decoder
+    loads them."""
+    for name, tensor in weights:
+        if name.startswith(tuple("model." + prefix for prefix in (*direct, "language_model."))):
+            name = name.removeprefix("model.")
+        name = name.replace("vision_tower.vision_model.", "vision_tower.", 1)
+        if name.startswith(direct):
+            yield True, name, tensor
+            continue
+        if name.startswith(("language_model.lm_head.", "language_model.model.")):
+            name = name.removeprefix("language_model.")
+        elif name.startswith("language_model."):
+            name = "model." + name.removeprefix("language_model.")
+        yield False, name, tensor
+
+
 def load_split_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Weights of a vision-language model in the llava-hf layout ("language_model.model.", "language_model.lm_head.",
-    the tower's and projector's prefixes, a CLIP tower under "vision_tower.vision_model.") or transformers 5's
-    ("model.language_model.", "lm_head.", "model." before the others): names under the model's `direct_weights`
-    load as they are (those it has no parameter for are skipped: a pooled head, blocks past the deepest feature
-    layer), the rest as its Llama-family decoder loads them."""
+    """Weights of a vision-language model in either layout (`split_weight_names`): names under the model's
+    `direct_weights` load as they are (those it has no parameter for are skipped: a pooled head, blocks past the
+    deepest feature layer), the rest as its Llama-family decoder loads them."""
     params = dict(model.named_parameters())
-    direct = model.direct_weights
     loaded: set[str] = set()
 
     def text_weights() -> Iterable[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            if name.startswith(tuple("model." + prefix for prefix in (*direct, "language_model."))):
-                name = name.removeprefix("model.")
-            name = name.replace("vision_tower.vision_model.", "vision_tower.", 1)
-            if name.startswith(direct):
-                if name in params:
-                    default_weight_loader(params[name], tensor)
-                    loaded.add(name)
-                continue
-            if name.startswith("language_model.lm_head."):
-                name = name.removeprefix("language_model.")
-            elif name.startswith("language_model.model."):
-                name = name.removeprefix("language_model.")
-            elif name.startswith("language_model."):
-                name = "model." + name.removeprefix("language_model.")
-            yield name, tensor
+        for direct, name, tensor in split_weight_names(weights, model.direct_weights):
+            if not direct:
+                yield name, tensor
+            elif name in params:
+                default_weight_loader(params[name], tensor)
+                loaded.add(name)
 
     return loaded | LlamaForCausalLM.load_weights(model, text_weights())
 
