@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig
-from transformers.image_processing_utils import select_best_resolution
 
 from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
 from mmserve.multimodal.processors import ProcessorSpec
@@ -26,6 +25,10 @@ VideoTokens = Callable[[PretrainedConfig, int], int]
 
 def tile_grid(image_size: tuple[int, int], config: PretrainedConfig) -> tuple[int, int]:
     """(rows, columns) of tiles the processor cut an image of `image_size` (height, width) into."""
+    # imported here: transformers' image utilities import torchvision (~1.7 s), which a text model never needs, and
+    # every model and processor module is imported when a registry first resolves a name
+    from transformers.image_processing_utils import select_best_resolution
+
     height, width = select_best_resolution(list(image_size), config.image_grid_pinpoints)
     side = config.vision_config.image_size
     return height // side, width // side
