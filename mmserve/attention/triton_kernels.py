@@ -329,7 +329,8 @@ def decode_attention(
     group = heads // kv_heads
     block_h = min(64, max(16, triton.next_power_of_2(group)))  # tl.dot needs at least 16 rows
     head_blocks = triton.cdiv(group, block_h)
-    block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
+    # tl.dot needs an inner size of 16 at least: tiny heads are padded (the loads mask the columns past the head)
+    block_d, block_dv = max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(v_dim))
     blocks = blocks or default_decode_blocks(q.dtype, max(block_d, block_dv))
     mid_o, mid_lse = scratch or decode_scratch(batch, heads, max_splits, v_dim, q.device)
     assert mid_o.shape == (batch, heads, max_splits, v_dim) and mid_lse.shape == (batch, heads, max_splits)
@@ -390,7 +391,8 @@ def _launch_extend(
         q = q.contiguous()
     tokens, heads, head_dim = q.shape
     kv_heads, v_dim = k.shape[1], v.shape[2]
-    block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
+    # tl.dot needs an inner size of 16 at least: tiny heads are padded (the loads mask the columns past the head)
+    block_d, block_dv = max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(v_dim))
     blocks = blocks or default_extend_blocks(q.dtype, max(block_d, block_dv))
     out = torch.empty((tokens, heads, v_dim), dtype=q.dtype, device=q.device)
     batch = q_starts.shape[0]

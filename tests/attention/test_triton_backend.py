@@ -74,9 +74,11 @@ def compare(mode: ForwardMode, lens: list[tuple[int, int]], heads: int, kv_heads
     torch.testing.assert_close(got, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
-# (heads, kv_heads, head_dim, window, dtype): GQA ratios 1, 2, 3, 4; head dims 64, 80, 128; windows; dtypes
+# (heads, kv_heads, head_dim, window, dtype): GQA ratios 1, 2, 3, 4; head dims 64, 80, 128 and a tiny 8 (padded to
+# tl.dot's 16 on a GPU: a tiny test tower's); windows; dtypes
 CASES = [
     (4, 4, 64, None, F32),
+    (2, 2, 8, None, F32),
     (4, 2, 64, 7, F32),
     (8, 2, 128, None, F32),
     (6, 2, 64, 20, F32),
@@ -191,6 +193,8 @@ def test_create_attention_backend_and_refusals(monkeypatch):
     auto = TritonAttentionBackend if torch.device(DEVICE).type == "cuda" else TorchAttentionBackend
     assert isinstance(create_attention_backend("auto", torch.device(DEVICE)), auto)
     assert isinstance(create_attention_backend("auto", torch.device("cpu")), TorchAttentionBackend)
+    # a model that caps its attention logits (Gemma 2) gets the torch backend even on a GPU
+    assert isinstance(create_attention_backend("auto", torch.device("cuda"), logit_cap=True), TorchAttentionBackend)
     with pytest.raises(ValueError, match="available: torch, triton"):
         create_attention_backend("flash", torch.device(DEVICE))
     monkeypatch.setattr(triton_kernels, "interpreting", lambda: False)  # as on a machine without TRITON_INTERPRET
