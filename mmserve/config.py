@@ -53,7 +53,7 @@ class ServerArgs:
     allow_private_media_urls: bool = _flag(False, "Allow media URLs on loopback and private networks (off: they "
                                            "are refused, against server-side request forgery).")
     limit_mm_per_prompt: str | None = _flag(None, 'Most media items per prompt as JSON, e.g. \'{"image": 8, '
-                                            '"video": 1}\' (default: 16 images, 2 videos).')
+                                            '"video": 1}\' (default: 16 images, 2 videos, 8 audio clips).')
     mm_process_config: str | None = _flag(None, 'Media preprocessing as JSON, e.g. \'{"video": {"fps": 1.0, '
                                           '"min_frames": 4, "max_frames": 64}}\'.')
     mm_processor_workers: int = _flag(4, "Threads that decode media and run the model's processor (the images and "
@@ -69,6 +69,11 @@ class ServerArgs:
                                        "processor; 0 disables.")
     mm_processor_device: str = _flag("cpu", "Where the model's torchvision image and video processors run: cpu, "
                                      "or cuda / cuda:N (a CUDA context in the API process, beside the engine's).")
+    mm_image_prep: str = _flag("auto", "Where images are normalised and cut into patches, for the families that "
+                               "allow it (Qwen-VL): engine (the API process decodes and resizes each image and sends "
+                               "it as uint8; the engine runs the rest of the model's torchvision image processor on "
+                               "its own device, once per step), api (the API process runs it all, in its workers), "
+                               "or auto: engine where CUDA is available.", choices=["auto", "api", "engine"])
     mm_max_pixels: int | None = _flag(None, "Most pixels a request's mm_processor_kwargs (min_pixels, max_pixels) "
                                       "may ask an image or video frame to be resized to (default: the model "
                                       "processor's own maximum).")
@@ -77,6 +82,10 @@ class ServerArgs:
     media_min_bytes_per_s: int = _flag(16 * 1024, "After the first 5 s, a media download slower than this on "
                                        "average is cut off.")
     video_decode_timeout: float = _flag(30.0, "Seconds one video may take to demux and decode.")
+    max_audio_seconds: float = _flag(600.0, "Longest audio clip a request may send, in seconds (checked from the "
+                                     "header before decoding, and while decoding).")
+    max_audio_mb: int = _flag(32, "Most encoded bytes of one audio clip (a download, a data URL or input_audio "
+                              "data), in MiB.")
     max_mm_bytes_per_request: int = _flag(768, "Decoded media (RGB bytes) one request may hold, in MiB.")
     max_mm_bytes_in_flight: int = _flag(3072, "Decoded media (RGB bytes) all requests together may hold, in MiB; "
                                         "requests past it wait for room.")
@@ -99,7 +108,8 @@ class ServerArgs:
                                  choices=["fcfs", "lpm"])
     disable_radix_cache: bool = _flag(False, "Do not reuse KV of shared prefixes across requests.")
     attention_backend: str = _flag("auto", "Attention implementation: torch (reference, any device), triton "
-                                   "(paged GPU kernels) or auto (triton on CUDA, torch elsewhere).")
+                                   "(paged GPU kernels) or auto (triton on CUDA, torch elsewhere and for models "
+                                   "that cap attention logits, such as Gemma 2).")
     cuda_graph_max_bs: int | None = _flag(None, "Largest decode batch replayed from a CUDA graph (default: 512, "
                                           "or --max-running-requests when smaller); larger batches run eagerly.")
     disable_cuda_graph: bool = _flag(False, "Run decode and prefill steps eagerly instead of from captured CUDA "
@@ -269,8 +279,9 @@ _SERVER_ONLY = {
     "served_model_name", "reasoning_parser", "tool_call_parser", "allowed_local_media_path", "allow_private_media_urls",
     "limit_mm_per_prompt",
     "mm_process_config", "mm_processor_workers", "mm_processor_pool", "media_fetch_timeout", "media_min_bytes_per_s",
-    "video_decode_timeout", "max_mm_bytes_per_request", "max_mm_bytes_in_flight", "mm_cache_size_mb",
-    "mm_processor_cache_mb", "mm_max_pixels",
+    "video_decode_timeout", "max_audio_seconds", "max_audio_mb", "max_mm_bytes_per_request", "max_mm_bytes_in_flight",
+    "mm_cache_size_mb",
+    "mm_processor_cache_mb", "mm_max_pixels", "mm_image_prep",
     "keep_mm_feature_on_device", "max_queued_requests", "schedule_policy", "host", "port", "api_key",
     "enable_metrics", "max_request_body_mb", "request_read_timeout", "max_logprobs", "max_engine_restarts",
 }
@@ -343,9 +354,9 @@ def architectures_of(hf_config: Any) -> list[str]:
     return [name] if isinstance(name, str) else []
 
 
-# the bare decoders mmserve serves as embedders (e5-mistral as MistralModel, gte-Qwen2 as Qwen2Model, ...); by name,
-# so the API process decides without importing model code
-POOLING_ARCHITECTURES = frozenset({"LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model"})
+# the bare decoders mmserve serves as embedders (e5-mistral as MistralModel, gte-Qwen2 as Qwen2Model, ...) and CLIP's
+# two towers; by name, so the API process decides without importing model code
+POOLING_ARCHITECTURES = frozenset({"LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model", "CLIPModel"})
 
 
 def is_embedding_model(args: ServerArgs, hf_config: Any) -> bool:

@@ -28,8 +28,10 @@ from mmserve.messages import AbortRequest, GenerateRequest, TokenOutput
 from mmserve.models.loader import split_gguf
 from mmserve.multimodal.inputs import to_wire
 from mmserve.multimodal.processor import media_parts
+from mmserve.multimodal.tower_inputs import TWO_TOWER_ARCHITECTURES, TowerInputs
 from mmserve.sampling_params import SamplingParams
 from mmserve.tokenizer.chat_template import render_chat, resolve_chat_template, validate_messages
+from mmserve.tokenizer.embedding_input import check_item, item_conversation
 from mmserve.tokenizer.request_state import RequestState
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ class Engine:
                 folder, _ = split_gguf(self.core.checkpoint)
                 self.processor = MultimodalProcessor(self.args, self.core.processor_spec, self.model_config.hf_config,
                                                      folder)
+            self.towers = None  # a two-tower embedder's (CLIP's) images: multimodal/tower_inputs.py
+            if TWO_TOWER_ARCHITECTURES.intersection(self.model_config.architectures):
+                self.towers = TowerInputs(self.args, split_gguf(self.core.checkpoint)[0])
         except BaseException:  # the scheduler thread already holds the model: stop it and free that first
             self.shutdown()
             raise
@@ -103,6 +108,7 @@ class Engine:
         image_data: Any = None,
         video_data: Any = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
+        audio_data: Any = None,
     ) -> dict[str, Any] | list[Any] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict back) or a list of prompts (a list back, in order).
 
@@ -111,7 +117,9 @@ class Engine:
         the images of a single prompt (one, or a list of PIL images, bytes, data/http URLs or allowed paths), whose
         places the prompt marks with the model's image placeholder (see `chat` for the easy way); for a list of
         prompts, a list with each prompt's images (None, one or a list). `video_data` likewise: videos as data/http
-        URLs, allowed paths, bytes, or frame arrays [T, H, W, 3] (used as given). `mm_processor_kwargs`: this call's
+        URLs, allowed paths, bytes, or frame arrays [T, H, W, 3] (used as given); `audio_data` likewise: audio clips as
+        data/http URLs, allowed paths, bytes, {"data", "format"} (OpenAI's input_audio), or mono float32 arrays at the
+        model's sampling rate (used as given). `mm_processor_kwargs`: this call's
         media settings (e.g. `max_pixels`, `fps`; the model family's list, as the server's request field).
 
         Several prompts with media are processed `--mm-processor-workers` at a time, each submitted once ready."""
@@ -123,13 +131,14 @@ class Engine:
             raise ValueError("give a prompt or input_ids")
         single = isinstance(prompt, str) or (input_ids is not None and len(input_ids) > 0
                                              and isinstance(input_ids[0], int))
-        if image_data is not None or video_data is not None or mm_processor_kwargs:
+        if image_data is not None or video_data is not None or audio_data is not None or mm_processor_kwargs:
             prompts = [prompt] if single else prompt
             if prompts is None or not all(isinstance(p, str) for p in prompts):
-                raise ValueError("image_data, video_data and mm_processor_kwargs go with text prompts")
+                raise ValueError("image_data, video_data, audio_data and mm_processor_kwargs go with text prompts")
             settings = self._media_settings(mm_processor_kwargs)
             jobs = list(zip(prompts, _per_prompt(image_data, prompts, single, "image"),
-                            _per_prompt(video_data, prompts, single, "video"), strict=True))
+                            _per_prompt(video_data, prompts, single, "video"),
+                            _per_prompt(audio_data, prompts, single, "audio"), strict=True))
             count = len(jobs)
         else:
             if single:
@@ -164,29 +173,30 @@ class Engine:
         results = [group[0] if len(group) == 1 else group for group in results]
         return results[0] if single else results
 
-    def encode(self, prompt: str | list[str] | list[int] | list[list[int]],
+    def encode(self, prompt: str | list[str] | list[int] | list[list[int]] | dict[str, Any] | list[dict[str, Any]],
                dimensions: int | None = None) -> dict[str, Any] | list[dict[str, Any]]:
         """Pooled vectors of an embedding model (a score head: one score per label), as OpenAI's embeddings take
-        input: a string or token ids give one result, a list of them a list in order. `dimensions` keeps the first
-        that many values and normalises them again (Matryoshka embeddings). A result is {"embedding": [...],
-        "meta_info": {"prompt_tokens": n}}."""
+        input: a string, token ids or a multimodal item give one result, a list of them a list in order. An item
+        `{"text": ..., "image": ...}` (a URL, allowed path, bytes or PIL image) is a multimodal embedder's input
+        (tokenizer/embedding_input.py). `dimensions` keeps the first that many values and normalises them again
+        (Matryoshka embeddings). A result is {"embedding": [...], "meta_info": {"prompt_tokens": n}}."""
         if not self.model_config.is_embedding:
             raise ValueError(f"{self.args.model_path} is served as a generative model: start the Engine with "
                              "is_embedding=True for embeddings")
-        single = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
-                                             and isinstance(prompt[0], int))
+        single = isinstance(prompt, (str, dict)) or (isinstance(prompt, list) and bool(prompt)
+                                                     and isinstance(prompt[0], int))
         inputs = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
         if not inputs:
-            raise ValueError("give a string, token ids, or a non-empty list of either")
-        token_lists = [self._encode(p) if isinstance(p, str) else list(p) for p in inputs]
-        if not all(ids and all(isinstance(t, int) for t in ids) for ids in token_lists):
-            raise ValueError("each input must be a non-empty string or a non-empty list of token ids")
+            raise ValueError("give a string, token ids, a multimodal item, or a non-empty list of them")
+        encoded = [self._embedding_input(p, f"input[{i}]") for i, p in enumerate(inputs)]
+        if not all(ids and all(isinstance(t, int) for t in ids) for ids, _ in encoded):
+            raise ValueError("each input must be a non-empty string, a non-empty list of token ids or an item")
         pending = []
-        for ids in token_lists:
+        for ids, mm in encoded:
             rid, outputs = uuid.uuid4().hex, queue.Queue()
             with self._lock:
                 self._queues[rid] = outputs
-            self._inbox.put(GenerateRequest(rid, ids, embed=True))
+            self._inbox.put(GenerateRequest(rid, ids, embed=True, mm_inputs=mm))
             pending.append((rid, outputs))
         results = []
         try:
@@ -198,6 +208,30 @@ class Engine:
             for rid, _ in pending[len(results):]:  # a failed one: the others need not run on
                 self.abort(rid)
         return results[0] if single else results
+
+    def _embedding_input(self, value: Any, where: str) -> tuple[list[int], Any]:
+        """One embedding input as (token ids, wire media inputs or None); an item is rendered as one user turn."""
+        if isinstance(value, str):
+            return self._encode(value), None
+        if not isinstance(value, dict):
+            return list(value), None
+        check_item(value, where)
+        if self.towers is not None:
+            if value.get("image") is None:
+                return self._encode(value["text"]), None
+            if value.get("text"):
+                raise ValueError(f"{where}: {self.args.model_path} embeds a text or an image, not both in one input")
+            ids, mm = self.towers.image(value["image"], where)
+            return ids, to_wire(mm)
+        if value.get("image") is not None and self.processor is None:
+            raise ValueError(f"{where}: {self.args.model_path} is a text model: it takes no images")
+        if self.chat_template is None:
+            raise ValueError(f"{where}: an embedding item is rendered by the chat template, and this model has "
+                             "none (pass chat_template, e.g. gme-qwen2-vl)")
+        text = render_chat(self.tokenizer, item_conversation(value), self.chat_template)
+        if value.get("image") is None:
+            return self.tokenizer.encode(text, add_special_tokens=False), None
+        return self._encode_multimodal(text, [value["image"]], [], None)
 
     def _final_output(self, outputs: queue.Queue) -> TokenOutput:
         """An embedding request's one output; raises its error."""
@@ -226,11 +260,10 @@ class Engine:
             ids = self.apply_chat_template(messages, **template_kwargs)
             return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream)
         text = render_chat(self.tokenizer, messages, self.chat_template, **template_kwargs)
-        if any(modality not in ("image", "video") for modality, _ in media):
-            raise ValueError("only image and video parts are supported so far")
         return self.generate(text, sampling_params, stream=stream,
                              image_data=[src for kind, src in media if kind == "image"],
                              video_data=[src for kind, src in media if kind == "video"],
+                             audio_data=[src for kind, src in media if kind == "audio"],
                              mm_processor_kwargs=mm_processor_kwargs)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
@@ -279,26 +312,28 @@ class Engine:
             raise ValueError(f"{self.args.model_path} is a text model: it takes no mm_processor_kwargs")
         return self.processor.settings_for(kwargs)
 
-    def _encode_multimodal(self, text: str, images: list[Any], videos: list[Any], settings: Any) -> tuple[list[int],
-                                                                                                          Any]:
-        media = [("image", x) for x in images] + [("video", x) for x in videos]
+    def _encode_multimodal(self, text: str, images: list[Any], videos: list[Any], settings: Any,
+                           audios: list[Any] = ()) -> tuple[list[int], Any]:
+        media = [("image", x) for x in images] + [("video", x) for x in videos] + [("audio", x) for x in audios]
         if not media:
             return self._encode(text), None
         if self.processor is None:
-            raise ValueError(f"{self.args.model_path} is a text model: it takes no images or videos")
+            raise ValueError(f"{self.args.model_path} is a text model: it takes no images, videos or audio")
         ids, mm = self.processor.process(text, media, settings)
         return ids, to_wire(mm)
 
-    def _encoded(self, jobs: list[tuple[str, list[Any], list[Any]]], settings: Any) -> Iterator[tuple[list[int], Any]]:
-        """Each (prompt, images, videos) as token ids and wire media inputs, in order; with several, processed on a
-        pool of --mm-processor-workers threads (decoding and the torchvision processors release the GIL)."""
+    def _encoded(self, jobs: list[tuple[str, list[Any], list[Any], list[Any]]],
+                 settings: Any) -> Iterator[tuple[list[int], Any]]:
+        """Each (prompt, images, videos, audio clips) as token ids and wire media inputs, in order; with several,
+        processed on a pool of --mm-processor-workers threads (decoding and the torchvision processors release the
+        GIL)."""
         if len(jobs) == 1:
-            yield self._encode_multimodal(*jobs[0], settings)
+            yield self._encode_multimodal(*jobs[0][:3], settings, jobs[0][3])
             return
         if self._prompt_pool is None:
             self._prompt_pool = ThreadPoolExecutor(max(1, self.args.mm_processor_workers),
                                                    thread_name_prefix="mmserve-prompts")
-        futures = [self._prompt_pool.submit(self._encode_multimodal, *job, settings) for job in jobs]
+        futures = [self._prompt_pool.submit(self._encode_multimodal, *job[:3], settings, job[3]) for job in jobs]
         try:
             for future in futures:
                 yield future.result()

@@ -28,6 +28,7 @@ from mmserve.multimodal.processor import MultimodalProcessor
 
 PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe this picture in a few words." \
          "<|im_end|>\n<|im_start|>assistant\n"
+VIDEO_PROMPT = PROMPT.replace("<|image_pad|>", "<|video_pad|>")
 ONE_TOKEN = {"temperature": 0, "max_new_tokens": 1, "ignore_eos": True}
 
 
@@ -43,16 +44,20 @@ def main() -> None:
     parser.add_argument("--device")
     parser.add_argument("--size", default="448x448")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--video", type=int, default=0,
+                        help="Instead of an image: a video of this many frames of --size (V5: 32 at 640x360).")
     parser.add_argument("--batch", type=int, default=0,
                         help="Instead: profile V1's shape, this many requests with one new image each through the "
                         "in-process Engine (its processor pool included), and print where the wall time goes.")
     parser.add_argument("--trace", help="With --batch: write the chrome trace here.")
+    parser.add_argument("--mm-image-prep", default=ServerArgs.mm_image_prep, choices=["auto", "api", "engine"],
+                        help="Where images are resized and patched (see mmserve serve --help).")
     parser.add_argument("--vision-cuda-graph-max-patches", type=int, default=ServerArgs.vision_cuda_graph_max_patches,
                         help="Capture the vision tower's CUDA graphs up to this many patches (0: eager).")
     args = parser.parse_args()
     apply_preset(args, parser)
     kwargs = {"model_path": args.model_path, "max_total_tokens": 65536,
-              "vision_cuda_graph_max_patches": args.vision_cuda_graph_max_patches}
+              "vision_cuda_graph_max_patches": args.vision_cuda_graph_max_patches, "mm_image_prep": args.mm_image_prep}
     if args.preset:
         kwargs["load_format"] = "dummy"
     if args.device:
@@ -70,9 +75,14 @@ def main() -> None:
     def image() -> Image.Image:
         return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
+    def request() -> tuple[str, list]:
+        if args.video:
+            return VIDEO_PROMPT, [("video", rng.integers(0, 255, (args.video, height, width, 3), dtype=np.uint8))]
+        return PROMPT, [("image", image())]
+
     def one(rid: str) -> tuple[float, float, float, int]:
         start = time.perf_counter()
-        ids, mm = processor.process(PROMPT, [("image", image())])
+        ids, mm = processor.process(*request())
         wire = to_wire(mm)
         processed = time.perf_counter()
         core.handle(GenerateRequest(rid, ids, ONE_TOKEN, mm_inputs=wire))
@@ -85,7 +95,8 @@ def main() -> None:
         items = from_wire(wire).items  # on the host, as the engine receives them
         sync(device)
         tower_start = time.perf_counter()
-        core.runner.model.encode(items)
+        model = core.runner.model
+        model.encode(model.encoder_cache.prepare(items))  # with the engine's image processing (--mm-image-prep)
         sync(device)
         tower = time.perf_counter() - tower_start
         return ((processed - start) * 1e3, (done - step_start) * 1e3, tower * 1e3, len(ids))
@@ -94,14 +105,15 @@ def main() -> None:
         one(f"warm{i}")
     runs = [one(f"r{i}") for i in range(args.runs)]
     proc, step, tower, tokens = (statistics.median(col) for col in zip(*runs, strict=True))
-    print(f"{args.size} image, {tokens:.0f} prompt tokens, median of {args.runs}: processor {proc:.1f} ms, prefill "
-          f"step (tower + language model + first token) {step:.1f} ms, tower alone {tower:.1f} ms; "
-          f"processor + step {proc + step:.1f} ms")
+    what = f"{args.video}-frame {args.size} video" if args.video else f"{args.size} image"
+    print(f"{what}, {tokens:.0f} prompt tokens, median of {args.runs}: processor {proc:.1f} ms, prefill "
+          f"step (tower + language model + first token) {step:.1f} ms, tower alone (with the engine's image prep) "
+          f"{tower:.1f} ms; processor + step {proc + step:.1f} ms")
     if device.type != "cuda":
         return
     from torch.profiler import ProfilerActivity, profile
 
-    ids, mm = processor.process(PROMPT, [("image", image())])
+    ids, mm = processor.process(*request())
     core.handle(GenerateRequest("traced", ids, ONE_TOKEN, mm_inputs=to_wire(mm)))
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:

@@ -217,3 +217,39 @@ def tiny_pooling_dir(tokenizer_dir, tmp_path_factory):
         return built[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tokenizer_dir, tmp_path_factory):
+    """A function architecture (Gemma2ForCausalLM, Gemma2ForSequenceClassification) -> folder, built once."""
+    from tiny_models import build_tiny_gemma2
+
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_gemma2(tokenizer_dir, tmp_path_factory.mktemp(f"tiny_{arch}"), arch)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4v_moe_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_glm4v_moe
+
+    return build_tiny_glm4v_moe(tokenizer_dir, tmp_path_factory.mktemp("tiny_glm4v_moe"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_omni_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_qwen3_omni
+
+    return build_tiny_qwen3_omni(tokenizer_dir, tmp_path_factory.mktemp("tiny_qwen3_omni"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_clip
+
+    return build_tiny_clip(tokenizer_dir, tmp_path_factory.mktemp("tiny_clip"))

@@ -750,3 +750,181 @@ def build_tiny_pooling_model(kind: str, tokenizer_dir: Path, out: Path) -> Path:
             "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
             "pooling_mode_lasttoken": False}))
     return out
+
+
+def build_tiny_gemma2(tokenizer_dir: Path, out: Path, arch: str = "Gemma2ForCausalLM") -> Path:
+    """A 2-layer random Gemma 2 (one sliding layer with a window shorter than the prompts, one global) as a causal
+    LM or a one-label reward model (`arch`), float32, with SmolLM2's tokenizer. The caps are small enough that
+    both bend the numbers: attention scores reach a few units with these weights."""
+    import shutil
+
+    import transformers
+    from transformers import Gemma2Config
+
+    torch.manual_seed(2222 + (arch != "Gemma2ForCausalLM"))
+    config = Gemma2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                          sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
+                          max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                          num_labels=1, architectures=[arch])
+    model = getattr(transformers, arch)(config).to(torch.float32)
+    with torch.no_grad():  # norms scale by (1 + w): w near zero
+        for name, p in model.named_parameters():
+            p.copy_(0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+OMNI_TOKENS = {"audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
+               "audio_token": "<|audio_pad|>", "vision_bos_token": "<|vision_start|>",
+               "vision_eos_token": "<|vision_end|>", "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+
+# Qwen3-Omni-Instruct's hub template, reduced to what the tests use: media parts by `type` (or key) in place
+QWEN3_OMNI_STYLE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "<|audio_start|><|audio_pad|><|audio_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen3_omni(tokenizer_dir: Path, out: Path) -> Path:
+    """A Qwen3-Omni thinker: the tiny Qwen3-VL-MoE stack (experts in both decoder layers, 3-block ViT with DeepStack)
+    plus a 2-layer Whisper-style audio encoder over 16 mel bins: 1 s chunks (n_window 50, the reference's token
+    count assumes it) and attention windows of one chunk (n_window_infer 100), so clips over 1 s cross both. SmolLM2's
+    tokenizer with Omni's tokens named as the processor reads them, the Whisper feature extractor and a hub-style
+    template."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLImageProcessor,
+        Qwen3OmniMoeProcessor,
+        Qwen3OmniMoeThinkerConfig,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+        Qwen3VLVideoProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens=OMNI_TOKENS)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in OMNI_TOKENS.items()}
+    text = vl_text_config(len(tok), mrope_section=[4, 2, 2], head_dim=16, **TINY_MOE, norm_topk_prob=True)
+    vision = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 2])
+    audio = dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                 output_dim=64, n_window=50, n_window_infer=100, downsample_hidden_size=8, max_source_positions=100)
+    config = Qwen3OmniMoeThinkerConfig(text_config=text, vision_config=vision, audio_config=audio,
+                                       audio_token_id=ids["audio_token"], image_token_id=ids["image_token"],
+                                       video_token_id=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
+                                       vision_start_token_id=ids["vision_bos_token"], position_id_per_seconds=13,
+                                       tie_word_embeddings=False)
+    config.architectures = ["Qwen3OmniMoeThinkerForConditionalGeneration"]
+    save_random_vl(Qwen3OmniMoeThinkerForConditionalGeneration, config, 8765, out)
+    size = {"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 80}
+    vision_kwargs = dict(size=size, patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3)
+    processor = Qwen3OmniMoeProcessor(image_processor=Qwen2VLImageProcessor(**vision_kwargs),
+                                      video_processor=Qwen3VLVideoProcessor(**vision_kwargs),
+                                      feature_extractor=WhisperFeatureExtractor(feature_size=16),
+                                      tokenizer=tok, chat_template=QWEN3_OMNI_STYLE)
+    processor.save_pretrained(out)
+    return out
+
+
+# zai-org/GLM-4.5V's template, less its tool and reasoning-history parts: GLM-4.1V's turns and media parts, the
+# generation prompt without a newline, and `enable_thinking=False` as "/nothink" after the user's turn and an empty
+# think block after the prompt
+GLM45V_STYLE = (
+    "[gMASK]<sop>{%- for msg in messages %}{%- if msg.role == 'system' %}<|system|>\n{{ msg.content }}"
+    "{%- elif msg.role == 'user' %}<|user|>{{ '\\n' }}{%- if msg.content is string %}{{ msg.content }}{%- else %}"
+    "{%- for item in msg.content %}{%- if item.type == 'video' or 'video' in item %}"
+    "<|begin_of_video|><|video|><|end_of_video|>{%- elif item.type == 'image' or 'image' in item %}"
+    "<|begin_of_image|><|image|><|end_of_image|>{%- elif item.type == 'text' %}{{ item.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{ '/nothink' if (enable_thinking is defined and not enable_thinking) else '' }}"
+    "{%- elif msg.role == 'assistant' %}<|assistant|>\n{{ msg.content }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>"
+    "{{ '\\n<think></think>' if (enable_thinking is defined and not enable_thinking) else '' }}{%- endif %}"
+)
+
+
+def build_tiny_glm4v_moe(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer GLM-4.5V: layer 0 dense (first_k_dense_replace=1), layer 1 a mixture of 8 experts in 2 groups
+    (top-2 from the best group, routed scaling 2.5) plus a shared expert, a random score-correction bias;
+    head_dim 32 apart from hidden / heads, rotary on its first 16 dims over [4, 2, 2] M-RoPE bands; GLM-4.1V's tiny
+    tower, processor and tokens (plus the think tokens), the GLM-4.5V-style template."""
+    from transformers import (
+        AutoTokenizer,
+        Glm4vImageProcessor,
+        Glm4vMoeConfig,
+        Glm4vMoeForConditionalGeneration,
+        Glm4vProcessor,
+        Glm4vVideoProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens={"image_token": "<|image|>",
+                                                                             "video_token": "<|video|>"})
+    tok.add_special_tokens({"additional_special_tokens": [*GLM4V_TOKENS, "<think>", "</think>"]})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|image|>", "<|video|>", *GLM4V_TOKENS]}
+    text = vl_text_config(len(tok), mrope_section=[4, 2, 2], head_dim=32, attention_bias=True,
+                          moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                          topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                          norm_topk_prob=True)
+    text["rope_parameters"]["partial_rotary_factor"] = 0.5
+    vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=14,
+                  image_size=56, spatial_merge_size=2, temporal_patch_size=2, attention_bias=True)
+    config = Glm4vMoeConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image|>"],
+                            video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
+                            image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
+                            video_end_token_id=ids["<|end_of_video|>"], tie_word_embeddings=False)
+
+    def with_correction_bias(config):  # a buffer, which save_random_vl leaves at zero
+        model = Glm4vMoeForConditionalGeneration(config)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.3 * torch.randn_like(buffer))
+        return model
+
+    save_random_vl(with_correction_bias, config, 8765, out)
+    size = {"shortest_edge": 2 * 56 * 56, "longest_edge": 2 * 28 * 28 * 48}
+    processor = Glm4vProcessor(image_processor=Glm4vImageProcessor(size=size),
+                               video_processor=Glm4vVideoProcessor(size=size, max_image_size={"longest_edge": size[
+                                   "longest_edge"]}),
+                               tokenizer=tok, chat_template=GLM45V_STYLE)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_clip(tokenizer_dir: Path, out: Path) -> Path:
+    """A random `CLIPModel` (2-layer towers, hidden 32, 32x32 images in 8x8 patches, projection 24), float32, with
+    SmolLM2's tokenizer made to frame every text as CLIP's does (start, text, end-of-text: the token CLIP pools,
+    here `<|endoftext|>`, id 0) and CLIP's image processor."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A <|endoftext|>", special_tokens=[("<|im_start|>", 1), ("<|endoftext|>", 0)])
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(text_config=dict(**tower, vocab_size=len(tok), max_position_embeddings=77, bos_token_id=1,
+                                         eos_token_id=0, pad_token_id=2),
+                        vision_config=dict(**tower, image_size=32, patch_size=8), projection_dim=24,
+                        architectures=["CLIPModel"])
+    torch.manual_seed(3333)
+    model = CLIPModel(config).to(torch.float32).eval()
+    with torch.no_grad():  # layer norms near one, the rest larger than the default init
+        for name, p in model.named_parameters():
+            if "norm" in name or "layrnorm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+            elif name != "logit_scale":
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out

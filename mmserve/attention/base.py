@@ -39,7 +39,7 @@ class Attention(nn.Module):
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, layer_id: int,
                  scaling: float | None = None, sliding_window: int | None = None,
-                 attn_type: AttentionType = AttentionType.DECODER):
+                 attn_type: AttentionType = AttentionType.DECODER, logit_cap: float | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -48,6 +48,9 @@ class Attention(nn.Module):
         self.scaling = scaling if scaling is not None else head_dim**-0.5
         self.sliding_window = sliding_window  # a query sees the last `sliding_window` positions, itself included
         self.attn_type = attn_type
+        # scores pass through cap * tanh(score / cap) before the softmax (Gemma 2); only backends that say
+        # `supports_logit_cap` run such a layer
+        self.logit_cap = logit_cap
         self.backend: AttentionBackend | None = None  # bound by the model runner (`bind_attention`)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -61,6 +64,9 @@ def bind_attention(model: nn.Module, backend: AttentionBackend) -> None:
     """Point every attention layer of `model` at `backend`."""
     for module in model.modules():
         if isinstance(module, Attention):
+            if module.logit_cap is not None and not backend.supports_logit_cap:
+                raise ValueError(f"the model caps attention logits (attn_logit_softcapping), which the "
+                                 f"{type(backend).__name__} does not: use --attention-backend torch")
             module.backend = backend
 
 
@@ -68,6 +74,7 @@ class AttentionBackend(ABC):
     # Whether a decode step can be captured in a CUDA graph (see runner/cuda_graph.py for what that asks): the
     # metadata built by `init_forward_metadata` over the graph runner's static buffers stays valid for every replay.
     supports_cuda_graph = False
+    supports_logit_cap = False  # runs layers with Attention.logit_cap
     kv_pool: KVPool
     req_to_token: torch.Tensor
 
@@ -137,11 +144,32 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, ma
          causal: bool = False) -> torch.Tensor:
     """SDPA of one sequence in the flattened layout: q [n, heads, dim], k/v [m, kv_heads, dim] -> [n, heads, dim];
     `mask`: bool [n, m], True = attend."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask, is_causal=causal, scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads,
-    )
+    out = attend(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                 layer, mask, causal)
     return out.squeeze(0).transpose(0, 1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, mask: torch.Tensor | None,
+           causal: bool = False) -> torch.Tensor:
+    """SDPA in torch's layout (q [B, heads, n, dim], k/v [B, kv_heads, m, dim]); a layer with a logit cap spells
+    the product out, since SDPA cannot bend scores before its softmax. `causal` aligns the last query with the
+    last key."""
+    gqa = layer.num_heads != layer.num_kv_heads
+    if layer.logit_cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=layer.scaling,
+                                              enable_gqa=gqa)
+    if gqa:
+        k = k.repeat_interleave(layer.num_heads // layer.num_kv_heads, dim=1)
+        v = v.repeat_interleave(layer.num_heads // layer.num_kv_heads, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * layer.scaling
+    scores = torch.tanh(scores / layer.logit_cap) * layer.logit_cap
+    n, m = q.shape[-2], k.shape[-2]
+    if causal:
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # the softmax in float32, as transformers' eager attention takes it
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def encoder_window_mask(n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -152,10 +180,11 @@ def encoder_window_mask(n: int, window: int | None, device: torch.device) -> tor
     return (pos[:, None] - pos[None, :]).abs() < window
 
 
-def create_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """`auto`: the Triton kernels on a CUDA device, the torch reference elsewhere."""
+def create_attention_backend(name: str, device: torch.device, logit_cap: bool = False) -> AttentionBackend:
+    """`auto`: the Triton kernels on a CUDA device, the torch reference elsewhere and for a model whose layers cap
+    their logits (`logit_cap`: Gemma 2), which the Triton kernels do not do yet."""
     if name == "auto":
-        name = "triton" if torch.device(device).type == "cuda" else "torch"
+        name = "triton" if torch.device(device).type == "cuda" and not logit_cap else "torch"
     if name == "torch":
         from mmserve.attention.torch_backend import TorchAttentionBackend
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from mmserve.attention.base import Attention, AttentionBackend, AttentionType, sdpa
+from mmserve.attention.base import Attention, AttentionBackend, AttentionType, attend, sdpa
 from mmserve.forward_batch import ForwardBatch, ForwardMode
 
 
@@ -32,6 +31,8 @@ class _Metadata:
 
 
 class TorchAttentionBackend(AttentionBackend):
+    supports_logit_cap = True
+
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         rows = self.req_to_token[batch.req_pool_indices]
         slots = [rows[i, :n] for i, n in enumerate(batch.seq_lens_cpu)]
@@ -112,8 +113,5 @@ class TorchAttentionBackend(AttentionBackend):
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
         k = k_buf[meta.decode_slots].to(q.dtype).transpose(1, 2)  # [B, kv_heads, max_len, dim]
         v = v_buf[meta.decode_slots].to(q.dtype).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=self._decode_mask(batch, layer.sliding_window), scale=layer.scaling,
-            enable_gqa=layer.num_heads != layer.num_kv_heads,
-        )  # [B, heads, 1, dim]
+        out = attend(q.unsqueeze(2), k, v, layer, self._decode_mask(batch, layer.sliding_window))  # [B, heads, 1, dim]
         return out.squeeze(2)

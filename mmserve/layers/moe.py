@@ -1,13 +1,23 @@
-"""Mixture-of-experts MLP: a softmax top-k router and a bank of gated experts stored as 3-D tensors.
+"""Mixture-of-experts MLP: a top-k router and a bank of gated experts stored as 3-D tensors.
 
-`SparseMoeBlock` is the Qwen3-MoE / Qwen3-VL-MoE block: softmax over all experts (in float32), the top k, optionally
-renormalised to sum to one, cast back to the activation dtype, and a weighted sum of the chosen experts' outputs.
+`RouterConfig` says how a token picks its experts, for every family in one description:
+- softmax over all experts (in float32), the top k, optionally renormalised to sum to one, cast back to the
+  activation dtype (Qwen3-MoE, Qwen3-VL-MoE: `SparseMoeBlock`);
+- sigmoid scores from a float32 gate (DeepSeek-V3, GLM-4.5): a learned score-correction bias is added to the scores
+  only to choose the experts (their weights are the uncorrected scores); the experts are split into `n_group` groups
+  ranked by the sum of their two best corrected scores, and only the best `topk_group` groups are eligible; the top-k
+  weights are renormalised and scaled by `routed_scaling_factor`, and kept in float32 until each expert's output is
+  weighted, as those references do.
+`MoeBlock` is a router, the routed experts and optionally shared experts (one gated MLP, always on) whose output is
+added to the routed one; `deepseek_moe_mlp` places blocks by the DeepSeek-V3 / GLM-4.5 configs (the first
+`first_k_dense_replace` layers keep the dense MLP).
 
 Experts hold `gate_up_proj` [E, 2I, H] (gate rows, then up rows) and `down_proj` [E, H, I], transformers' layout.
 Their `weight_loader` takes every layout checkpoints come in: the fused 3-D tensors as transformers keeps them, the
 same transposed ([E, H, 2I] and [E, I, H], the original Qwen3-VL-MoE files), or one expert's 2-D gate/up/down
-weight at a time (Qwen3-MoE files: `experts.{e}.gate_proj.weight`). Tensor parallelism splits the intermediate
-size, as a column-parallel gate/up and a row-parallel down; the block's output is all-reduced.
+weight at a time (Qwen3-MoE and GLM-4.5 files: `experts.{e}.gate_proj.weight`). Tensor parallelism splits the
+intermediate size, as a column-parallel gate/up and a row-parallel down; the routed output is all-reduced (the shared
+experts' down projection reduces its own). The router is replicated.
 
 The forward sorts the (token, expert) pairs by expert, runs every expert's gate/up and down projections over its
 rows, and scatter-adds the outputs weighted by the router. Where torch's grouped GEMM works for the device and dtype
@@ -20,14 +30,17 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from mmserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 from mmserve.layers.activation import get_act_fn
-from mmserve.layers.linear import ReplicatedLinear, divide
+from mmserve.layers.linear import default_weight_loader, divide
+from mmserve.layers.mlp import GatedMLP
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +111,8 @@ class FusedExperts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).index_add_(
             0, flat, torch.ones_like(flat))
         mlp = self.grouped if grouped_mm_works(x.device, x.dtype) else self.looped
-        out = mlp(x[token_of], counts) * topk_weights.flatten()[order, None]
+        # float32 weights (the sigmoid router's) weight each output in float32 before it is cast back
+        out = (mlp(x[token_of], counts) * topk_weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)
 
     def grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -154,20 +168,133 @@ def capturable(model: nn.Module) -> bool:
     return True
 
 
-class SparseMoeBlock(nn.Module):
-    """Router (`gate`, [E, H], no bias) and experts, as Qwen3-MoE names them."""
+@dataclass(frozen=True)
+class RouterConfig:
+    """How each token picks its `top_k` of `num_experts` experts and weighs them (module docstring)."""
+
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"  # "softmax" or "sigmoid"
+    norm_topk_prob: bool = False
+    score_correction_bias: bool = False  # a learned per-expert bias on the scores, for the choice only
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"unsupported router scoring {self.scoring!r}; supported: softmax, sigmoid")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"{self.num_experts} experts cannot be split into n_group={self.n_group} groups with "
+                             f"topk_group={self.topk_group} of them chosen")
+        if not 1 <= self.top_k <= self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(f"top_k={self.top_k} experts cannot be chosen from {self.topk_group} groups of "
+                             f"{self.num_experts // self.n_group}")
+
+    @classmethod
+    def deepseek_v3(cls, config: PretrainedConfig) -> RouterConfig:
+        """The router of a DeepSeek-V3-style config (GLM-4.5's uses the same names and is always sigmoid with the
+        correction bias, DeepSeek-V3's `scoring_func` and `topk_method` defaults)."""
+        method = getattr(config, "topk_method", "noaux_tc")
+        if method not in ("noaux_tc", "greedy"):
+            raise ValueError(f"unsupported router topk_method {method!r} (DeepSeek-V2's group-limited greedy ranks "
+                             f"groups by their best score); supported: noaux_tc, greedy")
+        grouped = method == "noaux_tc"
+        return cls(config.n_routed_experts, config.num_experts_per_tok, getattr(config, "scoring_func", "sigmoid"),
+                   norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)), score_correction_bias=grouped,
+                   n_group=(getattr(config, "n_group", None) or 1) if grouped else 1,
+                   topk_group=(getattr(config, "topk_group", None) or 1) if grouped else 1,
+                   routed_scaling_factor=float(getattr(config, "routed_scaling_factor", None) or 1.0))
+
+
+class TopKRouter(nn.Module):
+    """The gate ([E, H], no bias; float32 for the sigmoid router, whose references score in float32) and the
+    correction bias where the config has one, under the checkpoints' names (`gate.weight`,
+    `gate.e_score_correction_bias`)."""
+
+    def __init__(self, hidden_size: int, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        dtype = torch.float32 if config.scoring == "sigmoid" else None
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+        if config.score_correction_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.empty(config.num_experts, dtype=torch.float32),
+                                                        requires_grad=False)
+        else:
+            self.register_parameter("e_score_correction_bias", None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, K], expert ids [T, K])."""
+        logits = F.linear(x.to(self.weight.dtype), self.weight)
+        return select_experts(logits, self.config, self.e_score_correction_bias, x.dtype)
+
+
+def select_experts(logits: torch.Tensor, config: RouterConfig, correction_bias: torch.Tensor | None = None,
+                   act_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, K], expert ids [T, K]); the softmax router's weights in `act_dtype`
+    (default: the logits'), the sigmoid router's in float32 (module docstring)."""
+    if config.scoring == "softmax":
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    else:
+        scores = logits.float().sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias
+    if config.n_group > 1:
+        groups = choice.unflatten(-1, (config.n_group, -1))
+        ranked = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(dim=-1)
+        keep = torch.zeros_like(ranked, dtype=torch.bool).scatter_(
+            1, ranked.topk(config.topk_group, dim=-1).indices, True)
+        choice = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+    if correction_bias is None and config.n_group == 1:
+        weights, ids = scores.topk(config.top_k, dim=-1)
+    else:
+        ids = choice.topk(config.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+    if config.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if config.routed_scaling_factor != 1.0:
+        weights = weights * config.routed_scaling_factor
+    if config.scoring == "softmax":
+        weights = weights.to(act_dtype or logits.dtype)
+    return weights, ids
+
+
+class MoeBlock(nn.Module):
+    """Router (`gate`), routed experts (`experts`) and, with `shared_intermediate_size`, the shared experts
+    (`shared_experts`, a gated MLP that every token goes through) added to the routed output."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, router: RouterConfig, act: str = "silu",
+                 shared_intermediate_size: int = 0):
+        super().__init__()
+        self.gate = TopKRouter(hidden_size, router)
+        self.experts = FusedExperts(router.num_experts, hidden_size, intermediate_size, act)
+        self.shared_experts = GatedMLP(hidden_size, shared_intermediate_size, act) if shared_intermediate_size else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = tp_all_reduce(self.experts(x, ids, weights))
+        return out if self.shared_experts is None else out + self.shared_experts(x)
+
+
+class SparseMoeBlock(MoeBlock):
+    """The Qwen3-MoE block: softmax router, no shared experts."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  norm_topk_prob: bool, act: str = "silu"):
-        super().__init__()
-        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
-        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False)
-        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, act)
+        super().__init__(hidden_size, intermediate_size,
+                         RouterConfig(num_experts, top_k, norm_topk_prob=norm_topk_prob), act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.gate(x)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = probs.topk(self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return tp_all_reduce(self.experts(x, ids, weights.to(logits.dtype)))
+    @property
+    def norm_topk_prob(self) -> bool:
+        return self.gate.config.norm_topk_prob
+
+
+def deepseek_moe_mlp(config: PretrainedConfig, layer_id: int) -> nn.Module:
+    """The layer's MLP as DeepSeek-V3-style configs (GLM-4.5's too) place them: the dense gated MLP in the first
+    `first_k_dense_replace` layers and off every `moe_layer_freq`-th, else routed experts plus
+    `n_shared_experts` shared ones (one MLP as wide as all of them)."""
+    if layer_id < config.first_k_dense_replace or layer_id % (getattr(config, "moe_layer_freq", None) or 1):
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+    shared = config.moe_intermediate_size * (getattr(config, "n_shared_experts", None) or 0)
+    return MoeBlock(config.hidden_size, config.moe_intermediate_size, RouterConfig.deepseek_v3(config),
+                    config.hidden_act, shared_intermediate_size=shared)

@@ -150,10 +150,12 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 class Gemma3ForCausalLM(LlamaForCausalLM):
     """The text-only checkpoints (Gemma 3 1B, or a text config alone). Weight names and packing as Llama's."""
 
+    text_model: type[nn.Module] = Gemma3TextModel  # Gemma 2's head is this one over its own decoder
+
     def __init__(self, config: PretrainedConfig):
         nn.Module.__init__(self)
         self.config = config
-        self.model = Gemma3TextModel(config)
+        self.model = self.text_model(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tied = bool(getattr(config, "tie_word_embeddings", True))
         if self.tied:
@@ -163,6 +165,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         hidden_states = self.model(input_ids, positions, batch)
+        if batch.pooling:  # served with --is-embedding: the hidden states, which the cap does not touch
+            return self.logits_processor(hidden_states, self.lm_head, batch)
         return softcap(self.logits_processor(hidden_states, self.lm_head, batch), self.final_softcap)
 
 

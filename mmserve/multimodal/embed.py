@@ -45,11 +45,11 @@ def embed_multimodal(input_ids: torch.Tensor, batch: ForwardBatch,
         missing = list({item.hash: item for item, _, _ in placements if item.hash not in cache}.values())
         if missing:
             if dp_encoder():  # each rank encodes its share; the outputs are gathered
-                outs = encode_data_parallel(lambda share: encode([missing[i] for i in share]),
+                outs = encode_data_parallel(lambda share: encode(cache.prepare([missing[i] for i in share])),
                                             [item.length for item in missing], embeds.shape[-1], embeds.dtype,
                                             embeds.device)
             else:
-                outs = encode(missing)
+                outs = encode(cache.prepare(missing))
             for item, out in zip(missing, outs, strict=True):
                 assert out.shape[0] == item.length, f"encoder gave {out.shape[0]} rows for {item.length} placeholders"
                 cache.put(item.hash, out)

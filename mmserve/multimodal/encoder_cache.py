@@ -9,13 +9,24 @@ encodes the others, so that neither a later chunk nor the same step ever finds i
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mmserve.multimodal.inputs import MultimodalItem
+
+
+def _as_they_are(items: list[MultimodalItem]) -> list[MultimodalItem]:
+    return items
 
 
 class EncoderCache:
     def __init__(self, capacity_bytes: int):
+        # Turns items as requests carry them into the encoder's inputs, for the misses only: the engine's image
+        # processor where the API process sent decoded images (EngineImagePrep), else nothing to do
+        self.prepare: Callable[[list[MultimodalItem]], list[MultimodalItem]] = _as_they_are
         self.capacity = capacity_bytes
         self.used = 0
         self._entries: OrderedDict[int, torch.Tensor] = OrderedDict()

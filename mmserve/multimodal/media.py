@@ -1,5 +1,5 @@
-"""Media loading: what a client sends (data URL, http(s) URL, file:// URL, local path, raw bytes, PIL image)
-turned into decoded RGB images and video frames, safely.
+"""Media loading: what a client sends (data URL, http(s) URL, file:// URL, local path, raw bytes, PIL image, OpenAI
+`input_audio` data) turned into decoded RGB images, video frames and mono audio, safely.
 
 Every refusal is a `MediaError` (a `ValueError`, so a 400 at the API edge) whose message starts with the
 caller's label ("image 2: ..."). The limits live in `MediaPolicy`:
@@ -24,14 +24,18 @@ caller's label ("image 2: ..."). The limits live in `MediaPolicy`:
 - **Bounded video work.** A video is sampled by seeking to the frames wanted, so decoding follows the number
   of frames kept rather than the video's length, within a time budget and a cap on frames decoded.
 - **Decoder surface.** Images decode only as PNG, JPEG, WebP, GIF or BMP; videos only through the MP4/MOV,
-  Matroska/WebM and AVI demuxers, chosen from the file's magic bytes (FFmpeg's probing would also accept
-  playlists and other formats that open further URLs or files).
+  Matroska/WebM and AVI demuxers, audio only through the WAV, MP3, FLAC, Ogg, MP4/M4A and Matroska/WebM ones, each
+  chosen from the file's magic bytes (FFmpeg's probing would also accept playlists and other formats that open
+  further URLs or files).
+- **Bounded audio.** A clip's encoded bytes are capped (`max_audio_bytes`) and its duration is checked from the
+  header before decoding and again while decoding (`max_audio_seconds`), within a time budget.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import http.client
 import io
@@ -68,6 +72,12 @@ _IMAGE_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/p
                                 "image/bmp", "image/x-bmp", "image/x-ms-bmp", "application/octet-stream"})
 _VIDEO_MEDIA_TYPES = frozenset({"video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "video/avi",
                                 "video/x-msvideo", "video/msvideo", "application/octet-stream"})
+_AUDIO_MEDIA_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audio/mpeg", "audio/mp3",
+                                "audio/flac", "audio/x-flac", "audio/ogg", "audio/opus", "audio/mp4", "audio/m4a",
+                                "audio/x-m4a", "audio/aac", "audio/webm", "video/mp4", "video/webm",
+                                "application/octet-stream"})
+# OpenAI's input_audio.format values we decode (the bytes' magic numbers still choose the demuxer)
+AUDIO_FORMATS: tuple[str, ...] = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "mp4", "webm")
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _READ_CHUNK = 64 * 1024
@@ -111,9 +121,15 @@ class MediaPolicy:
     max_bytes_per_request: int = 768 * _MIB
     max_bytes_in_flight: int = 3072 * _MIB
     in_flight_wait_s: float = 30.0
+    # Audio: a clip's encoded bytes (a download, a data URL, input_audio data or a file) and its duration; decoding
+    # one clip has its own time budget.
+    max_audio_bytes: int = 32 * _MIB
+    max_audio_seconds: float = 600.0
+    audio_decode_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("timeout_s", "fetch_timeout_s", "video_decode_timeout_s"):
+        for name in ("timeout_s", "fetch_timeout_s", "video_decode_timeout_s", "max_audio_seconds",
+                     "audio_decode_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_bytes_per_request", "max_bytes_in_flight", "max_decoded_frames"):
@@ -520,6 +536,8 @@ def media_bytes(source: MediaSource, modality: str, policy: MediaPolicy, label: 
     """The encoded bytes of an image or video source (a data URL decoded, a local file read, a URL downloaded),
     checked as `open_image` and `open_video` check them: for telling a repeated image by its content before deciding
     whether to decode it. PIL images are not sources of bytes."""
+    if modality == "audio":
+        return audio_bytes(source, policy, label)
     return _source_bytes(source, _IMAGE_MEDIA_TYPES if modality == "image" else _VIDEO_MEDIA_TYPES, policy, label)
 
 
@@ -935,3 +953,162 @@ def load_video_frames(source: MediaSource, policy: MediaPolicy, label: str = "vi
         raise MediaError(f"{label}: max_frames must be at least 1, got {max_frames}")
     with open_video(source, policy, label) as video:
         return video.read_all(max_frames)
+
+
+# ----------------------------------------------------------------------------------------------- audio
+
+
+def _sniff_audio(data: bytes, label: str) -> tuple[str, dict[str, str]]:
+    """The FFmpeg demuxer (and its options) for audio bytes, from their magic numbers."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "wav", {}
+    if data[:4] == b"fLaC":
+        return "flac", {}
+    if data[:4] == b"OggS":
+        return "ogg", {}
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE6 in (0xE2, 0xE4, 0xE6)):
+        return "mp3", {}  # an ID3 tag, or an MPEG audio frame header of layer I-III
+    if data[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mov", {"enable_drefs": "0"}  # see _sniff_container
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska", {}
+    raise MediaError(f"{label}: not a supported audio format ({', '.join(AUDIO_FORMATS)})")
+
+
+def _input_audio_bytes(part: dict, policy: MediaPolicy, label: str) -> bytes:
+    """The bytes of an OpenAI `input_audio` part: {"data": base64, "format": "wav" | "mp3" | ...}."""
+    data, fmt = part.get("data"), part.get("format")
+    if not isinstance(fmt, str) or fmt.lower() not in AUDIO_FORMATS:
+        raise MediaError(f"{label}: input_audio.format must be one of {', '.join(AUDIO_FORMATS)}, got {fmt!r}")
+    if not isinstance(data, str) or not data:
+        raise MediaError(f"{label}: input_audio.data must be a non-empty base64 string")
+    payload = "".join(data.split())
+    if len(payload) // 4 * 3 > policy.max_bytes:
+        raise MediaError(f"{label}: input_audio.data is over the limit of {mib(policy.max_bytes)} per audio clip "
+                         "(--max-audio-mb)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise MediaError(f"{label}: invalid base64 in input_audio.data ({e})") from e
+
+
+def audio_bytes(source: Any, policy: MediaPolicy, label: str = "audio") -> bytes:
+    """The encoded bytes of an audio source: an `input_audio` part's {"data", "format"}, an `audio_url` part's
+    {"url"}, or any source `load_image` takes but PIL images; at most `policy.max_audio_bytes`."""
+    limited = dataclasses.replace(policy, max_bytes=min(policy.max_bytes, policy.max_audio_bytes))
+    if isinstance(source, dict) and ("data" in source or "format" in source):
+        data = _input_audio_bytes(source, limited, label)
+    else:
+        try:
+            data = _source_bytes(source.get("url") if isinstance(source, dict) else source, _AUDIO_MEDIA_TYPES,
+                                 limited, label)
+        except MediaError as e:
+            if "over the limit" not in str(e):
+                raise
+            raise MediaError(f"{e} (the limit per audio clip, --max-audio-mb)") from e
+    if len(data) > limited.max_bytes:
+        raise MediaError(f"{label}: the clip is {mib(len(data))}, over the limit of {mib(limited.max_bytes)} per "
+                         "audio clip (--max-audio-mb)")
+    return data
+
+
+class PendingAudio:
+    """An audio clip whose container is opened and whose header is checked (an audio stream, a duration within
+    `policy.max_audio_seconds` where the header tells one), its samples not decoded yet."""
+
+    def __init__(self, data: bytes, policy: MediaPolicy, label: str = "audio"):
+        import av  # PyAV loads FFmpeg's libraries; only video and audio need them
+
+        self.label, self._policy = label, policy
+        fmt, options = _sniff_audio(data, label)
+        try:
+            self._container = av.open(io.BytesIO(data), mode="r", format=fmt, options=options)
+        except Exception as e:
+            raise MediaError(f"{label}: not a readable audio file ({e})") from e
+        try:
+            if not self._container.streams.audio:
+                raise MediaError(f"{label}: no audio stream")
+            self._stream = self._container.streams.audio[0]
+            seconds = None
+            if self._stream.duration and self._stream.time_base:
+                seconds = float(self._stream.duration * self._stream.time_base)
+            elif self._container.duration:
+                seconds = self._container.duration / 1_000_000  # AV_TIME_BASE
+            self.seconds = seconds  # as the header tells, None where it does not
+            if seconds is not None:
+                self._check_seconds(seconds)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_seconds(self, seconds: float) -> None:
+        limit = self._policy.max_audio_seconds
+        if seconds > limit:
+            raise MediaError(f"{self.label}: the clip is {seconds:.1f} s long, over the limit of {limit:g} s "
+                             "(--max-audio-seconds)")
+
+    def decoded_bytes(self, rate: int) -> int:
+        """float32 bytes of the clip at `rate` (from the header; the longest allowed clip where it tells nothing)."""
+        seconds = self.seconds if self.seconds is not None else self._policy.max_audio_seconds
+        return int(math.ceil(seconds * rate)) * 4
+
+    def load(self, rate: int) -> np.ndarray:
+        """The clip as mono float32 samples at `rate` Hz: resampled by FFmpeg per channel, then the channels averaged
+        (as librosa's to_mono does); the container is closed."""
+        import av
+
+        deadline = time.monotonic() + self._policy.audio_decode_timeout_s
+        most = int(self._policy.max_audio_seconds * rate) + rate // 10  # a tenth of a second of slack for rounding
+        pieces: list[np.ndarray] = []
+        count = 0
+        try:
+            resampler = None
+            frames = self._container.decode(self._stream)
+            while True:
+                try:
+                    frame = next(frames, None)
+                except Exception as e:
+                    raise MediaError(f"{self.label}: could not decode audio ({e})") from e
+                if resampler is None and frame is not None:
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=rate)
+                if resampler is None:
+                    break
+                for out in resampler.resample(frame):
+                    samples = out.to_ndarray().mean(axis=0, dtype=np.float32)
+                    pieces.append(samples)
+                    count += len(samples)
+                if count > most:
+                    self._check_seconds(count / rate)
+                if time.monotonic() > deadline:
+                    raise MediaError(f"{self.label}: decoding took longer than "
+                                     f"{float(self._policy.audio_decode_timeout_s)} s")
+                if frame is None:
+                    break
+        except MediaError:
+            raise
+        except Exception as e:
+            raise MediaError(f"{self.label}: could not decode audio ({e})") from e
+        finally:
+            self.close()
+        if not count:
+            raise MediaError(f"{self.label}: the clip has no audio samples")
+        return np.concatenate(pieces)
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> PendingAudio:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_audio(source: Any, policy: MediaPolicy, label: str = "audio") -> PendingAudio:
+    """A PendingAudio of any source `audio_bytes` takes."""
+    return PendingAudio(audio_bytes(source, policy, label), policy, label)
+
+
+def load_audio(source: Any, policy: MediaPolicy, rate: int, label: str = "audio") -> np.ndarray:
+    """Decode an audio clip to mono float32 samples at `rate` Hz."""
+    return open_audio(source, policy, label).load(rate)

@@ -49,6 +49,7 @@ from mmserve.multimodal.media import (
     media_bytes,
     media_digest,
     mib,
+    open_audio,
     open_image,
     open_video,
 )
@@ -57,7 +58,7 @@ from mmserve.multimodal.processor_pool import ProcessorCrashed, ProcessorProcess
 from mmserve.multimodal.processors import ProcessorSpec
 
 _MIB = 1024 * 1024
-_DEFAULT_LIMITS = {"image": 16, "video": 2}
+_DEFAULT_LIMITS = {"image": 16, "video": 2, "audio": 8}
 # Qwen's video sampling: 2 frames a second, at least 4 and at most 768 frames, an even count (frame pairs)
 _DEFAULT_VIDEO = {"fps": 2.0, "min_frames": 4, "max_frames": 768}
 # Hugging Face processors that resize to a pixel budget (Qwen-VL's smart_resize): `size["longest_edge"]` is the
@@ -248,7 +249,8 @@ class MultimodalProcessor:
                                   min_bytes_per_s=args.media_min_bytes_per_s,
                                   video_decode_timeout_s=args.video_decode_timeout,
                                   max_bytes_per_request=args.max_mm_bytes_per_request * _MIB,
-                                  max_bytes_in_flight=args.max_mm_bytes_in_flight * _MIB)
+                                  max_bytes_in_flight=args.max_mm_bytes_in_flight * _MIB,
+                                  max_audio_seconds=args.max_audio_seconds, max_audio_bytes=args.max_audio_mb * _MIB)
         self.memory = MediaMemory(self.policy.max_bytes_in_flight, self.policy.in_flight_wait_s)
         self.cache = ProcessorCache(args.mm_processor_cache_mb * _MIB)
         # Downloads wait on the network, not the CPU: a pool of their own, larger than the CPU workers
@@ -273,7 +275,14 @@ class MultimodalProcessor:
         self.inline_when_alone = True
         self._running = 0
         self._running_lock = threading.Lock()
+        # Images resized, normalised and patched in the engine, on its device (--mm-image-prep): this process
+        # expands the placeholder from the grid and sends the decoded image, a quarter of the float32 bytes
+        prep = args.mm_image_prep
+        if prep == "auto":
+            prep = "engine" if torch.cuda.is_available() else "api"
+        self.images_in_engine = prep == "engine" and spec.image_grid is not None
         self.image_target_pixels = resize_target_pixels(getattr(self.hf, "image_processor", None))
+        self.audio_rate = int(getattr(getattr(self.hf, "feature_extractor", None), "sampling_rate", 16000))
         self.frame_target_pixels = resize_target_pixels(getattr(self.hf, "video_processor", None))
         self.video = dict(_DEFAULT_VIDEO)
         if args.mm_process_config:
@@ -309,7 +318,8 @@ class MultimodalProcessor:
         # Text the HF processor puts before every prompt (Janus's default system prompt) is part of each item's
         # processor output and cut off with the rest of the wrapping; the family's hook refuses what we cannot match
         prefix = spec.text_prefix(self.hf, args.chat_template) if spec.text_prefix is not None else ""
-        for modality in ("image", "video"):
+        self._text_prefix = prefix
+        for modality in ("image", "video", "audio"):
             token = getattr(self.hf, f"{modality}_token", None)
             token_id = getattr(self.hf, f"{modality}_token_id", None)
             if token is not None and token_id is None and token in self.hf.tokenizer.get_vocab():
@@ -321,6 +331,8 @@ class MultimodalProcessor:
                 raise ValueError(f"the tokenizer does not keep the {modality} placeholder {token!r} as one token")
             self.placeholders[token_id] = modality
             self.wrapping[modality] = (alone.index(token_id), len(alone) - alone.index(token_id) - 1)
+        if self.images_in_engine:
+            self._check_image_plan()
 
     def close(self) -> None:
         """Stop the worker threads and processes (queued work is dropped)."""
@@ -391,7 +403,10 @@ class MultimodalProcessor:
         for modality, _ in media:
             counts[modality] = counts.get(modality, 0) + 1
         for modality, count in counts.items():
-            if modality not in ("image", "video"):
+            if modality == "audio" and "audio" not in self.wrapping:
+                name = (getattr(self.hf_config, "architectures", None) or [self.family or "this model"])[0]
+                raise MediaError(f"{name} takes no audio input")
+            if modality not in ("image", "video", "audio"):
                 raise MediaError(f"{modality} input is not supported for this model yet")
             if count > self.limits.get(modality, 0):
                 raise MediaError(f"too many {modality}s: {count} in one prompt, the limit is "
@@ -404,7 +419,8 @@ class MultimodalProcessor:
         self.check_counts(media)
         futures: list[Future] = []
         for (modality, source), label in zip(media, _labels(media), strict=True):
-            if isinstance(source, dict):  # {"url": ...}, as video_url parts carry it
+            # {"url": ...}, as video_url and audio_url parts carry it (input_audio's {"data", "format"} stays)
+            if isinstance(source, dict) and (modality != "audio" or "url" in source):
                 source = source.get("url")
             if _is_http(source):
                 futures.append(self.download_pool.submit(self._fetch, modality, source, label))
@@ -438,6 +454,9 @@ class MultimodalProcessor:
             videos = [i for i, (modality, _) in enumerate(media) if modality == "video"]
             for n, i in enumerate(videos):
                 items[i] = self._plan_video(media[i][1], labels[i], settings, budget, len(videos) - n, stack)
+            for i, ((modality, source), label) in enumerate(zip(media, labels, strict=True)):
+                if modality == "audio":
+                    items[i] = self._plan_audio(source, label, budget, stack)
             outputs = self._prepare_all(items, settings)
         return self._assemble(text, items, outputs)
 
@@ -499,6 +518,27 @@ class MultimodalProcessor:
                          settings.min_frames, cap)
         return _Item("video", label, key, frames * reader.frame_bytes, reader.decode_bytes, load)
 
+    def _plan_audio(self, source: Any, label: str, budget: _RequestBytes, stack: ExitStack) -> _Item:
+        """Budget one audio clip from its header: the item whose `load` gives mono float32 samples at the feature
+        extractor's rate. An array passed in-process is taken as such samples already."""
+        rate = self.audio_rate
+        if isinstance(source, np.ndarray):
+            if source.ndim != 1 or not len(source):
+                raise MediaError(f"{label}: samples must be a non-empty 1-D array (mono, at {rate} Hz)")
+            if len(source) > self.policy.max_audio_seconds * rate:
+                raise MediaError(f"{label}: the clip is {len(source) / rate:.1f} s long, over the limit of "
+                                 f"{self.policy.max_audio_seconds:g} s (--max-audio-seconds)")
+            samples = source.astype(np.float32)
+            budget.add(label, samples.nbytes, 0)
+            return _Item("audio", label, _media_key("audio", media_digest(samples.tobytes()), rate), samples.nbytes,
+                         0, lambda: samples)
+        data = media_bytes(source, "audio", self.policy, label)
+        clip = stack.enter_context(open_audio(data, self.policy, label))
+        size = clip.decoded_bytes(rate)
+        budget.add(label, size, size)
+        return _Item("audio", label, _media_key("audio", media_digest(data), rate), size, size,
+                     lambda: clip.load(rate))
+
     # ----- the processor
 
     def _prepare_all(self, items: list[_Item], settings: MediaSettings) -> dict[bytes, ProcessedMedia]:
@@ -546,13 +586,52 @@ class MultimodalProcessor:
             raise error
         return outputs
 
+    def _plan_in_engine(self, image: Image.Image, bounds: tuple[int, int]) -> ProcessedMedia:
+        """An image for the engine to process: resized here by the image processor's own resize, on the CPU as the
+        reference runs it (a GPU's resize rounds some pixels differently), and sent as RGB [1, 3, H, W] uint8;
+        the engine rescales, normalises and cuts it into patches, the float work that is most of the processor's
+        time and bytes. The placeholder is expanded from the grid as the Hugging Face processor expands it."""
+        from transformers.image_transforms import convert_to_rgb
+        from transformers.image_utils import SizeDict
+
+        processor = self.hf.image_processor
+        rgb = np.array(convert_to_rgb(image))  # a writable copy, as torch.from_numpy wants
+        grid = self.spec.image_grid(processor, rgb.shape[0], rgb.shape[1], bounds)
+        pixels = processor.resize(torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous(),
+                                  SizeDict(shortest_edge=bounds[0], longest_edge=bounds[1]),
+                                  processor.resample, factor=processor.patch_size * processor.merge_size)
+        text = self.hf.replace_image_token({"image_grid_thw": torch.tensor([grid])}, image_idx=0)
+        before, after = self.wrapping["image"]
+        ids = self.hf.tokenizer(self._text_prefix + text)["input_ids"]
+        features = {"image_uint8": pixels, "image_grid_thw": torch.tensor([grid])}
+        return ProcessedMedia(features, tuple(ids[before:len(ids) - after]))
+
+    def _check_image_plan(self) -> None:
+        """Refuse at startup a family whose image plan the Hugging Face processor disagrees with: the expansion
+        and grid planned for a test image must be what the processor gives."""
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 75, 3), dtype=np.uint8))
+        planned = self._plan_in_engine(image, self.image_pixels)
+        out = self.hf(text=[self.hf.image_token], images=[image], return_tensors="pt")
+        before, after = self.wrapping["image"]
+        ids = out["input_ids"][0].tolist()
+        if (tuple(ids[before:len(ids) - after]) != planned.token_ids
+                or out["image_grid_thw"].tolist() != planned.features["image_grid_thw"].tolist()):
+            raise ValueError(f"--mm-image-prep engine: the image plan of {type(self.hf).__name__} does not match "
+                             "its processor; use --mm-image-prep api")
+
     def _prepare(self, item: _Item, settings: MediaSettings) -> ProcessedMedia:
-        """Decode one image or video and run the model's processor on it alone (in a worker thread)."""
+        """Decode one image or video and run the model's processor on it alone (in a worker thread), or, for an
+        image the engine prepares, only plan it."""
         loaded = item.load()
+        if item.modality == "image" and self.images_in_engine:
+            return self._plan_in_engine(loaded, settings.image_pixels or self.image_pixels)
         kwargs: dict[str, Any] = {"text": [getattr(self.hf, f"{item.modality}_token")], "return_tensors": "pt"}
         if item.modality == "image":
             kwargs["images"] = [loaded]
             pixels = settings.image_pixels
+        elif item.modality == "audio":
+            kwargs.update(audio=[loaded], sampling_rate=self.audio_rate)
+            pixels = None
         else:
             frames, metadata = loaded
             # The frames are sampled already; the metadata tells the processor when each was shot, which Qwen2.5-VL
@@ -574,7 +653,7 @@ class MultimodalProcessor:
             if self.processes is None or (alone and self.inline_when_alone):
                 out = self.hf(**kwargs)
             else:
-                media = "images" if item.modality == "image" else "videos"
+                media = {"image": "images", "video": "videos", "audio": "audio"}[item.modality]
                 try:
                     out = self.processes({k: v for k, v in kwargs.items() if k != media}, media, kwargs[media])
                 except ProcessorCrashed as exc:
@@ -651,7 +730,8 @@ class MultimodalProcessor:
         joined in order, cut into MultimodalInputs by the family's spec; each MultimodalItem hashed from its media's
         key and where it starts in that media's expansion."""
         by_modality: dict[str, Iterator[_Item]] = {
-            modality: iter([item for item in items if item.modality == modality]) for modality in ("image", "video")}
+            modality: iter([item for item in items if item.modality == modality])
+            for modality in ("image", "video", "audio")}
         if self.spec.expand_placeholders_in_text:
             ids, spans = self._expand_in_text(text, by_modality, outputs)
         else:

@@ -49,6 +49,7 @@ class ModelRunner:
             from mmserve.multimodal.encoder_cache import EncoderCache
 
             self.model.encoder_cache = EncoderCache(args.mm_cache_size_mb << 20)
+            self._install_image_prep(checkpoint)
         self.load_seconds = time.perf_counter() - start
         self.max_running_requests = args.max_running_requests or _DEFAULT_MAX_RUNNING.get(device.type, 256)
         # Every rank holds the same requests: the cache is the smallest any rank can hold.
@@ -59,7 +60,8 @@ class ModelRunner:
                               max(1, model_config.num_kv_heads // tp), model_config.head_dim, self.dtype, device)
         # A few spare rows: a request being prefilled in chunks holds one beside the running batch.
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 8, model_config.context_len + 1, device)
-        self.attn_backend = create_attention_backend(args.attention_backend, device).bind(
+        logit_cap = any(getattr(m, "logit_cap", None) is not None for m in self.model.modules())
+        self.attn_backend = create_attention_backend(args.attention_backend, device, logit_cap).bind(
             self.kv_pool, self.req_to_token_pool.req_to_token)
         bind_attention(self.model, self.attn_backend)
         self.sampler = Sampler()
@@ -123,6 +125,22 @@ class ModelRunner:
         if getattr(self.model, "vision_graphs", None) is not None:
             self.model.vision_graphs = None
         gc.collect()
+
+    def _install_image_prep(self, checkpoint: Path) -> None:
+        """The image processor in this process, for families whose images the API process may send decoded
+        (--mm-image-prep): whichever way the API process chose, misses go through it (it passes processed items
+        as they are)."""
+        from mmserve.multimodal.processors import ProcessorRegistry
+
+        spec = ProcessorRegistry.resolve(self.config.architectures)
+        if spec is None or spec.image_grid is None or self.args.mm_image_prep == "api":
+            return
+        from mmserve.multimodal.image_prep import EngineImagePrep
+
+        prep = EngineImagePrep(checkpoint, self.args.trust_remote_code, self.device)
+        if self.device.type == "cuda":  # the first call's kernel loads, off the first image's time to first token
+            prep.processor(images=[torch.zeros(3, 64, 48, dtype=torch.uint8, device=self.device)], return_tensors="pt")
+        self.model.encoder_cache.prepare = prep
 
     def _use_cuda_graphs(self) -> bool:
         if self.device.type != "cuda" or self.args.disable_cuda_graph or self.config.is_embedding:

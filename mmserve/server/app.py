@@ -253,7 +253,8 @@ def create_app(args: ServerArgs) -> FastAPI:
         config = manager.hf_config
         return {"model_path": args.model_path, "tokenizer_path": args.tokenizer_path or args.model_path,
                 "served_model_name": name, "is_generation": not manager.is_embedding,
-                "has_image_understanding": manager.mm_processor is not None, "has_audio_understanding": False,
+                "has_image_understanding": manager.mm_processor is not None,
+                "has_audio_understanding": "audio" in getattr(manager.mm_processor, "wrapping", {}),
                 "model_type": getattr(config, "model_type", None),
                 "architectures": architectures_of(config), "preferred_sampling_params": None,
                 "weight_version": "default"}

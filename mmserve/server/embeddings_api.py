@@ -3,7 +3,9 @@ label probabilities per input from a `*ForSequenceClassification` head) and `/v1
 relevance scores, from a classifier with one label, as a cross-encoder).
 
 Each input is one engine request (`TokenizerManager.encode`); a body's inputs run at once and are answered in
-order. A generative server answers these routes with a 400, as an embedding server answers generation.
+order. `/v1/embeddings` also takes multimodal items `{"text": ..., "image": url}` (tokenizer/embedding_input.py),
+a list of them batched as any other list. A generative server answers these routes with a 400, as an embedding
+server answers generation.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ import numpy as np
 from mmserve.config import architectures_of
 from mmserve.layers.pooler import shorten
 from mmserve.messages import TokenOutput
+from mmserve.multimodal.inputs import to_wire
+from mmserve.multimodal.tower_inputs import TWO_TOWER_ARCHITECTURES, TowerInputs
 from mmserve.server.errors import APIError
 from mmserve.server.protocol import ClassifyRequest, EmbeddingRequest, RerankRequest
+from mmserve.tokenizer.embedding_input import check_item, is_item, item_conversation
 from mmserve.tokenizer.manager import TokenizerManager
+
+Input = str | list[int] | dict[str, Any]  # a text, token ids, or a multimodal item
 
 
 class EmbeddingServing:
@@ -32,6 +39,12 @@ class EmbeddingServing:
         config = manager.hf_config
         self.text_config = getattr(config, "text_config", None) or config
         self.is_classifier = any(a.endswith("ForSequenceClassification") for a in architectures_of(config))
+        self.towers: TowerInputs | None = None  # a two-tower embedder's (CLIP's) images
+        if TWO_TOWER_ARCHITECTURES.intersection(architectures_of(config)):
+            from mmserve.models.loader import resolve_model_path, split_gguf
+
+            args = manager.args
+            self.towers = TowerInputs(args, split_gguf(resolve_model_path(args.model_path, args.revision))[0])
 
     # ----- routes -----
 
@@ -101,21 +114,66 @@ class EmbeddingServing:
 
     # ----- shared -----
 
-    async def _run(self, rid: str | None, inputs: list[str | list[int]]) -> list[TokenOutput]:
-        """Tokenize the texts, send every input at once, and return their outputs in order. When one fails (or
-        the client leaves) the others are cancelled, which aborts them in the engine."""
+    async def _run(self, rid: str | None, inputs: list[Input]) -> list[TokenOutput]:
+        """Tokenize the texts (render and process the items, all at once), send every input at once, and return
+        their outputs in order. When one fails (or the client leaves) the others are cancelled, which aborts them
+        in the engine."""
         base = rid or uuid.uuid4().hex
-        token_lists = [await self.manager.encode_async(x) if isinstance(x, str) else x for x in inputs]
-        for i, ids in enumerate(token_lists):
+        prepared = await asyncio.gather(*(self._prepare(x, f"input[{i}]") for i, x in enumerate(inputs)))
+        for i, (ids, _) in enumerate(prepared):
             if not ids:
                 raise APIError(400, f"input[{i}] is empty after tokenization", param="input")
-        tasks = [asyncio.ensure_future(self.manager.encode(base if len(token_lists) == 1 else f"{base}-{i}", ids))
-                 for i, ids in enumerate(token_lists)]
+        tasks = [asyncio.ensure_future(self.manager.encode(base if len(prepared) == 1 else f"{base}-{i}", ids, mm))
+                 for i, (ids, mm) in enumerate(prepared)]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
             for task in tasks:
                 task.cancel()
+
+    async def _prepare(self, value: Input, where: str) -> tuple[list[int], Any]:
+        """One input as (token ids, wire media inputs or None). An item is one user turn through the chat
+        template, its image prepared by the model's processor; a two-tower embedder's item is its text or its
+        image alone."""
+        if isinstance(value, str):
+            return await self.manager.encode_async(value), None
+        if not is_item(value):
+            return value, None
+        try:
+            check_item(value, where)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="input") from exc
+        image = value.get("image")
+        if image is not None and not isinstance(image, str):
+            raise APIError(400, f"{where}.image must be a URL (http, data or an allowed path)", param="input")
+        if self.towers is not None:
+            return await self._tower_input(value, where)
+        if image is not None and self.manager.mm_processor is None:
+            raise APIError(400, f"{where}: {self.model_name} is a text embedder: it takes no images", param="input")
+        if self.manager.chat_template is None:
+            raise APIError(400, f"{where}: an embedding item is rendered by the chat template, and this model has "
+                                "none (start the server with --chat-template, e.g. gme-qwen2-vl)", param="input")
+        try:
+            text = await self.manager.render_chat_async(item_conversation(value))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="input") from exc
+        if image is None:
+            return await self.manager.encode_async(text, add_special_tokens=False), None
+        return await self.manager.process_media(text, [("image", image)])
+
+    async def _tower_input(self, item: dict[str, Any], where: str) -> tuple[list[int], Any]:
+        """A two-tower embedder's item: its text tokenized as it is, or its image as a one-token request."""
+        if item.get("image") is None:
+            return await self.manager.encode_async(item["text"]), None
+        if item.get("text"):
+            raise APIError(400, f"{where}: {self.model_name} embeds a text or an image, not both in one input",
+                           param="input")
+        loop = asyncio.get_running_loop()
+        try:
+            ids, mm = await loop.run_in_executor(self.manager.mm_pool, self.towers.image, item["image"], where)
+        except ValueError as exc:  # MediaError: a bad URL, a refused address, not an image
+            raise APIError(400, str(exc), param="input") from exc
+        return ids, to_wire(mm)
 
     async def _conversations(self, messages: list[Any]) -> list[list[int]]:
         """One conversation or a list of them, each rendered by the chat template as it stands (no generation
@@ -142,6 +200,8 @@ class EmbeddingServing:
 
     def _vector_size(self) -> int:
         config = self.manager.hf_config
+        if self.towers is not None:  # both towers project into the shared space
+            return config.projection_dim
         return config.num_labels if self.is_classifier else self.text_config.hidden_size
 
     def _labels(self) -> list[str]:
@@ -149,10 +209,10 @@ class EmbeddingServing:
         return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(self._vector_size())]
 
 
-def _as_inputs(value: Any, param: str = "input") -> list[str | list[int]]:
-    """OpenAI's input shapes as a list of texts or token-id lists: a string, a list of strings, token ids, or a
-    list of token-id lists."""
-    if isinstance(value, str):
+def _as_inputs(value: Any, param: str = "input") -> list[Input]:
+    """OpenAI's input shapes as a list of texts, token-id lists or items: a string, a list of strings, token ids,
+    a list of token-id lists, an item or a list of items."""
+    if isinstance(value, (str, dict)):
         value = [value]
     elif value and isinstance(value[0], int):
         value = [value]

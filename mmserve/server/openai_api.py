@@ -585,12 +585,14 @@ class OpenAIServing:
                                                 and isinstance(body.input_ids[0], int))
         settings = self.manager.media_settings(body.mm_processor_kwargs)
         mm = None
-        if body.image_data is not None:
+        if body.image_data is not None or body.audio_data is not None:
             if not isinstance(body.text, str):
-                raise APIError(400, "image_data goes with a single text prompt", param="image_data")
-            images = body.image_data if isinstance(body.image_data, list) else [body.image_data]
+                param = "image_data" if body.image_data is not None else "audio_data"
+                raise APIError(400, f"{param} goes with a single text prompt", param=param)
+            media = [(modality, src) for modality, data in (("image", body.image_data), ("audio", body.audio_data))
+                     for src in ([] if data is None else data if isinstance(data, list) else [data])]
             self._check_size(body.text, "text")
-            ids, mm = await self.manager.process_media(body.text, [("image", src) for src in images], settings)
+            ids, mm = await self.manager.process_media(body.text, media, settings)
             prompts = [ids]
         elif body.text is not None:
             prompts = [await self._encode(t, "text") for t in ([body.text] if single else body.text)]

@@ -125,6 +125,7 @@ class CompletionRequest(_SamplingFields):
 class GenerateRequestBody(_Body):
     text: str | list[str] | None = None
     image_data: str | list[str] | None = None  # data/http URLs or allowed paths; the text holds the placeholders
+    audio_data: str | list[str] | None = None  # the same for audio clips
     mm_processor_kwargs: dict[str, Any] | None = None  # as in chat completions
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | None = None
@@ -152,9 +153,10 @@ class AbortBody(_Body):
 
 
 class EmbeddingRequest(_Body):
-    """OpenAI's embeddings body."""
+    """OpenAI's embeddings body; multimodal items `{"text": ..., "image": url}` (one, or a list that may mix them with
+    texts) for multimodal embedders (checked in server/embeddings_api.py)."""
 
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[int] | list[list[int]] | dict[str, Any] | list[str | dict[str, Any]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None

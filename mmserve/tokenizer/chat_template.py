@@ -124,9 +124,10 @@ def _alternation_check(name: str) -> str:
 # ----- the families -----
 
 def _chatml(name: str, image: str | None = None, video: str | None = None, default_system: str | None = None,
-            qwen_tools: bool = False) -> str:
+            qwen_tools: bool = False, prompt_end: str = "") -> str:
     """ChatML (`<|im_start|>role\\n...<|im_end|>\\n`). Qwen's flavour injects a default system prompt and
-    sends tool results back as a user turn of `<tool_response>` blocks, consecutive results merged."""
+    sends tool results back as a user turn of `<tool_response>` blocks, consecutive results merged. `prompt_end`
+    follows the generation prompt (GME's embedder pools the `<|endoftext|>` written there)."""
     src = _content_macro(name, image, video) + _TOOL_CALLS_MACRO
     if default_system is not None:
         src += (
@@ -155,7 +156,8 @@ def _chatml(name: str, image: str | None = None, video: str | None = None, defau
         src += r"{%- endif -%}"
     src += (
         r"{%- endfor -%}"
-        r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+        r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' ~ " + _jinja_str(prompt_end) + r" -}}"
+        r"{%- endif -%}"
     )
     return src
 
@@ -347,6 +349,10 @@ _CANONICAL: dict[str, str] = {
     "qwen2-vl": _chatml("qwen2-vl", image="<|vision_start|><|image_pad|><|vision_end|>",
                         video="<|vision_start|><|video_pad|><|vision_end|>", default_system=_QWEN_SYSTEM,
                         qwen_tools=True),
+    # gme-Qwen2-VL's embedding prompts (an embedding server renders each input as one user turn)
+    "gme-qwen2-vl": _chatml("gme-qwen2-vl", image="<|vision_start|><|image_pad|><|vision_end|>",
+                            video="<|vision_start|><|video_pad|><|vision_end|>", default_system=_QWEN_SYSTEM,
+                            prompt_end="<|endoftext|>"),
     "internvl-2-5": _chatml("internvl-2-5", image="<IMG_CONTEXT>\n", video="<video>\n",
                             default_system=_INTERNVL_SYSTEM),
     "gemma-it": _gemma("gemma-it"),

@@ -452,12 +452,12 @@ class TokenizerManager:
             raise
         return q
 
-    async def encode(self, rid: str, input_ids: list[int]) -> TokenOutput:
+    async def encode(self, rid: str, input_ids: list[int], mm_inputs: WireMultimodal | None = None) -> TokenOutput:
         """An embedding request: sent now, its one output awaited (an APIError for a refusal). Cancelling the
         caller aborts it in the engine."""
         if self.stopped is not None:
             raise APIError(503, self.stopped)
-        q = self._send(GenerateRequest(rid, input_ids, embed=True))
+        q = self._send(GenerateRequest(rid, input_ids, embed=True, mm_inputs=mm_inputs))
         finished = False
         try:
             while True:

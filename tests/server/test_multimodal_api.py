@@ -74,8 +74,9 @@ def image_host():
 
 @pytest.fixture(scope="module")
 def vl_server(start_server, tiny_qwen2_vl_dir):
+    # images prepared in the engine process (the in-process Engines compared with prepare them in the API side)
     return start_server(str(tiny_qwen2_vl_dir), "--chat-template", "qwen2-vl", "--limit-mm-per-prompt",
-                        '{"image": 2}', "--context-length", "160")
+                        '{"image": 2}', "--context-length", "160", "--mm-image-prep", "engine")
 
 
 @pytest.fixture(scope="module")

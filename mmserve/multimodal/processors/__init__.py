@@ -31,6 +31,10 @@ class ProcessorSpec:
     # (HF processor, --chat-template) -> the text the HF processor puts before every prompt it tokenises; raises
     # where mmserve cannot match that at startup
     text_prefix: Callable[[Any, str | None], str] | None = None
+    # (HF image processor, image height, width, (min, max) pixels) -> the (t, h, w) patch grid it makes of such an
+    # image. A family that has it may have its images prepared in the engine (--mm-image-prep): the API process
+    # expands the placeholder from the grid alone and sends the decoded image; the engine runs the image processor.
+    image_grid: Callable[[Any, int, int, tuple[int, int]], tuple[int, int, int]] | None = None
 
 
 class _ProcessorRegistry:

@@ -32,4 +32,5 @@ def glm4v_inputs(hf_config: PretrainedConfig, processed: dict[str, Any]) -> Mult
 
 PROCESSORS = {
     "Glm4vForConditionalGeneration": ProcessorSpec(glm4v_inputs),
+    "Glm4vMoeForConditionalGeneration": ProcessorSpec(glm4v_inputs),  # GLM-4.5V: the same processor
 }

@@ -3,7 +3,8 @@ video (per video frame for Qwen3-VL), with the prompt's M-RoPE positions.
 
 Each item is one maximal run of its placeholder token; `pixel_values` / `pixel_values_videos` are the items' patches
 one after another, `image_grid_thw` / `video_grid_thw` their (t, h, w) patch grids, which the LLM sees merged by
-`spatial_merge_size` on both sides.
+`spatial_merge_size` on both sides. Images prepared in the engine (--mm-image-prep engine) come as `image_uint8`
+instead of `pixel_values`, one resized image [1, 3, H, W] each.
 """
 
 from __future__ import annotations
@@ -51,15 +52,34 @@ def cut_items(hf_config: PretrainedConfig, processed: dict[str, Any], time_inter
         sizes = grid_thw.prod(-1).tolist()
         if len(found) != len(sizes):
             raise ValueError(f"the prompt has {len(found)} {modality} placeholders for {len(sizes)} {modality}s")
-        for index, ((start, length), pixels, grid) in enumerate(
-                zip(found, processed[pixels_key].split(sizes), grid_thw, strict=True)):
-            items.append(MultimodalItem(modality, {"pixel_values": pixels, "grid_thw": grid[None]}, start, length))
+        if modality == "image" and pixels_key not in processed:  # resized images, for the engine to process
+            features = [{"image_uint8": image} for image in _each(processed["image_uint8"])]
+        else:
+            features = [{"pixel_values": pixels} for pixels in processed[pixels_key].split(sizes)]
+        for index, ((start, length), feature, grid) in enumerate(zip(found, features, grid_thw, strict=True)):
+            items.append(MultimodalItem(modality, {**feature, "grid_thw": grid[None]}, start, length))
             t, h, w = grid.tolist()
             grids.append((t, h // merge, w // merge))
             intervals.append(time_interval(modality, index))
     positions, delta = mrope_positions(len(ids), items, grids, intervals)
     return MultimodalInputs(items=sorted(items, key=lambda it: it.offset), mrope_positions=positions,
                             mrope_delta=delta)
+
+
+def _each(images: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """[1, 3, H, W] images, from one tensor of several of a size or a list of them."""
+    return list(images.split(1)) if isinstance(images, torch.Tensor) else images
+
+
+def image_grid(image_processor: Any, height: int, width: int, bounds: tuple[int, int]) -> tuple[int, int, int]:
+    """The patch grid the Qwen-VL image processors make of a height x width image resized within `bounds` pixels:
+    both sides rounded to whole merged patches (transformers' smart_resize)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    patch = image_processor.patch_size
+    h, w = smart_resize(height, width, factor=patch * image_processor.merge_size, min_pixels=bounds[0],
+                        max_pixels=bounds[1])
+    return 1, h // patch, w // patch
 
 
 def qwen2_vl_inputs(hf_config: PretrainedConfig, processed: dict[str, Any]) -> MultimodalInputs:
@@ -95,8 +115,8 @@ def qwen3_vl_inputs(hf_config: PretrainedConfig, processed: dict[str, Any]) -> M
 
 
 PROCESSORS = {
-    "Qwen2VLForConditionalGeneration": ProcessorSpec(qwen2_vl_inputs),
-    "Qwen2_5_VLForConditionalGeneration": ProcessorSpec(qwen2_5_vl_inputs),
-    "Qwen3VLForConditionalGeneration": ProcessorSpec(qwen3_vl_inputs),
-    "Qwen3VLMoeForConditionalGeneration": ProcessorSpec(qwen3_vl_inputs),
+    "Qwen2VLForConditionalGeneration": ProcessorSpec(qwen2_vl_inputs, image_grid=image_grid),
+    "Qwen2_5_VLForConditionalGeneration": ProcessorSpec(qwen2_5_vl_inputs, image_grid=image_grid),
+    "Qwen3VLForConditionalGeneration": ProcessorSpec(qwen3_vl_inputs, image_grid=image_grid),
+    "Qwen3VLMoeForConditionalGeneration": ProcessorSpec(qwen3_vl_inputs, image_grid=image_grid),
 }
