@@ -162,15 +162,15 @@ def test_generate_endpoint_takes_image_data(vl_server):
 
 
 def image_tokens(model_dir, data: bytes, **kwargs) -> int:
-    """How many tokens transformers' processor gives the image, with `kwargs` (min_pixels, max_pixels) as given."""
-    import warnings
-
+    """How many tokens transformers' processor gives the image, with `kwargs` (min_pixels, max_pixels) as given:
+    as the size bounds, which every transformers 5 reads (5.17 ignores a flat max_pixels without min_pixels)."""
     from transformers import AutoProcessor
 
     hf = AutoProcessor.from_pretrained(model_dir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the flat min/max_pixels are deprecated, and still work
-        out = hf(text=["<|image_pad|>"], images=[Image.open(io.BytesIO(data)).convert("RGB")], **kwargs)
+    own = hf.image_processor.size
+    size = {"shortest_edge": kwargs.get("min_pixels", own["shortest_edge"]),
+            "longest_edge": kwargs.get("max_pixels", own["longest_edge"])}
+    out = hf(text=["<|image_pad|>"], images=[Image.open(io.BytesIO(data)).convert("RGB")], size=size)
     return len(out["input_ids"][0])
 
 
