@@ -142,13 +142,14 @@ class TritonAttentionBackend(AttentionBackend):
             lens[: b + 1] if fresh else None, None if last_keys is None else lens[2 * b + 1 :])
 
     def init_graph_extend_metadata(self, batch: ForwardBatch, q_starts: torch.Tensor, extend_lens: torch.Tensor,
-                                   cu_seqlens: torch.Tensor | None) -> None:
+                                   cu_seqlens: torch.Tensor | None, last_keys: torch.Tensor | None = None) -> None:
         """Extend metadata over a prefill graph's static buffers (runner/cuda_graph.py): the per-request vectors
         are device tensors the runner rewrites before each replay, the grid is sized by the bucket's token count,
-        and `cu_seqlens` (None: some request has a cached prefix) selects flash attention at capture time."""
+        `cu_seqlens` (None: some request has a cached prefix) selects flash attention at capture time, and
+        `last_keys` (each new token's last visible key) the bidirectional layers' span masks."""
         batch.attn_metadata = _ExtendMetadata(batch.req_pool_indices, batch.seq_lens, q_starts, extend_lens,
                                               batch.input_ids.shape[0],
-                                              cu_seqlens if self.dense_prefill else None)
+                                              cu_seqlens if self.dense_prefill else None, last_keys)
 
     def forward_extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, k: torch.Tensor,
                        v: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmserve.attention.base import AttentionType
 from mmserve.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
@@ -195,11 +196,18 @@ class PrefillGraphRunner:
         if self.from_embeds:
             width = runner.model.model.embed_tokens.weight.shape[1]
             self.input_embeds = torch.zeros(n, width, dtype=runner.dtype, device=device)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.batches: dict[tuple[int, bool], ForwardBatch] = {}
+        # A model with bidirectional layers (Gemma 3's image spans) gets each bucket captured once more, with a
+        # table of each new token's last visible key that a replay rewrites like the rows above: its steps with
+        # images replay too. Such a step takes the extend kernel in every layer, cached prefix or not.
+        self.spans = any(getattr(m, "attn_type", None) is AttentionType.DECODER_BIDIRECTIONAL
+                         for m in runner.model.modules())
+        self.last_keys = torch.zeros(n, dtype=torch.int32, device=device) if self.spans else None
+        # keyed by (tokens, fresh: nothing cached, spans: the last-keys table in force)
+        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self.batches: dict[tuple[int, bool, bool], ForwardBatch] = {}
         self.capture_seconds = 0.0
 
-    def static_batch(self, tokens: int, fresh: bool) -> ForwardBatch:
+    def static_batch(self, tokens: int, fresh: bool, spans: bool = False) -> ForwardBatch:
         r = PREFILL_GRAPH_MAX_REQS
         batch = ForwardBatch(
             mode=ForwardMode.EXTEND,
@@ -214,12 +222,15 @@ class PrefillGraphRunner:
         )
         cu_seqlens = self.lens32[2 * r + 2:] if fresh else None
         self.runner.attn_backend.init_graph_extend_metadata(batch, self.lens32[: r + 1],
-                                                            self.lens32[r + 1: 2 * r + 2], cu_seqlens)
+                                                            self.lens32[r + 1: 2 * r + 2], cu_seqlens,
+                                                            self.last_keys[:tokens] if spans else None)
         return batch
 
-    def keys(self) -> list[tuple[int, bool]]:
-        return [(t, fresh) for t in reversed(self.token_buckets) for fresh in ((True, False) if self.dense else
-                                                                               (False,))]
+    def keys(self) -> list[tuple[int, bool, bool]]:
+        kinds = [(True, False), (False, False)] if self.dense else [(False, False)]
+        if self.spans:
+            kinds.append((False, True))
+        return [(t, fresh, spans) for t in reversed(self.token_buckets) for fresh, spans in kinds]
 
     @torch.inference_mode()
     def capture(self, pool=None, stream: torch.cuda.Stream | None = None) -> None:
@@ -233,6 +244,8 @@ class PrefillGraphRunner:
             if not self.use_graphs:
                 continue
             self._set_padding(0, [], key[0], [])  # one padding request of the whole bucket while capturing
+            if key[2]:
+                self._set_last_keys([], 0, key[0])
             embeds = self.input_embeds[: key[0]] if self.from_embeds else None
             with torch.cuda.stream(stream):
                 for _ in range(2):
@@ -255,7 +268,7 @@ class PrefillGraphRunner:
                 and batch.batch_size <= PREFILL_GRAPH_MAX_REQS and batch.logits_indices is not None
                 and batch.logits_indices.shape[0] <= PREFILL_GRAPH_MAX_REQS
                 and (self.from_embeds or batch.mm_inputs is None or all(m is None for m in batch.mm_inputs))
-                and batch.bidirectional_spans is None)  # the captured metadata has no spans
+                and (batch.bidirectional_spans is None or self.spans))
 
     def _set_padding(self, tokens: int, lens: list[int], bucket: int, seq_lens: list[int]) -> None:
         """The int rows of a step of `lens` new tokens per request (total `tokens`, KV lengths after the step
@@ -275,12 +288,22 @@ class PrefillGraphRunner:
         self.seq_lens.copy_(torch.tensor(seq, dtype=torch.int64, pin_memory=self.input_ids.is_cuda),
                             non_blocking=True)
 
+    def _set_last_keys(self, last_keys: list[int], tokens: int, bucket: int) -> None:
+        """The step's last visible key per new token, then the padding request's tokens, causal (0, 1, ...)."""
+        host = torch.tensor([*last_keys, *range(bucket - tokens)], dtype=torch.int32,
+                            pin_memory=self.input_ids.is_cuda)
+        self.last_keys[:bucket].copy_(host, non_blocking=True)
+
     @torch.inference_mode()
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """The step's logits rows ([len(logits_indices), vocab], valid until the next prefill replay)."""
         t, b, rows = batch.input_ids.shape[0], batch.batch_size, batch.logits_indices.shape[0]
         bucket = next(n for n in self.token_buckets if n >= t)
-        fresh = self.dense and not any(batch.prefix_lens_cpu)
+        last_keys = batch.span_last_keys() if self.spans else None  # None too when no span holds a new token
+        spans = last_keys is not None
+        fresh = self.dense and not spans and not any(batch.prefix_lens_cpu)
+        if spans:
+            self._set_last_keys(last_keys, t, bucket)
         if self.from_embeds:  # media encoded eagerly (the tower is not in the graph), the language model replayed
             self.input_embeds[:t].copy_(self.runner.embed_inputs(batch))
         self.input_ids[:t].copy_(batch.input_ids)
@@ -294,7 +317,7 @@ class PrefillGraphRunner:
         self.logits_indices[rows:].zero_()  # left from a larger step, they could point past this bucket
         if not self.use_graphs:
             embeds = self.input_embeds[:bucket] if self.from_embeds else None
-            self.logits.copy_(self.runner.run_model(self.batches[bucket, fresh], embeds))
+            self.logits.copy_(self.runner.run_model(self.batches[bucket, fresh, spans], embeds))
         else:
-            self.graphs[bucket, fresh].replay()
+            self.graphs[bucket, fresh, spans].replay()
         return self.logits[:rows]

@@ -227,3 +227,31 @@ def test_image_prefills_replay_the_language_model_from_embeddings(fixture, reque
         assert got == eager
         assert (True in replays) == from_embeds and False in replays
         assert_pool_consistent(engine)
+
+
+def test_bidirectional_image_steps_replay_with_their_spans(tiny_gemma3_dir):
+    """Gemma 3's images attend both ways: its image steps replay the graphs captured with the last-keys table
+    (alone, batched, and in chunks of 16 that bend around the 16-token images), with the eager engine's tokens;
+    text steps replay the plain graphs."""
+    image = "<start_of_image>"
+    prompts = [f"<start_of_turn>user\n{image}Describe it.<end_of_turn>\n<start_of_turn>model\n",
+               f"What is in{image}?"]
+    pictures = [picture(90, 60, 3)]
+    kwargs = {"dtype": "float32", "device": DEVICE, "chunked_prefill_size": 16}
+    with Engine(model_path=str(tiny_gemma3_dir), disable_cuda_graph=True, attention_backend=EAGER_BACKEND,
+                **kwargs) as engine:
+        eager = engine.generate(prompts, GREEDY, image_data=[pictures] * 2, return_logits=True)
+    with Engine(model_path=str(tiny_gemma3_dir), cuda_graph_max_prefill_tokens=32, attention_backend="triton",
+                **kwargs, **({} if DEVICE == "cuda" else {"disable_cuda_graph": True})) as engine:
+        graphs = engine.runner.prefill_graph_runner if DEVICE == "cuda" else _with_prefill_graphs(engine, 32)
+        assert graphs.spans and (32, False, True) in graphs.batches
+        replays = []
+        original = graphs.replay
+        graphs.replay = lambda batch: (replays.append(batch.span_last_keys() is not None), original(batch))[1]
+        got = engine.generate(prompts, GREEDY, image_data=[pictures] * 2, return_logits=True)
+        for ours, ref in zip(got, eager, strict=True):  # logits too: a causal-only image moves them by > 1e-2
+            assert ours["output_ids"] == ref["output_ids"]
+            for a, b in zip(ours["meta_info"]["logits"], ref["meta_info"]["logits"], strict=True):
+                assert (a - b).abs().max() < 1e-4
+        assert True in replays and False in replays  # image chunks replayed with their spans, text ones without
+        assert_pool_consistent(engine)
