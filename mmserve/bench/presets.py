@@ -24,6 +24,13 @@ PRESETS: dict[str, dict] = {
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936,
         "tie_word_embeddings": True, "hidden_act": "silu", "torch_dtype": "bfloat16",
     },
+    # Alibaba-NLP/gte-Qwen2-1.5B-instruct's shape, served as an embedder (the bare decoder, last-token pooling)
+    "gte-qwen2-1.5b": {
+        "architectures": ["Qwen2Model"], "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
+        "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151646,
+        "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+    },
     "llama-3.2-1b": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
         "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
