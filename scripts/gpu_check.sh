@@ -24,7 +24,8 @@ MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cachep
   tests/models/test_qwen3_vl.py tests/models/test_llava.py tests/models/test_llava_next.py \
   tests/models/test_llava_onevision.py tests/models/test_llava_next_video.py tests/models/test_gemma3.py \
   tests/models/test_pixtral.py tests/models/test_mistral3.py tests/models/test_internvl.py tests/models/test_janus.py \
-  tests/models/test_glm4v.py \
+  tests/models/test_glm4v.py tests/models/test_glm4v_moe.py tests/models/test_qwen3_omni.py \
+  tests/models/test_gemma2.py tests/models/test_gme_qwen2_vl.py tests/models/test_clip.py tests/models/test_embeddings.py \
   tests/scheduler tests/layers tests/cache tests/runner tests/constrained \
   tests/multimodal tests/server/test_openai_api.py tests/server/test_multimodal_api.py \
   tests/server/test_errors.py tests/attention 2>&1 | tee "$OUT/tests.log" | tail -15
@@ -55,6 +56,9 @@ for preset in ${FAMILIES-llava-1.5-7b gemma-3-12b mistral-small-3.1-24b internvl
   python3 -m mmserve.bench.families --preset "$preset" --tokenizer-dir .gpu/tokenizer --runs 1 \
     --json "$OUT/family_$preset.json" 2>&1 | tee "$OUT/family_$preset.log" | tail -8
 done
+# issue 21's row: embedding throughput at 512 tokens (gte-Qwen2-1.5B shape) beside transformers' AutoModel
+python3 -m mmserve.bench.embeddings --preset gte-qwen2-1.5b --tokenizer-dir .gpu/tokenizer \
+  --json "$OUT/embeddings.json" 2>&1 | tee "$OUT/embeddings.log" | tail -6
 # on two or more GPUs (issue 19): tp 2 against tp 1 on tiny models (NCCL, float32, graphs), T1/T2 at tp 2, the
 # collectives' time per decode step, and the Qwen2.5-VL-32B shape's image workload at tp 2
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
