@@ -253,3 +253,17 @@ def tiny_clip_dir(tokenizer_dir, tmp_path_factory) -> Path:
     from tiny_models import build_tiny_clip
 
     return build_tiny_clip(tokenizer_dir, tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_phi4_multimodal_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_phi4_multimodal
+
+    return build_tiny_phi4_multimodal(tokenizer_dir, tmp_path_factory.mktemp("tiny_phi4_multimodal"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mllama_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_mllama
+
+    return build_tiny_mllama(tokenizer_dir, tmp_path_factory.mktemp("tiny_mllama"))

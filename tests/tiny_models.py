@@ -928,3 +928,129 @@ def build_tiny_clip(tokenizer_dir: Path, out: Path) -> Path:
     tok.save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
     return out
+
+
+PHI4_MM_TOKENS = {"image_token": "<|image|>", "audio_token": "<|audio|>"}
+# microsoft/Phi-4-multimodal-instruct's turns as transformers' converted processor renders them: "<|role|>", the
+# parts in order (an image as `<|image|>`, a clip as `<|audio|>`), "<|end|>"; then "<|assistant|>" to generate
+PHI4_MM_STYLE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif part['type'] == 'audio' %}{{ '<|audio|>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def build_tiny_phi4_multimodal(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer Phi-4-multimodal decoder (fused qkv and gate/up, LongRoPE on 0.75 of each 16-dim head, its short
+    factors and the attention factor of a 4x stretch in use below 2048 positions) under a
+    2-layer SigLIP-style tower read at its first layer (`feature_layer` -2) and a 1-block Conformer audio encoder
+    over 80 mel bins (the feature extractor's default, which the encoder's input size must match), its streaming
+    chunks of 6 steps seeing one chunk back, relative positions clamped at 20 steps. The processor
+    hard-codes 448 px crops of 14 px patches pooled to 16x16 tokens, so the tower keeps them: one small image is a
+    global view plus one crop, 545 tokens. SmolLM2's tokenizer with `<|image|>` and `<|audio|>` named as the
+    processor reads them, and the hub's turns (`PHI4_MM_STYLE`)."""
+    from transformers import (
+        AutoTokenizer,
+        Phi4MultimodalConfig,
+        Phi4MultimodalFeatureExtractor,
+        Phi4MultimodalForCausalLM,
+        Phi4MultimodalImageProcessor,
+        Phi4MultimodalProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens=PHI4_MM_TOKENS)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in PHI4_MM_TOKENS.items()}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=448, patch_size=14, crop_size=448, image_token_id=ids["image_token"])
+    audio = dict(hidden_size=32, intermediate_size=48, num_blocks=1, num_attention_heads=2, ext_pw_out_channel=32,
+                 depthwise_separable_out_channel=32, nemo_conv_channels=8, input_size=80, bias_max_distance=20,
+                 chunk_size=6, left_chunk=1, audio_token_id=ids["audio_token"])
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}
+    config = Phi4MultimodalConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                                  original_max_position_embeddings=2048, rope_parameters=rope,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=2, vision_config=vision,
+                                  audio_config=audio)
+    config.architectures = ["Phi4MultimodalForCausalLM"]
+    save_random_vl(Phi4MultimodalForCausalLM, config, 4444, out)
+    tok.chat_template = PHI4_MM_STYLE  # the processor's own copy is lost on save and reload; the tokenizer's stays
+    processor = Phi4MultimodalProcessor(image_processor=Phi4MultimodalImageProcessor(),
+                                        audio_processor=Phi4MultimodalFeatureExtractor(), tokenizer=tok,
+                                        chat_template=PHI4_MM_STYLE)
+    processor.save_pretrained(out)
+    return out
+
+
+# meta-llama/Llama-3.2-11B-Vision-Instruct, cut to its shape: the turn headers, images where they stand among the
+# texts as "<|image|>", and the default system turn only for a conversation without images
+LLAMA_3_VISION_STYLE = (
+    "{{- bos_token }}{%- set ns = namespace(has_images=false) %}"
+    "{%- for message in messages %}{%- if message['content'] is not string %}"
+    "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}{%- set ns.has_images = true %}"
+    "{%- endif %}{%- endfor %}{%- endif %}{%- endfor %}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- if system_message is not string %}{%- set system_message = system_message[0]['text'] %}{%- endif %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{%- if system_message or not ns.has_images %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system_message + '<|eot_id|>' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif content['type'] == 'text' %}{{- content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def build_tiny_mllama(tokenizer_dir: Path, out: Path) -> Path:
+    """A 4-layer Llama 3.2 Vision decoder (cross-attention at layers 1 and 3) over a tiled ViT (28 px tiles of 7 px
+    patches, up to 4 tiles, 2 local layers with both kept as intermediate features, 1 gated global layer);
+    SmolLM2's tokenizer plus Llama 3's turn tokens and `<|image|>`, whose id is the text vocabulary's size, as in
+    the hub's checkpoints (the embedding table has 8 rows past the vocabulary)."""
+    from transformers import AutoTokenizer, MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+
+    try:
+        from transformers import MllamaImageProcessor
+    except ImportError:  # pragma: no cover
+        from transformers import MllamaImageProcessorFast as MllamaImageProcessor
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = len(tok)
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "additional_special_tokens": [
+        "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok = AutoTokenizer.from_pretrained(_save_tokenizer(tok, out), extra_special_tokens={"image_token": "<|image|>"})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  image_size=28, patch_size=7, max_num_tiles=4, intermediate_layers_indices=[0, 1],
+                  vision_output_dim=96, norm_eps=1e-5)
+    text = dict(vocab_size=len(tok) - 1, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                cross_attention_layers=[1, 3], num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("<|eot_id|>"),
+                pad_token_id=2, tie_word_embeddings=False)
+    assert tok.image_token_id == text["vocab_size"] and vocab < text["vocab_size"]
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=tok.image_token_id)
+    save_random_vl(MllamaForConditionalGeneration, config, 2024, out)
+    # the scalar tanh gates (cross-attention, tile and position embeddings, global layers) opened wide, or the
+    # images would barely move the logits
+    with torch.no_grad():
+        model = MllamaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+        for name, p in model.named_parameters():
+            if "gate" in name and p.numel() == 1:
+                p.fill_(0.8)
+        model.save_pretrained(out)
+    image_processor = MllamaImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=4)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=LLAMA_3_VISION_STYLE)
+    processor.save_pretrained(out)
+    return out
+
+
+def _save_tokenizer(tok, out: Path) -> Path:
+    """`tok` saved beside `out`, to reload it with named special tokens added after the ones just added."""
+    folder = out.parent / f"{out.name}_tokenizer"
+    tok.save_pretrained(folder)
+    return folder

@@ -275,8 +275,8 @@ class MultimodalProcessor:
         self.inline_when_alone = True
         self._running = 0
         self._running_lock = threading.Lock()
-        # Images resized, normalised and patched in the engine, on its device (--mm-image-prep): this process
-        # expands the placeholder from the grid and sends the decoded image, a quarter of the float32 bytes
+        # Images normalised and patched in the engine, on its device (--mm-image-prep): this process resizes each
+        # image, expands its placeholder from the grid and sends it as uint8, an eighth of the processor's bytes
         prep = args.mm_image_prep
         if prep == "auto":
             prep = "engine" if torch.cuda.is_available() else "api"
@@ -665,6 +665,8 @@ class MultimodalProcessor:
         before, after = self.wrapping[item.modality]
         features = {name: value.cpu() for name, value in out.items()
                     if name not in _TEXT_OUTPUTS and isinstance(value, torch.Tensor)}
+        if self.spec.keeps_placeholder:
+            return ProcessedMedia(features, (getattr(self.hf, f"{item.modality}_token_id"),))
         return ProcessedMedia(features, tuple(ids[before:len(ids) - after]))
 
     def _expand_ids(self, text: str, by_modality: dict[str, Iterator[_Item]],
@@ -751,8 +753,14 @@ class MultimodalProcessor:
         mm = self.spec.multimodal_inputs(self.hf_config, processed)
         starts = [start for start, _ in spans]
         for mm_item in mm.items:
+            if mm_item.offset < starts[0]:  # text ahead of all media whose states depend on all of them (Mllama)
+                text = b"".join(t.to_bytes(8, "little") for t in ids[mm_item.offset:mm_item.end])
+                mm_item.hash = media_item_hash(b"".join(key for _, key in spans) + text, 0)
+                continue
             start, key = spans[bisect_right(starts, mm_item.offset) - 1]
-            mm_item.hash = media_item_hash(key, mm_item.offset - start)
+            # a hash the spec set marks a variant of the media that encodes differently (Phi-4's audio beside images)
+            variant = mm_item.hash.to_bytes(8, "little") if mm_item.hash else b""
+            mm_item.hash = media_item_hash(key + variant, mm_item.offset - start)
         return ids, mm
 
 

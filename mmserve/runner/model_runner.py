@@ -145,6 +145,10 @@ class ModelRunner:
     def _use_cuda_graphs(self) -> bool:
         if self.device.type != "cuda" or self.args.disable_cuda_graph or self.config.is_embedding:
             return False  # an embedding server never decodes, and its prefill steps return hidden states
+        if not getattr(self.model, "supports_cuda_graph", True):
+            logger.info("CUDA graphs off: %s keeps per-request cross-attention state outside the graph's inputs",
+                        type(self.model).__name__)
+            return False
         if not self.attn_backend.supports_cuda_graph:
             logger.info("CUDA graphs off: the %s attention backend cannot be captured",
                         type(self.attn_backend).__name__)

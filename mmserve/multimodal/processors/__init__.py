@@ -35,6 +35,9 @@ class ProcessorSpec:
     # image. A family that has it may have its images prepared in the engine (--mm-image-prep): the API process
     # expands the placeholder from the grid alone and sends the decoded image; the engine runs the image processor.
     image_grid: Callable[[Any, int, int, tuple[int, int]], tuple[int, int, int]] | None = None
+    # Each placeholder stays its one token (cross-attention models: the media never enter the token stream), whatever
+    # text the HF processor writes around an item processed alone (Mllama's BOS after a leading image)
+    keeps_placeholder: bool = False
 
 
 class _ProcessorRegistry:

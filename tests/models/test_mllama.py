@@ -1,0 +1,137 @@
+"""Llama 3.2 Vision (Mllama) against transformers on a tiny random model (float32, CPU): text only (the
+cross-attention layers skipped), one image, two images with different tile counts (apart and adjacent), chunked
+prefill through the image tokens, the prefix cache (a repeated image hits it; other images or none must not share
+the text before the first image, which attends to all of them), and chat through the hub-style template."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, image_data_url, picture
+
+from mmserve import Engine
+from mmserve.multimodal.processors.mllama import OPEN_END, cross_attention_spans
+
+BOS, IMAGE = "<|begin_of_text|>", "<|image|>"
+TURN = "<|start_header_id|>user<|end_header_id|>\n\n"
+REPLY = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_mllama_dir):
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    model = MllamaForConditionalGeneration.from_pretrained(tiny_mllama_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_mllama_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_mllama_dir):
+    with Engine(model_path=str(tiny_mllama_dir), dtype="float32") as e:
+        yield e
+
+
+# 60x30 px becomes 2 tiles of 28 px, 30x80 px 3, 40x40 px 4 (of the 4 at most): the rest of each image's tiles are
+# padding that its tokens must not see (but the text before the first image sees, as transformers has it)
+CASES = {
+    "text only": (f"{BOS}{TURN}Just some text without pictures.{REPLY}", []),
+    "one image": (f"{BOS}{TURN}{IMAGE}Describe it briefly.{REPLY}", [picture(60, 30, 0)]),
+    "two images": (f"{BOS}{TURN}First {IMAGE} then {IMAGE} compare them.{REPLY}",
+                   [picture(60, 30, 1), picture(30, 80, 2)]),
+    "adjacent images": (f"{BOS}{TURN}{IMAGE}{IMAGE}Two at once.{REPLY}", [picture(40, 40, 3), picture(90, 30, 4)]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_transformers(case, engine, hf):
+    prompt, images = CASES[case]
+    ours = engine.generate(prompt, GREEDY, return_logits=True, image_data=images or None)
+    assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def test_batch_of_prompts_with_and_without_images(engine, hf):
+    """Requests with other images, and one with none, prefilled and decoded in the same steps: each reads its own
+    images (the text-only one skips the cross-attention layers) and gets transformers' answer."""
+    cases = [CASES["two images"], CASES["text only"], CASES["one image"]]
+    sizes = []
+    forward = engine.runner.forward
+
+    def spy(batch, *args, **kwargs):
+        sizes.append(batch.batch_size)
+        return forward(batch, *args, **kwargs)
+
+    engine.runner.forward = spy
+    try:
+        outs = engine.generate([prompt for prompt, _ in cases], GREEDY, return_logits=True,
+                               image_data=[images or None for _, images in cases])
+    finally:
+        engine.runner.forward = forward
+    assert max(sizes) == len(cases)
+    for ours, (prompt, images) in zip(outs, cases, strict=True):
+        assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def test_spans_follow_the_processors_cross_attention_mask(hf):
+    """Which tokens see which image, against the mask transformers' processor builds (to the prompt's end)."""
+    _, processor = hf
+    for prompt, count in ((f"{BOS}a {IMAGE} b c", 1), (f"{BOS}a {IMAGE} b {IMAGE} c d", 2),
+                          (f"{BOS}{IMAGE}{IMAGE} b {IMAGE}{IMAGE}{IMAGE} c", 5)):
+        images = [picture(40, 40, i) for i in range(count)]
+        enc = processor(text=[prompt], images=[images], return_tensors="pt")
+        ids, mask = enc["input_ids"][0], enc["cross_attention_mask"][0, :, :, 0]  # [tokens, images], first tile
+        locations = (ids == processor.image_token_id).nonzero().flatten().tolist()
+        spans = cross_attention_spans(locations)
+        expected = torch.zeros_like(mask)
+        for image, (start, end) in enumerate(spans):
+            expected[start:min(end, len(ids)), image] = 1
+        assert torch.equal(mask, expected), prompt
+        assert spans[-1][1] == OPEN_END
+
+
+def test_chunked_prefill_through_the_images(tiny_mllama_dir, hf):
+    """8-token chunks: the images are encoded once, at the first chunk (its text attends to all of them), and every
+    later chunk and decode step reads their kept K/V."""
+    prompt = f"{BOS}{TURN}Here is a longer question before {IMAGE} the first, and {IMAGE} the second one.{REPLY}"
+    check_chunked_prefill(tiny_mllama_dir, hf, prompt, [picture(60, 30, 5), picture(30, 80, 6)])
+
+
+def test_prefix_cache_shares_only_the_same_images(tiny_mllama_dir, hf):
+    """A repeated image reuses the whole prompt's KV and its K/V. The same text with another image, or with none,
+    shares nothing: its text before the image attended to the image (a text-only prompt skips cross-attention)."""
+    prompt, images = CASES["one image"]
+    other = [picture(30, 80, 9)]
+    with Engine(model_path=str(tiny_mllama_dir), dtype="float32") as e:
+        first = e.generate(prompt, GREEDY, return_logits=True, image_data=images)
+        again = e.generate(prompt, GREEDY, return_logits=True, image_data=images)
+        assert again["meta_info"]["cached_tokens"] == again["meta_info"]["prompt_tokens"] - 1
+        assert again["output_ids"] == first["output_ids"]
+        assert e.runner.model.encoder_cache.stores == 1
+        changed = e.generate(prompt, GREEDY, return_logits=True, image_data=other)
+        assert changed["meta_info"]["cached_tokens"] == 0
+        text = prompt.replace(IMAGE, "")
+        e.generate(text, GREEDY)
+        after_text = e.generate(prompt, GREEDY, return_logits=True, image_data=images)
+    assert_same(again, hf_generate(hf, prompt, images))
+    assert_same(changed, hf_generate(hf, prompt, other))
+    assert_same(after_text, hf_generate(hf, prompt, images))
+
+
+def test_chat_with_the_hub_template(engine, hf):
+    """The model's own template (Llama-3.2-Vision-Instruct style: images where they stand among the texts, no
+    default system turn when there are images) renders OpenAI image parts as transformers' processor renders its
+    messages, and the answer is transformers'."""
+    from mmserve.tokenizer.chat_template import render_chat
+
+    images = [picture(70, 40, 7), picture(40, 70, 8)]
+    _, processor = hf
+
+    def messages(*images: dict) -> list[dict]:
+        return [{"role": "user", "content": [images[0], {"type": "text", "text": "What is this? "}, images[1]]}]
+
+    prompt = processor.apply_chat_template(messages({"type": "image"}, {"type": "image"}), add_generation_prompt=True)
+    assert prompt == f"{BOS}{TURN}{IMAGE}What is this? {IMAGE}{REPLY}"
+    chat = messages(*({"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in images))
+    assert render_chat(engine.tokenizer, chat, engine.chat_template) == prompt
+    assert render_chat(engine.tokenizer, chat, "llama_3_vision") == prompt  # the named template, SGLang's name
+    ref = hf_generate(hf, prompt, images)
+    assert engine.chat(chat, GREEDY)["output_ids"] == ref[0]
