@@ -42,6 +42,10 @@ class ModelRunner:
         self.args = args
         self.device = device
         self.dtype = model_config.dtype
+        if self.dtype == torch.float32 and device.type == "cuda":
+            # PyTorch lets cuDNN convolutions use TF32 by default: float32 weights should compute in float32, so the
+            # towers' patch embeddings (convolutions) match the CPU's and transformers' (process-wide)
+            torch.backends.cudnn.allow_tf32 = False
         start = time.perf_counter()
         set_dp_encoder(args.mm_enable_dp_encoder)
         self.model = self._load_model(checkpoint)
