@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.activation import get_act_fn
 from mmserve.layers.embedding import ParallelLMHead
 from mmserve.layers.logits import LogitsProcessor
@@ -41,9 +40,9 @@ from mmserve.layers.vision import (
 from mmserve.models.clip import hidden_state_indices
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
 from mmserve.models.llava import load_split_weights
+from mmserve.models.media_lm import MediaCausalLM
 from mmserve.models.qwen2 import Qwen2ForCausalLM
 from mmserve.models.qwen3 import Qwen3ForCausalLM
-from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalItem
 from mmserve.multimodal.processors.internvl import as_pair, shuffle_factor
@@ -191,7 +190,7 @@ class InternVLMultiModalProjector(nn.Module):
 
 # ----- the model -----
 
-class InternVLForConditionalGeneration(LlamaForCausalLM):
+class InternVLForConditionalGeneration(MediaCausalLM):
     # checkpoint names (after the layout is normalised) loaded as they are, not through the decoder's mapping
     direct_weights = ("vision_tower.", "multi_modal_projector.")
 
@@ -239,16 +238,6 @@ class InternVLForConditionalGeneration(LlamaForCausalLM):
         features = self.tile_features(pixels_to_device(tiles, self.vision_tower.embeddings.cls_token.device))
         features = features.split([len(t) for t in tiles])
         return [f.flatten(0, 1) for f in features]
-
-    def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """The step's input embeddings with the images' features placed (the prefill graphs replay from these)."""
-        return embed_multimodal(input_ids, batch, self.model.embed_tokens, self.encode, self.encoder_cache)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
-                input_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
-        hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
-        return self.logits_processor(hidden_states, self.lm_head, batch)
 
     # ----- weights -----
 

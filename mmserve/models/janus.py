@@ -20,15 +20,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.activation import get_act_fn
 from mmserve.layers.embedding import ParallelLMHead
 from mmserve.layers.linear import default_weight_loader
 from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.vision import pixels_to_device
-from mmserve.models.llama import LlamaForCausalLM, LlamaModel
+from mmserve.models.llama import LlamaModel
+from mmserve.models.media_lm import MediaCausalLM
 from mmserve.models.siglip import SiglipVisionTower
-from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalItem
 
@@ -70,7 +69,7 @@ class JanusVisionAligner(nn.Module):
         return x
 
 
-class JanusForConditionalGeneration(LlamaForCausalLM):
+class JanusForConditionalGeneration(MediaCausalLM):
 
     def __init__(self, config: PretrainedConfig):
         nn.Module.__init__(self)
@@ -99,16 +98,6 @@ class JanusForConditionalGeneration(LlamaForCausalLM):
         """Aligned features [patches, hidden] for each item, all images in one tower pass."""
         pixels = pixels_to_device([it.features["pixel_values"] for it in items], self.aligner.fc1.weight.device)
         return list(self.aligner(self.vision_tower(pixels)))
-
-    def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """The step's input embeddings with the images' features placed (the prefill graphs replay from these)."""
-        return embed_multimodal(input_ids, batch, self.model.embed_tokens, self.encode, self.encoder_cache)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
-                input_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
-        hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
-        return self.logits_processor(hidden_states, self.lm_head, batch)
 
     # ----- weights -----
 

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.activation import get_act_fn
 from mmserve.layers.embedding import ParallelLMHead
 from mmserve.layers.linear import default_weight_loader
@@ -22,10 +21,10 @@ from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.vision import pixels_to_device
 from mmserve.models.clip import CLIPVisionTower, hidden_state_indices
 from mmserve.models.llama import LlamaForCausalLM, LlamaModel
+from mmserve.models.media_lm import MediaCausalLM
 from mmserve.models.mistral import MistralForCausalLM
 from mmserve.models.pixtral import PixtralVisionTower, encode_pixtral_images
 from mmserve.models.qwen2 import Qwen2ForCausalLM
-from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalItem
 
@@ -47,7 +46,7 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(LlamaForCausalLM):
+class LlavaForConditionalGeneration(MediaCausalLM):
     # checkpoint names (after the layout is normalised) loaded as they are, not through the decoder's mapping
     direct_weights: tuple[str, ...] = ("vision_tower.", "multi_modal_projector.")
 
@@ -111,16 +110,6 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         features = self.multi_modal_projector(states)
         return [f.view(rows, cols, -1) for f, (rows, cols) in
                 zip(features.split([rows * cols for rows, cols in grids]), grids, strict=True)]
-
-    def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """The step's input embeddings with the images' features placed (the prefill graphs replay from these)."""
-        return embed_multimodal(input_ids, batch, self.model.embed_tokens, self.encode, self.encoder_cache)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
-                input_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
-        hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
-        return self.logits_processor(hidden_states, self.lm_head, batch)
 
     # ----- weights -----
 

@@ -34,15 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.activation import get_act_fn
 from mmserve.layers.linear import default_weight_loader
 from mmserve.layers.rotary import RotaryEmbedding, rope_parameters
 from mmserve.layers.vision import pixels_to_device
 from mmserve.models.clip import CLIPAttention, CLIPEncoderLayer, hidden_state_indices
-from mmserve.models.llama import LlamaForCausalLM, head_dim_of
+from mmserve.models.llama import head_dim_of
+from mmserve.models.media_lm import MediaCausalLM
 from mmserve.models.siglip import SiglipEncoder, SiglipVisionEmbeddings
-from mmserve.multimodal.embed import embed_multimodal
 from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalItem
 from mmserve.multimodal.processors.phi4_multimodal import crop_grid, useful_grid
@@ -370,7 +369,7 @@ def refuse_lora_folders(config: PretrainedConfig) -> None:
                          "model as transformers' native class runs it")
 
 
-class Phi4MultimodalForCausalLM(LlamaForCausalLM):
+class Phi4MultimodalForCausalLM(MediaCausalLM):
     def __init__(self, config: PretrainedConfig):
         refuse_lora_folders(config)
         longrope = rope_parameters(config)["rope_type"] == "longrope"
@@ -398,15 +397,6 @@ class Phi4MultimodalForCausalLM(LlamaForCausalLM):
                 for i, rows in zip(chosen, embed([items[i] for i in chosen]), strict=True):
                     out[i] = rows
         return out  # type: ignore[return-value]
-
-    def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return embed_multimodal(input_ids, batch, self.model.embed_tokens, self.encode, self.encoder_cache)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
-                input_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
-        hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
-        return self.logits_processor(hidden_states, self.lm_head, batch)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """transformers' names: the decoder's fused `qkv_proj` and `gate_up_proj` split into their parts; the image

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.embedding import ParallelLMHead
 from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.vision import (
@@ -31,8 +30,8 @@ from mmserve.layers.vision import (
     pixels_to_device,
     vision_patch_buckets,
 )
-from mmserve.models.llama import LlamaForCausalLM, LlamaModel
-from mmserve.multimodal.embed import embed_multimodal
+from mmserve.models.llama import LlamaModel
+from mmserve.models.media_lm import MediaCausalLM
 from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalItem
 
@@ -89,7 +88,7 @@ class Qwen2VisionTransformer(nn.Module):
         return self.merger(x)
 
 
-class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
+class Qwen2VLForConditionalGeneration(MediaCausalLM):
     qkv_bias = True
     uses_mrope = True
     vision_tower: type[nn.Module] = Qwen2VisionTransformer  # Qwen2.5-VL swaps in its windowed ViT
@@ -158,17 +157,6 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
                                         patches // merge**2))
         for item in items:  # eagerly, past any graphs: the eager path serves steps larger than the graphs
             self.visual(item.features["pixel_values"], item.features["grid_thw"])
-
-    def embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """The step's input embeddings, media encoded and placed: what `forward` starts from. The prefill graphs
-        run this eagerly and replay the language model from its output (`forward(..., input_embeds=)`)."""
-        return embed_multimodal(input_ids, batch, self.model.embed_tokens, self.encode, self.encoder_cache)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
-                input_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        embeds = self.embed(input_ids, batch) if input_embeds is None else input_embeds
-        hidden_states = self.model(input_ids, positions, batch, input_embeds=embeds)
-        return self.logits_processor(hidden_states, self.lm_head, batch)
 
     # ----- weights -----
 
