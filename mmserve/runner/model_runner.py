@@ -131,19 +131,22 @@ class ModelRunner:
         gc.collect()
 
     def _install_image_prep(self, checkpoint: Path) -> None:
-        """The image processor in this process, for families whose images the API process may send decoded
-        (--mm-image-prep): whichever way the API process chose, misses go through it (it passes processed items
-        as they are)."""
+        """The image processor in this process, for families whose images the API process may send resized, as
+        uint8 (--mm-image-prep): whichever way the API process chose, misses go through it (it passes processed
+        items as they are)."""
         from mmserve.multimodal.processors import ProcessorRegistry
 
         spec = ProcessorRegistry.resolve(self.config.architectures)
         if spec is None or spec.image_grid is None or self.args.mm_image_prep == "api":
             return
+        from mmserve.models.loader import split_gguf
         from mmserve.multimodal.image_prep import EngineImagePrep
 
-        prep = EngineImagePrep(checkpoint, self.args.trust_remote_code, self.device)
+        prep = EngineImagePrep(split_gguf(checkpoint)[0], self.args.trust_remote_code, self.device)
         if self.device.type == "cuda":  # the first call's kernel loads, off the first image's time to first token
-            prep.processor(images=[torch.zeros(3, 64, 48, dtype=torch.uint8, device=self.device)], return_tensors="pt")
+            side = prep.processor.patch_size * prep.processor.merge_size
+            prep.processor(images=[torch.zeros(3, side, side, dtype=torch.uint8, device=self.device)],
+                           do_resize=False, return_tensors="pt")
         self.model.encoder_cache.prepare = prep
 
     def _use_cuda_graphs(self) -> bool:
