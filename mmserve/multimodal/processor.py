@@ -280,7 +280,9 @@ class MultimodalProcessor:
         prep = args.mm_image_prep
         if prep == "auto":
             prep = "engine" if torch.cuda.is_available() else "api"
-        self.images_in_engine = prep == "engine" and spec.image_grid is not None
+        # (a checkpoint whose processor does not resize keeps it all here: the plan resizes)
+        self.images_in_engine = (prep == "engine" and spec.image_grid is not None
+                                 and getattr(getattr(self.hf, "image_processor", None), "do_resize", False))
         self.image_target_pixels = resize_target_pixels(getattr(self.hf, "image_processor", None))
         self.audio_rate = int(getattr(getattr(self.hf, "feature_extractor", None), "sampling_rate", 16000))
         self.frame_target_pixels = resize_target_pixels(getattr(self.hf, "video_processor", None))
