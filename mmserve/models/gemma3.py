@@ -67,8 +67,11 @@ def layer_rope_parameters(config: PretrainedConfig, layer_type: str) -> dict[str
 
 
 class Gemma3Attention(nn.Module):
+    """`qk_norm=False`: Gemma 2's attention, which has no per-head q/k norms; it caps its scores instead
+    (`attn_logit_softcapping`, which Gemma 3's text model refuses)."""
+
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding,
-                 attn_type: AttentionType):
+                 attn_type: AttentionType, qk_norm: bool = True):
         super().__init__()
         self.head_dim = head_dim_of(config)
         bias = getattr(config, "attention_bias", False)
@@ -78,27 +81,29 @@ class Gemma3Attention(nn.Module):
         self.num_heads = self.qkv_proj.q_size // self.head_dim
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_id,
                               scaling=config.query_pre_attn_scalar**-0.5,
-                              sliding_window=sliding_window_of(config, layer_id), attn_type=attn_type)
+                              sliding_window=sliding_window_of(config, layer_id), attn_type=attn_type,
+                              logit_cap=getattr(config, "attn_logit_softcapping", None))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
+        q, k = q.reshape(-1, self.num_heads, self.head_dim), k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, batch))
 
 
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding,
-                 attn_type: AttentionType):
+                 attn_type: AttentionType, qk_norm: bool = True):
         super().__init__()
         dim, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = Gemma3Attention(config, layer_id, rotary_emb, attn_type)
+        self.self_attn = Gemma3Attention(config, layer_id, rotary_emb, attn_type, qk_norm)
         self.mlp = GatedMLP(dim, config.intermediate_size, config.hidden_activation)
         self.input_layernorm = GemmaRMSNorm(dim, eps)
         self.post_attention_layernorm = GemmaRMSNorm(dim, eps)
@@ -118,7 +123,7 @@ class Gemma3TextModel(nn.Module):
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("Gemma 3 with use_bidirectional_attention (an embedding model) is not supported")
         if getattr(config, "attn_logit_softcapping", None) is not None:
-            raise ValueError("Gemma 3 with attn_logit_softcapping is not supported: no attention backend caps logits")
+            raise ValueError("Gemma 3 with attn_logit_softcapping is not supported (not checked against transformers)")
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.embed_scale = config.hidden_size**0.5
         head_dim = head_dim_of(config)
