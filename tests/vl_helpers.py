@@ -90,6 +90,20 @@ def check_chunked_prefill(model_dir, hf, prompt: str, images: list[Image.Image])
     assert_same(ours, hf_generate(hf, prompt, images))
 
 
+def check_prefix_cache_keyed_by_image(engine, image_token: str) -> None:
+    """The same image again reuses the whole prompt but its last token, with the same answer; another image of the
+    same size shares only the text before it, and answers otherwise."""
+    img, other = picture(150, 100, 5), picture(150, 100, 6)
+    prompt = f"Look: {image_token} and tell me."
+    first = engine.generate(prompt, GREEDY, image_data=[img])
+    again = engine.generate(prompt, GREEDY, image_data=[img])
+    changed = engine.generate(prompt, GREEDY, image_data=[other])
+    assert again["meta_info"]["cached_tokens"] == again["meta_info"]["prompt_tokens"] - 1
+    assert again["output_ids"] == first["output_ids"]
+    assert changed["meta_info"]["cached_tokens"] < changed["meta_info"]["prompt_tokens"] - 1
+    assert changed["output_ids"] != first["output_ids"]
+
+
 def solid_png(width: int, height: int, rgb: tuple[int, int, int] = (200, 30, 60)) -> bytes:
     """A valid RGB PNG of one colour, built row by row: 8192x8192 is about 200 KB that decode to 192 MiB."""
     import struct

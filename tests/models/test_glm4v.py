@@ -16,6 +16,7 @@ from vl_helpers import (
     GREEDY,
     assert_same,
     check_chunked_prefill,
+    check_prefix_cache_keyed_by_image,
     hf_generate,
     image_data_url,
     picture,
@@ -95,15 +96,7 @@ def test_chunked_prefill_smaller_than_an_image(tiny_glm4v_dir, hf):
 
 
 def test_prefix_cache_is_keyed_by_image_content(engine):
-    img, other = picture(150, 100, 5), picture(150, 100, 6)
-    prompt = f"Look: {IMAGE} and tell me."
-    first = engine.generate(prompt, GREEDY, image_data=[img])
-    again = engine.generate(prompt, GREEDY, image_data=[img])
-    changed = engine.generate(prompt, GREEDY, image_data=[other])
-    assert again["meta_info"]["cached_tokens"] == again["meta_info"]["prompt_tokens"] - 1
-    assert again["output_ids"] == first["output_ids"]
-    assert changed["meta_info"]["cached_tokens"] < changed["meta_info"]["prompt_tokens"] - 1
-    assert changed["output_ids"] != first["output_ids"]
+    check_prefix_cache_keyed_by_image(engine, IMAGE)
 
 
 def test_chat_with_the_hub_template(engine, hf):
