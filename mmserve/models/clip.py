@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.vision import PackedSeqs, VisionMLP, copy_to_device, cu_seqlens, varlen_attention
 
 
@@ -53,15 +54,19 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, vc: PretrainedConfig):
+    """A pre-norm block around `self_attn`: the packed bidirectional attention of the vision towers by default (its
+    context the step's PackedSeqs); CLIP's text tower passes its causal attention over the paged cache (its
+    context the ForwardBatch)."""
+
+    def __init__(self, vc: PretrainedConfig, self_attn: nn.Module | None = None):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
-        self.self_attn = CLIPAttention(vc.hidden_size, vc.num_attention_heads)
+        self.self_attn = self_attn if self_attn is not None else CLIPAttention(vc.hidden_size, vc.num_attention_heads)
         self.layer_norm2 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
         self.mlp = VisionMLP(vc.hidden_size, vc.intermediate_size, vc.hidden_act)
 
-    def forward(self, x: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), seqs)
+    def forward(self, x: torch.Tensor, context: PackedSeqs | ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), context)
         return x + self.mlp(self.layer_norm2(x))
 
 

@@ -23,8 +23,8 @@ from mmserve.attention.base import Attention
 from mmserve.distributed.parallel_state import get_tp_size
 from mmserve.forward_batch import ForwardBatch
 from mmserve.layers.linear import default_weight_loader
-from mmserve.layers.vision import VisionMLP, pixels_to_device
-from mmserve.models.clip import CLIPVisionTower
+from mmserve.layers.vision import pixels_to_device
+from mmserve.models.clip import CLIPEncoderLayer, CLIPVisionTower
 from mmserve.multimodal.inputs import MultimodalItem, is_pad
 
 
@@ -38,19 +38,6 @@ class CLIPTextAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.out_proj(self.attn(self.q_proj(x), self.k_proj(x), self.v_proj(x), batch))
-
-
-class CLIPTextLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_id: int):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = CLIPTextAttention(config, layer_id)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), batch)
-        return x + self.mlp(self.layer_norm2(x))
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -68,7 +55,8 @@ class CLIPTextTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(CLIPTextLayer(config, i) for i in range(config.num_hidden_layers))
+        self.encoder.layers = nn.ModuleList(CLIPEncoderLayer(config, CLIPTextAttention(config, i))
+                                           for i in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
