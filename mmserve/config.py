@@ -212,6 +212,10 @@ class ServerArgs:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.mm_processor_device):
             raise ValueError(f"mm_processor_device must be cpu, cuda or cuda:N, got {self.mm_processor_device!r}")
 
+    def images_prepared_in_engine(self) -> bool:
+        """--mm-image-prep resolved, the same in the API and engine processes: `auto` is the engine where CUDA is."""
+        return self.mm_image_prep == "engine" or (self.mm_image_prep == "auto" and torch.cuda.is_available())
+
     def resolved_device(self) -> torch.device:
         """The device to run on; a ValueError naming --device when this machine has no such device."""
         if self.device == "auto":

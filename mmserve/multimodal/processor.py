@@ -277,11 +277,8 @@ class MultimodalProcessor:
         self._running_lock = threading.Lock()
         # Images normalised and patched in the engine, on its device (--mm-image-prep): this process resizes each
         # image, expands its placeholder from the grid and sends it as uint8, an eighth of the processor's bytes
-        prep = args.mm_image_prep
-        if prep == "auto":
-            prep = "engine" if torch.cuda.is_available() else "api"
         # (a checkpoint whose processor does not resize keeps it all here: the plan resizes)
-        self.images_in_engine = (prep == "engine" and spec.image_grid is not None
+        self.images_in_engine = (args.images_prepared_in_engine() and spec.image_grid is not None
                                  and getattr(getattr(self.hf, "image_processor", None), "do_resize", False))
         self.image_target_pixels = resize_target_pixels(getattr(self.hf, "image_processor", None))
         self.audio_rate = int(getattr(getattr(self.hf, "feature_extractor", None), "sampling_rate", 16000))

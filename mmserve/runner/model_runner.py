@@ -131,13 +131,14 @@ class ModelRunner:
         gc.collect()
 
     def _install_image_prep(self, checkpoint: Path) -> None:
-        """The image processor in this process, for families whose images the API process may send resized, as
-        uint8 (--mm-image-prep): whichever way the API process chose, misses go through it (it passes processed
-        items as they are)."""
+        """The image processor in this process, for families whose images the API process sends resized, as uint8
+        (--mm-image-prep, resolved as the API process resolves it; its import of torchvision is 1.4 s of start-up
+        that a CPU engine of the API-side default skips). Misses go through it; it passes processed items as
+        they are."""
         from mmserve.multimodal.processors import ProcessorRegistry
 
         spec = ProcessorRegistry.resolve(self.config.architectures)
-        if spec is None or spec.image_grid is None or self.args.mm_image_prep == "api":
+        if spec is None or spec.image_grid is None or not self.args.images_prepared_in_engine():
             return
         from mmserve.models.loader import split_gguf
         from mmserve.multimodal.image_prep import EngineImagePrep
