@@ -231,7 +231,7 @@ class Engine:
         text = render_chat(self.tokenizer, item_conversation(value), self.chat_template)
         if value.get("image") is None:
             return self.tokenizer.encode(text, add_special_tokens=False), None
-        return self._encode_multimodal(text, [value["image"]], [], None)
+        return self._encode_multimodal(text, [value["image"]], [], [], None)
 
     def _final_output(self, outputs: queue.Queue) -> TokenOutput:
         """An embedding request's one output; raises its error."""
@@ -312,8 +312,8 @@ class Engine:
             raise ValueError(f"{self.args.model_path} is a text model: it takes no mm_processor_kwargs")
         return self.processor.settings_for(kwargs)
 
-    def _encode_multimodal(self, text: str, images: list[Any], videos: list[Any], settings: Any,
-                           audios: list[Any] = ()) -> tuple[list[int], Any]:
+    def _encode_multimodal(self, text: str, images: list[Any], videos: list[Any], audios: list[Any],
+                           settings: Any) -> tuple[list[int], Any]:
         media = [("image", x) for x in images] + [("video", x) for x in videos] + [("audio", x) for x in audios]
         if not media:
             return self._encode(text), None
@@ -328,12 +328,12 @@ class Engine:
         processed on a pool of --mm-processor-workers threads (decoding and the torchvision processors release the
         GIL)."""
         if len(jobs) == 1:
-            yield self._encode_multimodal(*jobs[0][:3], settings, jobs[0][3])
+            yield self._encode_multimodal(*jobs[0], settings)
             return
         if self._prompt_pool is None:
             self._prompt_pool = ThreadPoolExecutor(max(1, self.args.mm_processor_workers),
                                                    thread_name_prefix="mmserve-prompts")
-        futures = [self._prompt_pool.submit(self._encode_multimodal, *job[:3], settings, job[3]) for job in jobs]
+        futures = [self._prompt_pool.submit(self._encode_multimodal, *job, settings) for job in jobs]
         try:
             for future in futures:
                 yield future.result()
