@@ -5,7 +5,7 @@ validating messages before they reach a template.
 
 Every named template follows Hugging Face's conventions (`messages`, `add_generation_prompt`; content is a
 string or a list of parts), so a name, a file and a model's own template are interchangeable. Text parts of a
-list are concatenated; image and video parts become the family's placeholder token, which the multimodal
+list are concatenated; image, video and audio parts become the family's placeholder token, which the multimodal
 processor later expands. A family without a placeholder refuses media with an error instead of silently
 dropping it. Each template writes its family's control tokens (BOS included) as literals, so the text is right
 for that family whatever the loaded tokenizer calls its special tokens; the engine therefore encodes the
@@ -51,11 +51,12 @@ def _jinja_str(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-def _content_macro(name: str, image: str | None = None, video: str | None = None) -> str:
+def _content_macro(name: str, image: str | None = None, video: str | None = None, audio: str | None = None) -> str:
     """`render_content(content)`: a string as is, or a list of parts with media turned into placeholders."""
     no_media = f"raise_exception('the {name} chat template has no %s placeholder; use the model\\'s own template')"
     image_out = _jinja_str(image) if image is not None else no_media % "image"
     video_out = _jinja_str(video) if video is not None else no_media % "video"
+    audio_out = _jinja_str(audio) if audio is not None else no_media % "audio"
     return (
         r"{%- macro render_content(content) -%}"
         r"{%- if content is string -%}{{- content -}}"
@@ -65,7 +66,7 @@ def _content_macro(name: str, image: str | None = None, video: str | None = None
         r"{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
         r"{%- elif part['type'] in ['image', 'image_url'] -%}{{- " + image_out + " -}}"
         r"{%- elif part['type'] in ['video', 'video_url'] -%}{{- " + video_out + " -}}"
-        r"{%- elif part['type'] in ['audio', 'input_audio', 'audio_url'] -%}{{- " + no_media % "audio" + " -}}"
+        r"{%- elif part['type'] in ['audio', 'input_audio', 'audio_url'] -%}{{- " + audio_out + " -}}"
         r"{%- else -%}{{- raise_exception('unsupported content part type: ' ~ part['type']) -}}"
         r"{%- endif -%}"
         r"{%- endfor -%}"
@@ -123,12 +124,13 @@ def _alternation_check(name: str) -> str:
 
 # ----- the families -----
 
-def _chatml(name: str, image: str | None = None, video: str | None = None, default_system: str | None = None,
-            qwen_tools: bool = False, prompt_end: str = "") -> str:
-    """ChatML (`<|im_start|>role\\n...<|im_end|>\\n`). Qwen's flavour injects a default system prompt and
-    sends tool results back as a user turn of `<tool_response>` blocks, consecutive results merged. `prompt_end`
-    follows the generation prompt (GME's embedder pools the `<|endoftext|>` written there)."""
-    src = _content_macro(name, image, video) + _TOOL_CALLS_MACRO
+def _chatml(name: str, image: str | None = None, video: str | None = None, audio: str | None = None,
+            default_system: str | None = None, qwen_tools: bool = False, prompt_end: str = "") -> str:
+    """ChatML (`<|im_start|>role\\n...<|im_end|>\\n`). Qwen's flavour injects a default system prompt (Qwen2,
+    Qwen2-VL; not Qwen3-Omni) and sends tool results back as a user turn of `<tool_response>` blocks, consecutive
+    results merged. `prompt_end` follows the generation prompt (GME's embedder pools the `<|endoftext|>` written
+    there)."""
+    src = _content_macro(name, image, video, audio) + _TOOL_CALLS_MACRO
     if default_system is not None:
         src += (
             r"{%- if messages[0]['role'] not in ['system', 'developer'] -%}"
@@ -270,19 +272,60 @@ def _deepseek(name: str) -> str:
     )
 
 
-def _phi3(name: str) -> str:
-    """Phi-3 (`<|role|>\\n...<|end|>\\n`), system messages included (Phi-3.5 and later use them)."""
+def _role_check(name: str) -> str:
+    """Inside a loop over `messages`: set `role` (a developer message is a system one) and refuse roles other than
+    system, user and assistant, for formats without a tool role."""
     return (
-        _content_macro(name)
-        + r"{%- for message in messages -%}"
         r"{%- set role = 'system' if message['role'] == 'developer' else message['role'] -%}"
         r"{%- if role not in ['system', 'user', 'assistant'] -%}"
         f"{{{{- raise_exception('the {name} chat template has no ' ~ role ~ ' role') -}}}}"
         r"{%- endif -%}"
-        r"{{- '<|' ~ role ~ '|>\n' ~ render_content(message['content']) ~ '<|end|>\n' -}}"
-        r"{%- endfor -%}"
-        r"{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
     )
+
+
+def _phi(name: str, sep: str = "\n", image: str | None = None, audio: str | None = None,
+         end_of_text: str = "") -> str:
+    """Phi-3 (`<|role|>\\n...<|end|>\\n`), system messages included (Phi-3.5 and later use them).
+    Phi-4-multimodal writes the same turns without the newlines (`sep`), its media parts in place, and closes a
+    conversation not handed to the model (no generation prompt) with `end_of_text`."""
+    return (
+        _content_macro(name, image=image, audio=audio)
+        + r"{%- for message in messages -%}"
+        + _role_check(name)
+        + r"{{- '<|' ~ role ~ '|>' ~ " + _jinja_str(sep) + r" ~ render_content(message['content']) ~ '<|end|>' ~ "
+        + _jinja_str(sep) + r" -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<|assistant|>' ~ " + _jinja_str(sep) + r" -}}"
+        r"{%- else -%}{{- " + _jinja_str(end_of_text) + r" -}}"
+        r"{%- endif -%}"
+    )
+
+
+_GLM_IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"
+_GLM_VIDEO = "<|begin_of_video|><|video|><|end_of_video|>"
+
+
+def _glm4v(name: str, thinking_switch: bool = False) -> str:
+    """GLM-4.1V (`[gMASK]<sop>`, then `<|role|>\\n` before each message; no end-of-turn token: the next role token
+    ends a turn), media wrapped in their begin/end tokens where they stand. GLM-4.5V (`thinking_switch`) writes its
+    generation prompt without the newline, which the model writes before its thinking, and `enable_thinking=False`
+    as "/nothink" after each user turn and an empty think block after the prompt."""
+    no_thinking = "(enable_thinking is defined and not enable_thinking)"
+    src = (
+        _content_macro(name, image=_GLM_IMAGE, video=_GLM_VIDEO)
+        + r"{{- '[gMASK]<sop>' -}}"
+        r"{%- for message in messages -%}"
+        + _role_check(name)
+        + r"{{- '<|' ~ role ~ '|>\n' ~ render_content(message['content']) -}}"
+    )
+    if thinking_switch:
+        src += r"{%- if role == 'user' and " + no_thinking + r" -%}{{- '/nothink' -}}{%- endif -%}"
+    src += r"{%- endfor -%}{%- if add_generation_prompt -%}"
+    if thinking_switch:
+        src += r"{{- '<|assistant|>' ~ ('\n<think></think>' if " + no_thinking + r" else '') -}}"
+    else:
+        src += r"{{- '<|assistant|>\n' -}}"
+    return src + r"{%- endif -%}"
 
 
 # The system prompt transformers' JanusProcessor puts before every prompt (`use_default_system_prompt`, set in the
@@ -346,9 +389,15 @@ _CANONICAL: dict[str, str] = {
     "llama-3-instruct": _llama3("llama-3-instruct"),
     "llama_3_vision": _llama3("llama_3_vision", image="<|image|>"),
     "qwen": _chatml("qwen", default_system=_QWEN_SYSTEM, qwen_tools=True),
+    # SGLang's name for Qwen2/2.5-VL and Qwen3-Omni alike: audio clips take Qwen3-Omni's placeholder
     "qwen2-vl": _chatml("qwen2-vl", image="<|vision_start|><|image_pad|><|vision_end|>",
-                        video="<|vision_start|><|video_pad|><|vision_end|>", default_system=_QWEN_SYSTEM,
+                        video="<|vision_start|><|video_pad|><|vision_end|>",
+                        audio="<|audio_start|><|audio_pad|><|audio_end|>", default_system=_QWEN_SYSTEM,
                         qwen_tools=True),
+    # Qwen3-Omni's hub template exactly: qwen2-vl's turns and media without the default system prompt
+    "qwen3-omni": _chatml("qwen3-omni", image="<|vision_start|><|image_pad|><|vision_end|>",
+                          video="<|vision_start|><|video_pad|><|vision_end|>",
+                          audio="<|audio_start|><|audio_pad|><|audio_end|>", qwen_tools=True),
     # gme-Qwen2-VL's embedding prompts (an embedding server renders each input as one user turn)
     "gme-qwen2-vl": _chatml("gme-qwen2-vl", image="<|vision_start|><|image_pad|><|vision_end|>",
                             video="<|vision_start|><|video_pad|><|vision_end|>", default_system=_QWEN_SYSTEM,
@@ -358,7 +407,11 @@ _CANONICAL: dict[str, str] = {
     "gemma-it": _gemma("gemma-it"),
     "mistral": _mistral("mistral"),
     "deepseek": _deepseek("deepseek"),
-    "phi-3": _phi3("phi-3"),
+    "phi-3": _phi("phi-3"),
+    # the placeholders transformers' Phi4MultimodalProcessor expands (the remote-code `<|image_1|>` spelling is not)
+    "phi-4-mm": _phi("phi-4-mm", sep="", image="<|image|>", audio="<|audio|>", end_of_text="<|endoftext|>"),
+    "glm-4v": _glm4v("glm-4v"),
+    "glm-4.5v": _glm4v("glm-4.5v", thinking_switch=True),
     "janus-pro": _janus("janus-pro"),
 }
 
@@ -382,6 +435,12 @@ TEMPLATE_ALIASES: dict[str, str] = {
     "llava": "vicuna_v1.1",
     "deepseek-v3": "deepseek",
     "phi3": "phi-3",
+    "phi4-mm": "phi-4-mm",
+    "phi-4-multimodal": "phi-4-mm",
+    "glm4v": "glm-4v",
+    "glm-4.1v": "glm-4v",
+    "glm4.5v": "glm-4.5v",
+    "qwen3-omni-moe": "qwen3-omni",
     "janus": "janus-pro",
 }
 

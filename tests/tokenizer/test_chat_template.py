@@ -43,7 +43,13 @@ ASSISTANT_HEADER = {
     "deepseek": "<｜Assistant｜>",
     "phi-3": "<|assistant|>\n",
     "janus-pro": "<|Assistant|>:",
+    "phi-4-mm": "<|assistant|>",
+    "glm-4v": "<|assistant|>\n",
+    "glm-4.5v": "<|assistant|>",  # the model writes the newline before its thinking
+    "qwen3-omni": "<|im_start|>assistant\n",
 }
+# What a format writes after the last turn when no generation prompt follows.
+CONVERSATION_END = {"phi-4-mm": "<|endoftext|>"}
 
 
 def _canonical(name: str) -> str:
@@ -65,7 +71,7 @@ def test_every_template_renders_a_conversation(tokenizer, name: str) -> None:
     for text in ("You are terse.", "Hi", "Hello!", "What now?"):
         assert text in with_prompt
     assert with_prompt.endswith(header)
-    assert with_prompt.startswith(without)
+    assert with_prompt.startswith(without.removesuffix(CONVERSATION_END.get(_canonical(name), "")))
     # List-of-parts content renders exactly as the same text given as a string.
     parts = CONVERSATION[:3] + [{"role": "user", "content": TEXT_PARTS}]
     if _canonical(name) == "janus-pro":  # Janus's hub template joins a turn's text parts with a space
@@ -296,7 +302,8 @@ def test_continue_final_message_with_every_named_template(tokenizer, name: str) 
     text = render_chat(tokenizer, prefill, name, continue_final_message=True)
     # the full rendering cut after the text (the trailing space goes where the template trims content)
     full = render_chat(tokenizer, prefill, name, add_generation_prompt=False)
-    ends_turn = len(full) > len(text) or name == "janus-pro"  # Janus's hub template ends no last turn
+    # Janus's and GLM-4V's formats close no last turn (the next turn's header would)
+    ends_turn = len(full) > len(text) or name in ("janus-pro", "glm-4v", "glm-4.5v")
     assert full.startswith(text) and text.rstrip().endswith("Well,") and ends_turn, (text, full)
     # which is the conversation before it with the generation prompt, and the text
     assert text.startswith(render_chat(tokenizer, CONVERSATION, name).rstrip())
@@ -312,5 +319,9 @@ def test_add_generation_prompt_defaults_to_true_unless_continuing(tokenizer) -> 
 @pytest.mark.parametrize("part", [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
                                   {"type": "audio_url", "audio_url": {"url": "https://example.com/a.wav"}}])
 def test_named_templates_name_audio_parts(tokenizer, part: dict) -> None:
+    """A template without an audio placeholder refuses a clip by name; qwen2-vl (SGLang's name for Qwen3-Omni too)
+    writes Qwen3-Omni's."""
     with pytest.raises(ValueError, match="has no audio placeholder"):
-        render_chat(tokenizer, [{"role": "user", "content": [part]}], "qwen2-vl")
+        render_chat(tokenizer, [{"role": "user", "content": [part]}], "llama_3_vision")
+    text = render_chat(tokenizer, [{"role": "user", "content": [part, {"type": "text", "text": "Hi"}]}], "qwen2-vl")
+    assert "<|im_start|>user\n<|audio_start|><|audio_pad|><|audio_end|>Hi<|im_end|>" in text
