@@ -15,7 +15,9 @@ transformers pads every clip of a call to the longest chunk of the call, so a cl
 beside a longer one differs there from the same clip alone (this module gives the latter, what one clip a call gives).
 
 Audio rows carry zeros in the DeepStack columns of the encoder output, so DeepStack adds nothing to them, as the
-reference adds it at visual positions only. Audio positions (`processors/qwen3_omni.py`) run on like text.
+reference adds it at visual positions only. Audio positions (`processors/qwen3_omni.py`) run on like text. A video
+with its own sound (use_audio_in_video) is one item whose frames go through the ViT and whose sound goes through the
+audio tower alone, their rows merged by time as the processor side laid the tokens out.
 """
 
 from __future__ import annotations
@@ -122,20 +124,43 @@ class Qwen3OmniMoeThinkerForConditionalGeneration(Qwen3VLForConditionalGeneratio
 
     def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
         """Encoder rows [tokens, hidden * (1 + DeepStack levels)] per item: vision items through the ViT, audio clips
-        through the audio tower with zero DeepStack columns."""
-        out: list[torch.Tensor | None] = [None] * len(items)
-        vision = [i for i, it in enumerate(items) if it.modality != "audio"]
-        audio = [i for i, it in enumerate(items) if it.modality == "audio"]
+        through the audio tower with zero DeepStack columns, and a video with its sound through both, its rows put
+        where its `audio_rows` say (the frames' in order, the sound's in order)."""
+        vision: list[tuple[int, MultimodalItem]] = []
+        clips: list[tuple[int, torch.Tensor, int]] = []  # (item, log-mel frames, encoder rows)
+        n_window = self.audio_tower.n_window
+        for i, it in enumerate(items):
+            if it.modality == "audio":
+                clips.append((i, it.features["input_features"], it.length))
+            elif "audio_rows" in it.features:
+                mel = it.features["audio_features"]
+                sound = audio_tokens(mel.shape[1], n_window)
+                frames = {"pixel_values": it.features["pixel_values"], "grid_thw": it.features["grid_thw"]}
+                vision.append((i, MultimodalItem("video", frames, 0, it.length - sound)))
+                clips.append((i, mel, sound))
+            else:
+                vision.append((i, it))
+        parts: list[list[torch.Tensor]] = [[] for _ in items]  # an item's vision rows, then its sound's
         if vision:
-            for i, rows in zip(vision, super().encode([items[i] for i in vision]), strict=True):
-                out[i] = rows
-        if audio:
+            for (i, _), rows in zip(vision, super().encode([it for _, it in vision]), strict=True):
+                parts[i].append(rows)
+        if clips:
             device = self.audio_tower.conv2d1.weight.device
-            rows = self.audio_tower([items[i].features["input_features"].to(device) for i in audio])
+            rows = self.audio_tower([mel.to(device) for _, mel, _ in clips])
             rows = F.pad(rows, (0, self.hidden_size * self.deepstack_levels))
-            for i, part in zip(audio, rows.split([items[i].length for i in audio]), strict=True):
-                out[i] = part
-        return out  # type: ignore[return-value]
+            for (i, _, _), part in zip(clips, rows.split([n for _, _, n in clips]), strict=True):
+                parts[i].append(part)
+        out = []
+        for it, rows in zip(items, parts, strict=True):
+            if "audio_rows" not in it.features:
+                out.append(rows[0])
+                continue
+            sound = it.features["audio_rows"].cpu()
+            place = torch.cat([(~sound).nonzero().flatten(), sound.nonzero().flatten()])
+            merged = rows[0].new_empty(it.length, rows[0].shape[1])
+            merged[place.to(merged.device)] = torch.cat(rows)
+            out.append(merged)
+        return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The audio tower by name; the rest as Qwen3-VL's, with the Omni ViT's merger names (`ln_q`, `mlp.0`,

@@ -28,7 +28,8 @@ caller's label ("image 2: ..."). The limits live in `MediaPolicy`:
   chosen from the file's magic bytes (FFmpeg's probing would also accept playlists and other formats that open
   further URLs or files).
 - **Bounded audio.** A clip's encoded bytes are capped (`max_audio_bytes`) and its duration is checked from the
-  header before decoding and again while decoding (`max_audio_seconds`), within a time budget.
+  header before decoding and again while decoding (`max_audio_seconds`), within a time budget. A video's own sound
+  track (`open_video_audio`) is held to the same duration and time limits.
 """
 
 from __future__ import annotations
@@ -1016,18 +1017,20 @@ class PendingAudio:
     """An audio clip whose container is opened and whose header is checked (an audio stream, a duration within
     `policy.max_audio_seconds` where the header tells one), its samples not decoded yet."""
 
-    def __init__(self, data: bytes, policy: MediaPolicy, label: str = "audio"):
+    def __init__(self, data: bytes, policy: MediaPolicy, label: str = "audio", in_video: bool = False):
+        """`in_video`: the sound track of a video's bytes (`open_video_audio`), opened by the video demuxers."""
         import av  # PyAV loads FFmpeg's libraries; only video and audio need them
 
         self.label, self._policy = label, policy
-        fmt, options = _sniff_audio(data, label)
+        fmt, options = _sniff_container(data, label) if in_video else _sniff_audio(data, label)
         try:
             self._container = av.open(io.BytesIO(data), mode="r", format=fmt, options=options)
         except Exception as e:
-            raise MediaError(f"{label}: not a readable audio file ({e})") from e
+            raise MediaError(f"{label}: not a readable {'video' if in_video else 'audio file'} ({e})") from e
         try:
             if not self._container.streams.audio:
-                raise MediaError(f"{label}: no audio stream")
+                raise MediaError(f"{label}: no audio track, which use_audio_in_video needs" if in_video
+                                 else f"{label}: no audio stream")
             self._stream = self._container.streams.audio[0]
             seconds = None
             if self._stream.duration and self._stream.time_base:
@@ -1107,6 +1110,12 @@ class PendingAudio:
 def open_audio(source: Any, policy: MediaPolicy, label: str = "audio") -> PendingAudio:
     """A PendingAudio of any source `audio_bytes` takes."""
     return PendingAudio(audio_bytes(source, policy, label), policy, label)
+
+
+def open_video_audio(data: bytes, policy: MediaPolicy, label: str = "video") -> PendingAudio:
+    """The sound track of a video's container bytes, under the audio limits (`max_audio_seconds`, the decode time
+    budget); a video without one is refused by name."""
+    return PendingAudio(data, policy, label, in_video=True)
 
 
 def load_audio(source: Any, policy: MediaPolicy, rate: int, label: str = "audio") -> np.ndarray:

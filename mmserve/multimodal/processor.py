@@ -15,12 +15,14 @@ expanded as the processor expanded each item, and the features joined, as one pr
 them.
 
 How media are prepared is a request's `MediaSettings`: the server's settings with the request's
-`mm_processor_kwargs` applied (pixel bounds, frame rate and counts), checked against the model family's list. An
-item's cache key, and the hash the engine's caches know it by, are its content digest plus those settings: the same
-image at another resolution is another encoder output."""
+`mm_processor_kwargs` applied (pixel bounds, frame rate and counts, whether a video brings its own sound), checked
+against the model family's list. An item's cache key, and the hash the engine's caches know it by, are its content
+digest plus those settings: the same image at another resolution is another encoder output."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 import threading
@@ -52,6 +54,7 @@ from mmserve.multimodal.media import (
     open_audio,
     open_image,
     open_video,
+    open_video_audio,
 )
 from mmserve.multimodal.processor_cache import ProcessedMedia, ProcessorCache
 from mmserve.multimodal.processor_pool import ProcessorCrashed, ProcessorProcesses
@@ -72,6 +75,8 @@ _PIXEL_BUDGET_PROCESSORS = frozenset({"Qwen2VLImageProcessor", "Qwen2VLImageProc
 # counts steer mmserve's own frame sampling (the processor gets frames sampled already).
 _PIXELS = ("min_pixels", "max_pixels")
 _FRAMES = ("fps", "num_frames", "min_frames", "max_frames")
+# A video's own sound interleaved with its frames by time (the family's spec has `video_with_audio`)
+_FLAGS = ("use_audio_in_video",)
 _REQUEST_KWARGS: dict[str, dict[str, tuple[str, ...]]] = {
     "qwen2_vl": {"image": _PIXELS, "video": _PIXELS + _FRAMES},
     "qwen2_5_vl": {"image": _PIXELS, "video": _PIXELS + _FRAMES},
@@ -80,6 +85,7 @@ _REQUEST_KWARGS: dict[str, dict[str, tuple[str, ...]]] = {
     "llava_onevision": {"video": _FRAMES},  # the LLaVA video families: mmserve's frame sampling only
     "llava_next_video": {"video": _FRAMES},
     "internvl": {"video": _FRAMES},  # tiling (max_patches) is the checkpoint's: not per request
+    "qwen3_omni_moe_thinker": {"video": _FLAGS},
 }
 _MAX_FPS = 60.0  # a request's fps at most (or the server's own, if higher); the frame caps bound the work anyway
 # Processor outputs that belong to the prompt's text, not to one item's features
@@ -105,6 +111,7 @@ class MediaSettings:
     num_frames: int | None  # or this many frames per video, whatever its length (within the caps)
     min_frames: int
     max_frames: int
+    use_audio_in_video: bool = False  # each video's sound track decoded too and interleaved with its frames
 
 
 def sample_frame_indices(total: int, fps: float, target_fps: float, min_frames: int, max_frames: int,
@@ -212,6 +219,7 @@ class _Item:
     kept: int  # decoded RGB bytes it holds until processed
     decoding: int  # RGB bytes while it decodes
     load: Callable[[], Any]  # its decoded image, or its frames and their metadata
+    audio: Callable[[], np.ndarray] | None = None  # a video's own sound (use_audio_in_video): its mono samples
 
     @property
     def peak(self) -> int:
@@ -349,7 +357,8 @@ class MultimodalProcessor:
             return self.default_settings
         if not isinstance(kwargs, dict):
             raise MediaSettingsError(f"mm_processor_kwargs must be an object, got {type(kwargs).__name__}")
-        allowed = [key for key in (*_PIXELS, *_FRAMES) if any(key in keys for keys in self.request_kwargs.values())]
+        allowed = [key for key in (*_PIXELS, *_FRAMES, *_FLAGS)
+                   if any(key in keys for keys in self.request_kwargs.values())]
         for key, value in kwargs.items():
             if key not in allowed:
                 takes = ", ".join(allowed) if allowed else "none"
@@ -367,7 +376,8 @@ class MultimodalProcessor:
                              video_pixels=self._pixels("video", self.video_pixels, kwargs),
                              fps=float(kwargs.get("fps", d.fps)), num_frames=kwargs.get("num_frames"),
                              min_frames=kwargs.get("min_frames", d.min_frames),
-                             max_frames=kwargs.get("max_frames", d.max_frames))
+                             max_frames=kwargs.get("max_frames", d.max_frames),
+                             use_audio_in_video=kwargs.get("use_audio_in_video", False))
 
     def _check_value(self, key: str, value: Any) -> None:
         if key == "fps":
@@ -376,6 +386,10 @@ class MultimodalProcessor:
                 raise MediaSettingsError(f"mm_processor_kwargs.fps must be a number, got {_shown(value)}", key)
             if not 0 < value <= highest:  # NaN fails this too
                 raise MediaSettingsError(f"mm_processor_kwargs.fps must be in (0, {highest:g}], got {value}", key)
+            return
+        if key in _FLAGS:
+            if not isinstance(value, bool):
+                raise MediaSettingsError(f"mm_processor_kwargs.{key} must be true or false, got {_shown(value)}", key)
             return
         if isinstance(value, bool) or not isinstance(value, int):
             raise MediaSettingsError(f"mm_processor_kwargs.{key} must be an integer, got {_shown(value)}", key)
@@ -484,6 +498,9 @@ class MultimodalProcessor:
         if isinstance(source, np.ndarray):
             if source.ndim != 4 or source.shape[-1] != 3 or len(source) == 0:
                 raise MediaError(f"{label}: frames must be an array [frames, height, width, 3]")
+            if settings.use_audio_in_video:
+                raise MediaError(f"{label}: frames given as an array have no sound track for use_audio_in_video; "
+                                 "send the video file")
             budget.add(label, source.nbytes, 0)
             metadata = video_metadata(settings.fps, len(source), range(len(source)))
             digest = media_digest(repr((source.shape, source.dtype.str)).encode(), source.tobytes())
@@ -512,10 +529,18 @@ class MultimodalProcessor:
             clip: VideoClip = reader.sample(choose, max_frames=frames)
             return clip.frames, video_metadata(clip.fps, clip.total_frames, clip.indices)
 
-        # The frames follow from the bytes, the sampling settings and the cap: together they are the key.
+        sound, sound_bytes = None, 0
+        if settings.use_audio_in_video:  # the whole track, budgeted as an audio part's samples are
+            track = stack.enter_context(open_video_audio(data, self.policy, label))
+            sound_bytes = track.decoded_bytes(self.audio_rate)
+            budget.add(label, sound_bytes, sound_bytes)
+            sound = functools.partial(track.load, self.audio_rate)
+        # The frames follow from the bytes, the sampling settings and the cap: together they are the key (and the
+        # sound, decoded from the same bytes, whether it is taken).
         key = _media_key("video", media_digest(data), settings.video_pixels, settings.fps, settings.num_frames,
-                         settings.min_frames, cap)
-        return _Item("video", label, key, frames * reader.frame_bytes, reader.decode_bytes, load)
+                         settings.min_frames, cap, settings.use_audio_in_video and self.audio_rate)
+        return _Item("video", label, key, frames * reader.frame_bytes + sound_bytes,
+                     max(reader.decode_bytes, sound_bytes), load, sound)
 
     def _plan_audio(self, source: Any, label: str, budget: _RequestBytes, stack: ExitStack) -> _Item:
         """Budget one audio clip from its header: the item whose `load` gives mono float32 samples at the feature
@@ -620,7 +645,12 @@ class MultimodalProcessor:
 
     def _prepare(self, item: _Item, settings: MediaSettings) -> ProcessedMedia:
         """Decode one image or video and run the model's processor on it alone (in a worker thread), or, for an
-        image the engine prepares, only plan it."""
+        image the engine prepares, only plan it. A video with its sound: its frames and its sound track each through
+        the processor alone, then interleaved by the family's `video_with_audio`."""
+        if item.audio is not None:
+            video = self._prepare(dataclasses.replace(item, audio=None), settings)
+            sound = self._prepare(_Item("audio", item.label, item.key, 0, 0, item.audio), settings)
+            return self.spec.video_with_audio(self.hf, self.hf_config, video, sound)
         loaded = item.load()
         if item.modality == "image" and self.images_in_engine:
             return self._plan_in_engine(loaded, settings.image_pixels or self.image_pixels)

@@ -38,6 +38,9 @@ class ProcessorSpec:
     # Each placeholder stays its one token (cross-attention models: the media never enter the token stream), whatever
     # text the HF processor writes around an item processed alone (Mllama's BOS after a leading image)
     keeps_placeholder: bool = False
+    # (HF processor, hf_config, a video's ProcessedMedia, its own sound track's) -> one ProcessedMedia of the video
+    # with its sound interleaved by time (mm_processor_kwargs use_audio_in_video: the family's kwargs table offers it)
+    video_with_audio: Callable[[Any, Any, Any, Any], Any] | None = None
 
 
 class _ProcessorRegistry:
