@@ -23,7 +23,7 @@ MMSERVE_TEST_TOKENIZER_DIR=$PWD/.gpu/tokenizer python3 -m pytest -q -p no:cachep
   tests/models/test_text_models.py tests/models/test_qwen2_vl.py tests/models/test_qwen2_5_vl.py \
   tests/models/test_qwen3_vl.py tests/models/test_llava.py tests/models/test_llava_next.py \
   tests/models/test_llava_onevision.py tests/models/test_llava_next_video.py tests/models/test_gemma3.py \
-  tests/models/test_pixtral.py tests/models/test_mistral3.py tests/models/test_internvl.py tests/models/test_janus.py \
+  tests/models/test_pixtral.py tests/models/test_mistral3.py tests/models/test_internvl.py tests/models/test_janus.py tests/models/test_mllama.py tests/models/test_phi4_multimodal.py \
   tests/models/test_glm4v.py tests/models/test_glm4v_moe.py tests/models/test_qwen3_omni.py \
   tests/models/test_gemma2.py tests/models/test_gme_qwen2_vl.py tests/models/test_clip.py tests/models/test_embeddings.py \
   tests/scheduler tests/layers tests/cache tests/runner tests/constrained \

@@ -30,7 +30,9 @@ class AttentionType(Enum):
     # every token of a request's step sees every other one (within |p - q| < w with a window, as transformers'
     # bidirectional Gemma 3); no KV is written or read: encoders and embedding models
     ENCODER_ONLY = auto()
-    CROSS = auto()  # decoder queries over per-request encoder states (Llama 3.2 Vision): declared, not built yet
+    # decoder queries over per-request encoder states (Llama 3.2 Vision's images), held outside the paged pool: the
+    # model calls `AttentionBackend.forward_cross_decode` with them (its prefill steps attend with their own masks)
+    CROSS = auto()
 
 
 class Attention(nn.Module):
@@ -90,14 +92,14 @@ class AttentionBackend(ABC):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
                 batch: ForwardBatch) -> torch.Tensor:
+        if layer.attn_type is AttentionType.CROSS:
+            raise TypeError(f"attention layer {layer.layer_id} is cross-attention: call forward_cross_decode")
         tokens = q.shape[0]
         q = q.view(tokens, layer.num_heads, layer.head_dim)
         k = k.view(tokens, layer.num_kv_heads, layer.head_dim)
         v = v.view(tokens, layer.num_kv_heads, -1)
         if layer.attn_type is AttentionType.ENCODER_ONLY:
             return self.forward_encoder(q, k, v, layer, batch).reshape(tokens, -1)
-        if layer.attn_type is AttentionType.CROSS:
-            return self.forward_cross(q, k, v, layer, batch)
         self.save_kv(k, v, layer, batch)
         if batch.mode == ForwardMode.DECODE:
             out = self.forward_decode(q, layer, batch)
@@ -133,11 +135,18 @@ class AttentionBackend(ABC):
             start += n
         return torch.cat(outs, dim=0)
 
-    def forward_cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
-                      batch: ForwardBatch) -> torch.Tensor:
-        raise NotImplementedError(
-            f"attention layer {layer.layer_id} is cross-attention, which no backend implements yet: its encoder "
-            "states need per-request storage, designed with Llama 3.2 Vision (MllamaForConditionalGeneration)")
+    def forward_cross_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, k_buf: torch.Tensor,
+                             v_buf: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """Cross-attention of one new token per request (q [B, heads, dim]) over that request's encoder rows,
+        which sit in slabs k_buf/v_buf [slots, kv_heads, dim] at `table[row, :lens[i]]` (row: the request's
+        `req_pool_indices`; lens [B]). A request with no rows gets zeros. The reference: SDPA per request."""
+        out = q.new_zeros(q.shape[0], layer.num_heads, v_buf.shape[-1])
+        rows, counts = batch.req_pool_indices.tolist(), lens.tolist()
+        for i, (row, n) in enumerate(zip(rows, counts, strict=True)):
+            if n:
+                slots = table[row, :n]
+                out[i] = sdpa(q[i : i + 1], k_buf[slots], v_buf[slots], layer, None)[0]
+        return out
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, mask: torch.Tensor | None,

@@ -12,7 +12,9 @@ Decode can be captured in a CUDA graph (`supports_cuda_graph`; runner/cuda_graph
 `req_pool_indices` and `seq_lens` from device memory, the grid depends only on the batch size and `num_kv_splits`
 (itself a function of the batch size), and a padding row of length 0 gets zeros without reading anything. The
 graph runner builds each bucket's metadata once over its static buffers; the split scratch is allocated by the
-first layer of the warm-up before capture and kept with that metadata.
+first layer of the warm-up before capture and kept with that metadata. Cross-attention decode (Llama 3.2
+Vision's images) is the same kernel over the model's slabs of encoder rows, with its table of slots in place of
+req_to_token.
 """
 
 from __future__ import annotations
@@ -204,4 +206,18 @@ class TritonAttentionBackend(AttentionBackend):
             q, k_buf, v_buf, self.req_to_token, meta.req_pool_indices, meta.seq_lens, layer.scaling,
             layer.sliding_window, meta.num_kv_splits, self.min_split_len, blocks=self.decode_blocks,
             scratch=meta.scratch[heads, v_dim],
+        )
+
+    def forward_cross_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, k_buf: torch.Tensor,
+                             v_buf: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """The decode kernel over the slabs, with the table standing for req_to_token and `lens` for the KV
+        lengths: no host work, so a decode graph captures it (its scratch is the self-attention layers')."""
+        meta: _DecodeMetadata = batch.attn_metadata
+        heads, v_dim = layer.num_heads, v_buf.shape[2]
+        if (heads, v_dim) not in meta.scratch:
+            meta.scratch[heads, v_dim] = self.kernels.decode_scratch(q.shape[0], heads, meta.num_kv_splits, v_dim,
+                                                                     q.device)
+        return self.kernels.decode_attention(
+            q, k_buf, v_buf, table, meta.req_pool_indices, lens, layer.scaling, None, meta.num_kv_splits,
+            self.min_split_len, blocks=self.decode_blocks, scratch=meta.scratch[heads, v_dim],
         )

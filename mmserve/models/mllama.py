@@ -6,21 +6,27 @@ it as up to `max_num_tiles` tiles (zero tiles pad the rest) with learned, gated 
 encoder and a gated global one both run over all tiles of the image at once, and the output is the last state
 concatenated with chosen local layers' states, projected to the text width: `tiles x (patches + 1)` rows per image.
 
-What a request's cross-attention reads is kept per media item, not in the paged KV pool: each cross-attention
-layer's K (normed) and V of an image, computed once at the first step that needs them and stored in the model's
-`encoder_cache` (an LRU bounded in bytes, keyed by the item's hash, so a repeated image is not encoded again).
-The model remembers each running request's images by its request-pool row (set at every prefill step, where the
-batch carries the request's media; decode steps find them there), so chunked prefill and decode read the same
-states. Cross-attention itself is SDPA per request.
+What a request's cross-attention reads is kept per image, not in the paged KV pool: each cross-attention layer's K
+(normed) and V of an image, computed once at the first step that needs them, in the slabs of a `CrossKVCache`
+(`cache/cross_kv.py`; the model's `encoder_cache`, keyed by the item's hash, so a repeated image is not encoded
+again). The slabs hold as many rows as the paged pool holds tokens, in the memory the cross layers' own paged KV
+would have taken: the pool has the self-attention layers only. A running request pins its images (by its
+request-pool row, from its first prefill step until the scheduler releases it: `release_row`).
+
+Prefill steps attend per request with SDPA and the masks below. Decode steps need no host work: at its prefill,
+a request's row of `cross_table` lists the slab slots of the rows its generated tokens see and `cross_lens` their
+number (0: no images), and every cross-attention layer runs the backend's `forward_cross_decode` over them, so
+decode is captured in CUDA graphs like any model's. A request whose images did not fit the slabs (kept outside
+them) decodes eagerly, per request, as prefill does.
 
 Which images a token sees follows transformers' `cross_attention_mask` (`cross_attention_spans`): tokens from an
 image's token on, up to the next image's; generated tokens as the prompt's last. A token before the first image
 sees none: transformers then lets it attend to all of the request's vision rows uniformly (its mask row is all
 zeros, not all masked) and zeroes only the layer's MLP output for it, which is matched here. A prompt without
-images skips the cross-attention layers altogether, as transformers does.
+images skips the cross-attention layers altogether, as transformers does (in a decode step that reads the slabs,
+its attention and MLP terms are multiplied by 0).
 
-Refused in this first version: CUDA graphs (`supports_cuda_graph`: the cross-attention state is looked up per
-request on the host), tensor parallelism.
+Not yet: prefill steps from CUDA graphs (`supports_prefill_graph`), tensor parallelism.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from mmserve.attention.base import Attention, AttentionType
+from mmserve.cache.cross_kv import CrossEntry, CrossKVCache
 from mmserve.distributed.parallel_state import get_tp_size
 from mmserve.forward_batch import ForwardBatch, ForwardMode
 from mmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -43,12 +51,8 @@ from mmserve.layers.norm import RMSNorm
 from mmserve.layers.vision import VisionMLP
 from mmserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, build_rotary, head_dim_of
 from mmserve.models.llava import split_weight_names
-from mmserve.multimodal.encoder_cache import EncoderCache
 from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem, is_pad
-from mmserve.multimodal.processors.mllama import cross_attention_spans
-
-_ENCODER_CACHE_BYTES = 512 << 20
-
+from mmserve.multimodal.processors.mllama import OPEN_END, cross_attention_spans
 
 # ----- the tiled vision tower -----
 
@@ -177,7 +181,7 @@ class MllamaVisionModel(nn.Module):
 
 @dataclass
 class CrossContext:
-    """One request's view of its images for this step: each cross-attention layer's K and V [kv_heads, rows,
+    """One request's view of its images for an eager step: each cross-attention layer's K and V [rows, kv_heads,
     head_dim], which rows each of the step's tokens sees (`allowed` [tokens, rows]), and whether it sees any
     (`seen` [tokens, 1]: 0 before the first image)."""
 
@@ -186,8 +190,19 @@ class CrossContext:
     seen: torch.Tensor
 
 
+@dataclass
+class CrossDecode:
+    """A decode step that reads the slabs: the cache, the table of slots per request-pool row, each request's
+    number of rows (`lens` [B]) and whether it has images at all (`active` [B, 1], 0 or 1 in the model's dtype)."""
+
+    cache: CrossKVCache
+    table: torch.Tensor
+    lens: torch.Tensor
+    active: torch.Tensor
+
+
 class MllamaCrossAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, index: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // self.num_heads
@@ -198,39 +213,56 @@ class MllamaCrossAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        # the backend's handle for decode steps; `index` is this layer's place among the cross-attention layers
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, index, attn_type=AttentionType.CROSS)
 
     def key_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected vision rows [rows, hidden] -> K, V [kv_heads, rows, head_dim] (K normed per head)."""
+        """Projected vision rows [rows, hidden] -> K, V [rows, kv_heads, head_dim] (K normed per head)."""
         k = self.k_norm(self.k_proj(states).unflatten(-1, (self.num_kv_heads, self.head_dim)))
-        v = self.v_proj(states).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        return k.transpose(0, 1), v.transpose(0, 1)
+        return k, self.v_proj(states).unflatten(-1, (self.num_kv_heads, self.head_dim))
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x [tokens, hidden] of one request."""
-        q = self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))).transpose(0, 1)
+        """x [tokens, hidden] of one request; k, v [rows, kv_heads, head_dim]."""
+        q = self.query(x).transpose(0, 1)
         groups = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+        k, v = (t.transpose(0, 1).repeat_interleave(groups, dim=0) for t in (k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.o_proj(out.transpose(0, 1).flatten(1))
+
+    def decode(self, x: torch.Tensor, batch: ForwardBatch, cross: CrossDecode) -> torch.Tensor:
+        """x [B, hidden], one token per request, over the request's rows in the slabs."""
+        i = self.attn.layer_id
+        out = self.attn.backend.forward_cross_decode(self.query(x), self.attn, batch, cross.cache.k[i],
+                                                     cross.cache.v[i], cross.table, cross.lens)
+        return self.o_proj(out.flatten(1))
 
 
 class MllamaCrossDecoderLayer(nn.Module):
     """Cross-attention to the request's images, then an MLP, each scaled by a learned tanh gate into the residual."""
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, index: int):
         super().__init__()
-        self.cross_attn = MllamaCrossAttention(config)
+        self.cross_attn = MllamaCrossAttention(config, index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, layer: int, ctx: CrossContext) -> torch.Tensor:
-        """x [tokens, hidden] of one request; `layer` indexes the cross-attention layers."""
-        k, v = ctx.kv[layer]
+    def forward(self, x: torch.Tensor, ctx: CrossContext) -> torch.Tensor:
+        """x [tokens, hidden] of one request."""
+        k, v = ctx.kv[self.cross_attn.attn.layer_id]
         x = x + self.cross_attn_attn_gate.tanh() * self.cross_attn(self.input_layernorm(x), k, v, ctx.allowed)
         return x + self.cross_attn_mlp_gate.tanh() * (ctx.seen * self.mlp(self.post_attention_layernorm(x)))
+
+    def decode(self, x: torch.Tensor, batch: ForwardBatch, cross: CrossDecode) -> torch.Tensor:
+        """x [B, hidden]: a request without images gets its input back (its attention rows are zeros, and its
+        MLP term is multiplied by 0)."""
+        x = x + self.cross_attn_attn_gate.tanh() * self.cross_attn.decode(self.input_layernorm(x), batch, cross)
+        return x + self.cross_attn_mlp_gate.tanh() * (cross.active * self.mlp(self.post_attention_layernorm(x)))
 
 
 class MllamaTextModel(nn.Module):
@@ -241,27 +273,37 @@ class MllamaTextModel(nn.Module):
         self.cross_layers = sorted(config.cross_attention_layers)
         rotary = build_rotary(config, head_dim_of(config))
         self.layers = nn.ModuleList(
-            MllamaCrossDecoderLayer(config) if i in self.cross_layers
+            MllamaCrossDecoderLayer(config, self.cross_layers.index(i)) if i in self.cross_layers
             else LlamaDecoderLayer(config, i, rotary_emb=rotary) for i in range(config.num_hidden_layers))
+        # the paged KV pool holds the self-attention layers only, numbered in order
+        self.paged_layers = 0
+        for layer in self.layers:
+            if isinstance(layer, LlamaDecoderLayer):
+                layer.self_attn.attn.layer_id = self.paged_layers
+                self.paged_layers += 1
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
-                contexts: list[CrossContext | None]) -> torch.Tensor:
+                contexts: list[CrossContext | None] | None, cross: CrossDecode | None = None) -> torch.Tensor:
+        """Eager steps give per-request `contexts` (None for a request without images); a decode step that reads
+        the slabs gives `cross` instead."""
         hidden, residual = self.embed_tokens(input_ids), None
         bounds = [0]
         for n in batch.extend_lens_cpu:
             bounds.append(bounds[-1] + n)
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             if not isinstance(layer, MllamaCrossDecoderLayer):
                 hidden, residual = layer(positions, hidden, residual, batch)
                 continue
-            if not any(contexts):  # no request of the step has images: transformers skips the layer
+            if cross is None and not any(contexts):  # no request of the step has images: transformers skips it
                 continue
             if residual is not None:
                 hidden, residual = hidden + residual, None
-            cross = self.cross_layers.index(i)
+            if cross is not None:
+                hidden = layer.decode(hidden, batch, cross)
+                continue
             hidden = torch.cat([
-                hidden[lo:hi] if ctx is None else layer(hidden[lo:hi], cross, ctx)
+                hidden[lo:hi] if ctx is None else layer(hidden[lo:hi], ctx)
                 for ctx, lo, hi in zip(contexts, bounds[:-1], bounds[1:], strict=True)])
         hidden, _ = self.norm(hidden, residual) if residual is not None else (self.norm(hidden), None)
         return hidden
@@ -271,20 +313,24 @@ class MllamaTextModel(nn.Module):
 
 @dataclass
 class _RequestImages:
-    """A running request's images (kept to re-encode one whose K/V the cache let go), the token spans that see
-    each, and each one's real tiles; `source` is the request's MultimodalInputs, which tells one request from the
-    next in the same row."""
+    """A running request's images, the token spans that see each, each one's real tiles, and the cache keys it pins;
+    `source` is the request's MultimodalInputs, which tells one request from the next in the same row; `placed`:
+    its decode row of the table is written."""
 
     source: MultimodalInputs
     items: list[MultimodalItem]
     spans: list[tuple[int, int]]
     tiles: list[int]
+    keys: list[int]
+    placed: bool = False
 
 
 class MllamaForConditionalGeneration(LlamaForCausalLM):
-    # the cross-attention state is found per request on the host at every step: not capturable yet
-    supports_cuda_graph = False
+    # a prefill step looks up each request's images on the host; decode steps are captured
+    supports_prefill_graph = False
     direct_weights: tuple[str, ...] = ("vision_model.", "multi_modal_projector.")
+    # images a generated token may see and still decode from the table (more: that request decodes eagerly)
+    decode_table_images = 4
 
     def __init__(self, config: PretrainedConfig):
         nn.Module.__init__(self)
@@ -296,36 +342,69 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
         self.vision_model = MllamaVisionModel(config.vision_config)
         self.multi_modal_projector = nn.Linear(config.vision_config.vision_output_dim, text.hidden_size)
         self.model = MllamaTextModel(text)
+        self.paged_kv_layers = self.model.paged_layers
         self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
         self.tied = False
         self.logits_processor = LogitsProcessor(text.vocab_size)
-        # K/V of every cross-attention layer per image, by item hash (the runner resizes it to --mm-cache-size-mb)
-        self.encoder_cache = EncoderCache(_ENCODER_CACHE_BYTES)
+        # per image, every cross-attention layer's K/V, by item hash: slabs the runner sizes (`attach_cross_kv`)
+        self.encoder_cache: CrossKVCache | None = None
+        self.cross_table: torch.Tensor | None = None  # [request-pool rows, width] slab slots
+        self.cross_lens: torch.Tensor | None = None  # [request-pool rows]
         self._requests: dict[int, _RequestImages] = {}  # request-pool row -> its images
+        self._eager_rows: set[int] = set()  # rows whose request decodes eagerly (images outside the slabs)
+
+    def attach_cross_kv(self, rows: int, table_rows: int) -> None:
+        """Slabs of `rows` rows for the images' K/V, and the decode table over `table_rows` request-pool rows
+        (the runner calls it once it has sized the KV cache)."""
+        text = self.config.text_config
+        weight = self.multi_modal_projector.weight
+        head_dim = text.hidden_size // text.num_attention_heads
+        self.encoder_cache = CrossKVCache(rows, len(self.model.cross_layers), text.num_key_value_heads, head_dim,
+                                          weight.dtype, weight.device)
+        width = min(rows, self.decode_table_images * self.vision_model.tiles * self.vision_model.patches)
+        self.cross_table = torch.zeros(table_rows, width, dtype=torch.int64, device=weight.device)
+        self.cross_lens = torch.zeros(table_rows, dtype=torch.int64, device=weight.device)
 
     # ----- images -----
 
-    def encode(self, items: list[MultimodalItem]) -> list[torch.Tensor]:
-        """Per item, its K and V for every cross-attention layer: [cross layers, 2, kv_heads, rows, head_dim]."""
+    def encode(self, items: list[MultimodalItem]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per item, its K and V for every cross-attention layer: [cross layers, rows, kv_heads, head_dim] each."""
         device = self.multi_modal_projector.weight.device
         pixels = torch.stack([it.features["pixel_values"] for it in items]).to(device)
         ratio_ids = torch.cat([it.features["aspect_ratio_ids"] for it in items]).to(device)
         ratio_mask = torch.stack([it.features["aspect_ratio_mask"] for it in items]).to(device)
         states = self.multi_modal_projector(self.vision_model(pixels, ratio_ids, ratio_mask)).flatten(1, 2)
         layers = [self.model.layers[i].cross_attn for i in self.model.cross_layers]
-        return [torch.stack([torch.stack(attn.key_values(rows)) for attn in layers]) for rows in states]
+        out = []
+        for rows in states:
+            kv = [attn.key_values(rows) for attn in layers]
+            out.append((torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])))
+        return out
+
+    def release_row(self, row: int) -> None:
+        """The request in this request-pool row left the engine (or was retracted): its images are unpinned and
+        its decode row reads nothing."""
+        req = self._requests.pop(row, None)
+        self._eager_rows.discard(row)
+        if req is not None:
+            self.encoder_cache.unpin(req.keys)
+            if req.placed:
+                self.cross_lens[row] = 0
 
     def _track(self, batch: ForwardBatch, rows: list[int]) -> None:
-        """A prefill step carries each request's media: remember them by request-pool row (a row whose request has
-        none forgets what an earlier request there had)."""
+        """A prefill step carries each request's media: remember them by request-pool row and pin them (a row
+        whose request has none forgets what an earlier request there had)."""
         for row, mm in zip(rows, batch.mm_inputs or [None] * len(rows), strict=True):
+            if row in self._requests and self._requests[row].source is mm:
+                continue
+            self.release_row(row)
             images = [it for it in mm.items if it.modality == "image"] if mm is not None else []
-            if not images:
-                self._requests.pop(row, None)
-            elif row not in self._requests or self._requests[row].source is not mm:
+            if images:
+                keys = [it.ensure_hash() for it in images]
+                self.encoder_cache.pin(keys)
                 self._requests[row] = _RequestImages(
                     mm, images, cross_attention_spans([it.offset for it in images]),
-                    [int(it.features["aspect_ratio_mask"].sum()) for it in images])
+                    [int(it.features["aspect_ratio_mask"].sum()) for it in images], keys)
 
     def _token_ids(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """A prefill step's ids with each image's pad value back to `<|image|>` and the text before the first image
@@ -341,52 +420,84 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
             offset += n
         return ids
 
+    def _entries(self, found: list[_RequestImages | None]) -> dict[int, CrossEntry]:
+        """The cache entries of the requests' images, encoding those not there."""
+        cache = self.encoder_cache
+        needed = list({it.hash: it for req in found if req is not None for it in req.items}.values())
+        missing = [it for it in needed if it.hash not in cache]
+        if missing:
+            for item, (k, v) in zip(missing, self.encode(cache.prepare(missing)), strict=True):
+                cache.put(item.hash, k, v)
+        return {it.hash: cache.get(it.hash) for it in needed}
+
+    def _place(self, row: int, req: _RequestImages, entries: dict[int, CrossEntry]) -> None:
+        """Write the request's decode row: the slots of the real tiles' rows of the images its generated tokens see
+        (the last span's); eager decoding for it where one of those is outside the slabs or they outgrow the
+        table."""
+        req.placed = True
+        seen = [(entries[it.hash].slots, tiles) for it, (_, end), tiles in zip(req.items, req.spans, req.tiles,
+                                                                                 strict=True) if end == OPEN_END]
+        if any(slots is None for slots, _ in seen):
+            self._eager_rows.add(row)
+            return
+        slots = torch.cat([slots[:tiles * self.vision_model.patches] for slots, tiles in seen])
+        if slots.numel() > self.cross_table.shape[1]:
+            self._eager_rows.add(row)
+            return
+        self.cross_table[row, :slots.numel()] = slots
+        self.cross_lens[row] = slots.numel()
+
     def _contexts(self, batch: ForwardBatch, rows: list[int]) -> list[CrossContext | None]:
         found = [self._requests.get(row) for row in rows]
-        needed = list({it.ensure_hash(): it for req in found if req is not None for it in req.items}.values())
-        if not needed:
+        if not any(found):
             return [None] * len(rows)
-        cache = self.encoder_cache
-        keys = [it.hash for it in needed]
-        cache.pin(keys)
-        try:
-            missing = [it for it in needed if it.hash not in cache]
-            if missing:
-                for item, kv in zip(missing, self.encode(cache.prepare(missing)), strict=True):
-                    cache.put(item.hash, kv)
-            kv = {key: cache.get(key) for key in keys}
-        finally:
-            cache.unpin(keys)
+        entries = self._entries(found)
+        for row, req in zip(rows, found, strict=True):
+            if req is not None and not req.placed:
+                self._place(row, req, entries)
+        rows_per_tile = self.vision_model.patches
         contexts: list[CrossContext | None] = []
         for req, seq_len, n in zip(found, batch.seq_lens_cpu, batch.extend_lens_cpu, strict=True):
             if req is None:
                 contexts.append(None)
                 continue
-            parts = [kv[it.hash] for it in req.items]  # [cross layers, 2, kv_heads, rows, head_dim] each
-            joined = torch.cat(parts, dim=3)
-            rows_per_tile = parts[0].shape[3] // self.vision_model.tiles
+            parts = [self.encoder_cache.key_values(entries[it.hash]) for it in req.items]
+            k = torch.cat([part[0] for part in parts], dim=1)  # [cross layers, rows, kv_heads, head_dim]
+            v = torch.cat([part[1] for part in parts], dim=1)
             tokens = torch.arange(seq_len - n, seq_len)
-            allowed = torch.zeros(n, joined.shape[3], dtype=torch.bool)
+            allowed = torch.zeros(n, k.shape[1], dtype=torch.bool)
             at = 0
             for (start, end), tiles, part in zip(req.spans, req.tiles, parts, strict=True):
                 sees = (tokens >= start) & (tokens < end)
                 allowed[:, at:at + tiles * rows_per_tile] = sees[:, None]
-                at += part.shape[3]
+                at += part[0].shape[1]
             seen = allowed.any(dim=1, keepdim=True)
             allowed |= ~seen  # a token that sees no image attends to every vision row alike, as transformers has it
-            device = joined.device
-            contexts.append(CrossContext([(layer[0], layer[1]) for layer in joined], allowed.to(device),
-                                         seen.to(device, joined.dtype)))
+            contexts.append(CrossContext(list(zip(k, v, strict=True)), allowed.to(k.device),
+                                         seen.to(k.device, k.dtype)))
         return contexts
+
+    def decode_capturable(self, batch: ForwardBatch) -> bool:
+        """Whether a decode step reads only the slabs (every request's rows there, or no images): then it needs no
+        host work and a graph may replay it."""
+        return not self._eager_rows or self._eager_rows.isdisjoint(batch.req_pool_indices.tolist())
 
     # ----- forward -----
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        rows = batch.req_pool_indices.tolist()
-        if batch.mode == ForwardMode.EXTEND:
-            self._track(batch, rows)
-            input_ids = self._token_ids(input_ids, batch)
-        hidden_states = self.model(input_ids, positions, batch, self._contexts(batch, rows))
+        if self.encoder_cache is None:
+            raise RuntimeError("Mllama needs its cross-attention slabs: attach_cross_kv (the model runner does)")
+        if batch.mode == ForwardMode.DECODE and self.decode_capturable(batch):
+            lens = self.cross_lens[batch.req_pool_indices]
+            cross = CrossDecode(self.encoder_cache, self.cross_table, lens,
+                                (lens > 0).to(self.multi_modal_projector.weight.dtype)[:, None])
+            hidden_states = self.model(input_ids, positions, batch, None, cross)
+        else:
+            rows = batch.req_pool_indices.tolist()
+            if batch.mode == ForwardMode.EXTEND:
+                self._track(batch, rows)
+                input_ids = self._token_ids(input_ids, batch)
+            hidden_states = self.model(input_ids, positions, batch, self._contexts(batch, rows))
         return self.logits_processor(hidden_states, self.lm_head, batch)
 
     # ----- weights -----

@@ -70,6 +70,8 @@ class CudaGraphRunner:
         self.out_cache_loc = torch.zeros(n, dtype=torch.int64, device=device)
         self.req_pool_indices = torch.zeros(n, dtype=torch.int64, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.int64, device=device)
+        # a model may keep a step off the graphs (Llama 3.2 Vision: a request whose images are outside its slabs)
+        self.model_allows = getattr(runner.model, "decode_capturable", None)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.batches: dict[int, ForwardBatch] = {}
@@ -126,7 +128,8 @@ class CudaGraphRunner:
         self.capture_seconds = time.perf_counter() - start
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.mode == ForwardMode.DECODE and batch.batch_size <= self.max_bs and batch.logits_indices is None
+        return (batch.mode == ForwardMode.DECODE and batch.batch_size <= self.max_bs and batch.logits_indices is None
+                and (self.model_allows is None or self.model_allows(batch)))
 
     def bucket(self, batch_size: int) -> int:
         return next(bs for bs in self.batch_sizes if bs >= batch_size)

@@ -49,7 +49,7 @@ class ModelRunner:
         start = time.perf_counter()
         set_dp_encoder(args.mm_enable_dp_encoder)
         self.model = self._load_model(checkpoint)
-        if hasattr(self.model, "encoder_cache"):
+        if hasattr(self.model, "encoder_cache") and not hasattr(self.model, "attach_cross_kv"):
             from mmserve.multimodal.encoder_cache import EncoderCache
 
             self.model.encoder_cache = EncoderCache(args.mm_cache_size_mb << 20)
@@ -60,10 +60,15 @@ class ModelRunner:
         self.max_total_tokens = min_over_ranks(self._kv_cache_tokens())
         self.max_running_requests = min(self.max_running_requests, self.max_total_tokens)
         tp = get_tp_size()
-        self.kv_pool = KVPool(self.max_total_tokens, model_config.num_layers,
+        # A model whose cross-attention layers read per-request encoder states (Llama 3.2 Vision) has fewer layers
+        # with paged KV; the rest of the budget (sized over all layers) holds those states: as many rows as the
+        # pool holds tokens.
+        self.kv_pool = KVPool(self.max_total_tokens, getattr(self.model, "paged_kv_layers", model_config.num_layers),
                               max(1, model_config.num_kv_heads // tp), model_config.head_dim, self.dtype, device)
         # A few spare rows: a request being prefilled in chunks holds one beside the running batch.
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 8, model_config.context_len + 1, device)
+        if hasattr(self.model, "attach_cross_kv"):
+            self.model.attach_cross_kv(self.max_total_tokens, self.req_to_token_pool.req_to_token.shape[0])
         logit_cap = any(getattr(m, "logit_cap", None) is not None for m in self.model.modules())
         self.attn_backend = create_attention_backend(args.attention_backend, device, logit_cap).bind(
             self.kv_pool, self.req_to_token_pool.req_to_token)
@@ -93,7 +98,8 @@ class ModelRunner:
                 logger.warning("vision-tower CUDA graph capture failed, encoding without graphs (%s)", exc)
                 self.model.vision_graphs = None
                 torch.cuda.synchronize(device)
-        if args.cuda_graph_max_prefill_tokens and hasattr(self.attn_backend, "init_graph_extend_metadata"):
+        if (args.cuda_graph_max_prefill_tokens and hasattr(self.attn_backend, "init_graph_extend_metadata")
+                and getattr(self.model, "supports_prefill_graph", True)):
             self.prefill_graph_runner = PrefillGraphRunner(self, min(args.cuda_graph_max_prefill_tokens,
                                                                      self.config.context_len))
             try:
@@ -154,8 +160,7 @@ class ModelRunner:
         if self.device.type != "cuda" or self.args.disable_cuda_graph or self.config.is_embedding:
             return False  # an embedding server never decodes, and its prefill steps return hidden states
         if not getattr(self.model, "supports_cuda_graph", True):
-            logger.info("CUDA graphs off: %s keeps per-request cross-attention state outside the graph's inputs",
-                        type(self.model).__name__)
+            logger.info("CUDA graphs off: %s cannot be captured", type(self.model).__name__)
             return False
         if not self.attn_backend.supports_cuda_graph:
             logger.info("CUDA graphs off: the %s attention backend cannot be captured",

@@ -98,6 +98,8 @@ class Scheduler:
         self._inflight: _InflightDecode | None = None
         # a vision-language model's encoder outputs by media hash: the step's encoder work is budgeted from it
         self.encoder_cache = getattr(runner.model, "encoder_cache", None)
+        # told when a request's row is freed: a model that keeps per-request state by row (Llama 3.2 Vision's images)
+        self._row_released = getattr(runner.model, "release_row", None)
 
     # ----- requests in and out -----
 
@@ -419,14 +421,19 @@ class Scheduler:
         self._unpin_media(req)
         if req.req_pool_idx is not None:
             self._cache_prefix(req, finished=True)
-            self.req_pool.free(req.req_pool_idx)
+            self._free_row(req.req_pool_idx)
             req.req_pool_idx, req.kv_len = None, 0
         req.status = ReqStatus.FINISHED
+
+    def _free_row(self, row: int) -> None:
+        if self._row_released is not None:
+            self._row_released(row)
+        self.req_pool.free(row)
 
     def _retract(self, req: Req) -> None:
         self._unpin_media(req)
         self._cache_prefix(req, finished=True)
-        self.req_pool.free(req.req_pool_idx)
+        self._free_row(req.req_pool_idx)
         req.req_pool_idx, req.kv_len, req.status = None, 0, ReqStatus.WAITING
         self.waiting.appendleft(req)
         self.stats.retractions += 1

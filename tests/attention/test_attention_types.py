@@ -1,13 +1,14 @@
 """Attention types a layer declares (`AttentionType`): the torch backend against a dense reference whose masks come
 from transformers' own mask functions (Gemma 3's image blocks and bidirectional windows), and the Triton kernels
 (interpreter, blocks of 16) against the torch backend: bidirectional spans with and without a cached prefix, with
-sliding windows, over several requests and GQA; encoder-only layers; cross-attention refused.
+sliding windows, over several requests and GQA; encoder-only layers; cross-attention's decode over a slab.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.masking_utils import (
     and_masks,
     blockwise_overlay,
@@ -173,11 +174,41 @@ def test_encoder_only_reads_and_writes_no_kv():
     assert torch.equal(s.pool.k_buffers[0], before[0]) and torch.equal(s.pool.v_buffers[0], before[1])
 
 
-def test_cross_attention_is_refused_by_name():
-    s = Setup([(5, 5)], 4, 2, 32, F32)
-    for backend in (TorchAttentionBackend(), small_triton()):
-        with pytest.raises(NotImplementedError, match="Llama 3.2 Vision"):
-            s.run(backend, AttentionType.CROSS, None, None)
+def test_cross_attention_decode_reads_each_requests_rows():
+    """One new token per request over that request's encoder rows, scattered in a slab and found through a table
+    row (Llama 3.2 Vision's images): both backends against dense float64 SDPA; a request with no rows (and a
+    padding row of a graph bucket) gets zeros; GQA, lengths crossing the Triton blocks and split boundaries."""
+    g = torch.Generator().manual_seed(5)
+    heads, kv_heads, head_dim, slab_rows = 4, 2, 32, 300
+    k_buf, v_buf = (torch.randn(slab_rows, kv_heads, head_dim, generator=g).to(DEVICE) for _ in range(2))
+    lens = [37, 0, 130, 1, 64]
+    rows = [3, 0, 5, 1, 2]
+    table = torch.zeros(6, 160, dtype=torch.int64, device=DEVICE)
+    for row, n in zip(rows, lens, strict=True):
+        table[row, :n] = torch.randperm(slab_rows, generator=g)[:n].to(DEVICE)
+    q = torch.randn(len(lens), heads, head_dim, generator=g).to(DEVICE)
+    batch = ForwardBatch(mode=ForwardMode.DECODE, input_ids=torch.zeros(len(lens), dtype=torch.int64, device=DEVICE),
+                         positions=torch.zeros(len(lens), dtype=torch.int64, device=DEVICE),
+                         out_cache_loc=torch.zeros(len(lens), dtype=torch.int64, device=DEVICE),
+                         req_pool_indices=torch.tensor(rows, device=DEVICE),
+                         seq_lens=torch.full((len(lens),), 9, device=DEVICE), seq_lens_cpu=[9] * len(lens),
+                         extend_lens_cpu=[1] * len(lens), logits_indices=None)
+    layer = Attention(heads, head_dim, kv_heads, 0, attn_type=AttentionType.CROSS)
+    lens_t = torch.tensor(lens, device=DEVICE)
+    expected = torch.zeros(len(lens), heads, head_dim, dtype=torch.float64)
+    for i, (row, n) in enumerate(zip(rows, lens, strict=True)):
+        if n:
+            slots = table[row, :n]
+            k = k_buf[slots].double().repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+            v = v_buf[slots].double().repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+            expected[i] = F.scaled_dot_product_attention(q[i].double()[:, None], k, v)[:, 0].cpu()
+    pool = KVPool(16, 1, kv_heads, head_dim, F32, DEVICE)
+    for backend in (TorchAttentionBackend(), TritonAttentionBackend(DEVICE, min_split_len=16)):
+        backend.bind(pool, ReqToTokenPool(6, 16, DEVICE).req_to_token).init_forward_metadata(batch)
+        out = backend.forward_cross_decode(q, layer, batch, k_buf, v_buf, table, lens_t)
+        torch.testing.assert_close(out.double().cpu(), expected, atol=2e-5, rtol=2e-5)
+        with pytest.raises(TypeError, match="forward_cross_decode"):
+            backend.forward(q.flatten(1), q.flatten(1), q.flatten(1), layer, batch)
 
 
 def test_span_last_keys():

@@ -10,7 +10,11 @@ import torch
 from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, image_data_url, picture
 
 from mmserve import Engine
+from mmserve.models.mllama import MllamaForConditionalGeneration
 from mmserve.multimodal.processors.mllama import OPEN_END, cross_attention_spans
+from mmserve.runner.cuda_graph import CudaGraphRunner
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the Triton kernels in the interpreter
 
 BOS, IMAGE = "<|begin_of_text|>", "<|image|>"
 TURN = "<|start_header_id|>user<|end_header_id|>\n\n"
@@ -67,6 +71,66 @@ def test_batch_of_prompts_with_and_without_images(engine, hf):
     finally:
         engine.runner.forward = forward
     assert max(sizes) == len(cases)
+    for ours, (prompt, images) in zip(outs, cases, strict=True):
+        assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def _generate_batch(engine: Engine) -> list[dict]:
+    cases = [CASES["two images"], CASES["text only"], CASES["one image"]]
+    return engine.generate([prompt for prompt, _ in cases], GREEDY, return_logits=True,
+                           image_data=[images or None for _, images in cases])
+
+
+def _assert_released(engine: Engine) -> None:
+    """Every request gone: no image pinned, every decode row reads nothing, nothing kept outside the slabs."""
+    model = engine.runner.model
+    cache = model.encoder_cache
+    assert cache.pin_count() == 0 and not model._requests and not model._eager_rows
+    assert int(model.cross_lens.abs().sum()) == 0
+    assert all(cache.get(key).slots is not None for key in list(cache._entries))
+
+
+def test_decode_reads_the_slabs_from_graph_steps(tiny_mllama_dir, hf):
+    """Decode steps through the graph runner's static buffers, the cross-attention layers reading each request's
+    image rows through its table row with the Triton decode kernel (captured on a GPU; on the CPU the runner's
+    eager mode with the kernels in the interpreter): three requests in the bucket of 4 (a padding row), one
+    without images, each with transformers' answer; their rows released when they finish."""
+    kwargs = {} if DEVICE == "cuda" else {"disable_cuda_graph": True}
+    with Engine(model_path=str(tiny_mllama_dir), dtype="float32", attention_backend="triton", device=DEVICE,
+                cuda_graph_max_bs=4, **kwargs) as engine:
+        graphs = engine.runner.graph_runner
+        if graphs is None:
+            graphs = engine.runner.graph_runner = CudaGraphRunner(engine.runner, 4, use_graphs=False)
+            graphs.capture()
+        assert engine.runner.prefill_graph_runner is None  # prefill steps look images up on the host
+        replays = []
+        original = graphs.replay
+        graphs.replay = lambda batch: (replays.append(batch.batch_size), original(batch))[1]
+        outs = _generate_batch(engine)
+        assert 3 in replays
+        _assert_released(engine)
+    cases = [CASES["two images"], CASES["text only"], CASES["one image"]]
+    for ours, (prompt, images) in zip(outs, cases, strict=True):
+        assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def test_images_the_slabs_cannot_hold_decode_eagerly(tiny_mllama_dir, hf, monkeypatch):
+    """Slabs of 100 rows against images of 68 (4 tiles of 17): the second image of a running request, and the
+    image of a request beside it, are kept outside them; those requests decode eagerly, per request, with
+    transformers' answers, and what was kept outside goes when they finish."""
+    attach = MllamaForConditionalGeneration.attach_cross_kv
+    monkeypatch.setattr(MllamaForConditionalGeneration, "attach_cross_kv",
+                        lambda self, rows, table_rows: attach(self, min(rows, 100), table_rows))
+    with Engine(model_path=str(tiny_mllama_dir), dtype="float32") as engine:
+        model = engine.runner.model
+        capturable = []
+        original = model.decode_capturable
+        model.decode_capturable = lambda batch: (capturable.append(original(batch)), capturable[-1])[1]
+        outs = _generate_batch(engine)
+        assert capturable and not any(capturable)
+        _assert_released(engine)
+        assert len(model.encoder_cache) == 1 and model.encoder_cache.free_rows == 100 - 68
+    cases = [CASES["two images"], CASES["text only"], CASES["one image"]]
     for ours, (prompt, images) in zip(outs, cases, strict=True):
         assert_same(ours, hf_generate(hf, prompt, images))
 
