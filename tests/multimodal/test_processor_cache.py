@@ -55,12 +55,23 @@ class Counting:
 
 
 def reference(mm_processor: MultimodalProcessor, text: str, images: list[bytes], **kwargs):
-    """transformers' processor on the same decoded images, with `kwargs` as given (the deprecated flat min_pixels /
-    max_pixels warn, and still work)."""
+    """transformers' processor on the same decoded images, with `kwargs` as given; pixel bounds as a whole `size`
+    (transformers 5.17 drops a flat min_pixels or max_pixels given alone at call time)."""
     decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return mm_processor.hf(text=[text], images=decoded, return_tensors="pt", **kwargs)
+        return mm_processor.hf(text=[text], images=decoded, return_tensors="pt",
+                               **bounds_as_size(mm_processor.hf.image_processor, kwargs))
+
+
+def bounds_as_size(hf_processor, kwargs: dict) -> dict:
+    """kwargs with min_pixels / max_pixels turned into the processor's `size`, the other bound its default."""
+    if "min_pixels" not in kwargs and "max_pixels" not in kwargs:
+        return kwargs
+    kwargs, size = dict(kwargs), dict(hf_processor.size)
+    size["shortest_edge"] = kwargs.pop("min_pixels", size["shortest_edge"])
+    size["longest_edge"] = kwargs.pop("max_pixels", size["longest_edge"])
+    return {**kwargs, "size": size}
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +213,7 @@ def test_video_settings(tiny_qwen2_vl_dir, tmp_path):
         warnings.simplefilter("ignore", FutureWarning)
         ref = mm_processor.hf(text=[f"Clip {VIDEO}"], videos=[frames], return_tensors="pt", do_sample_frames=False,
                               video_metadata=[{"fps": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}],
-                              max_pixels=5000)
+                              **bounds_as_size(mm_processor.hf.video_processor, {"max_pixels": 5000}))
     assert ids == ref["input_ids"][0].tolist()
     assert torch.equal(mm.items[0].features["pixel_values"], ref["pixel_values_videos"])
 
