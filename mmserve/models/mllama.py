@@ -381,6 +381,11 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
             out.append((torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])))
         return out
 
+    def encoder_cost(self, item: MultimodalItem) -> int:
+        """Rows the tower computes for an item (the scheduler's per-step encoder budget): every tile of an image,
+        padding tiles included; none for the text before the first image."""
+        return 0 if item.modality == "text" else self.vision_model.tiles * self.vision_model.padded
+
     def release_row(self, row: int) -> None:
         """The request in this request-pool row left the engine (or was retracted): its images are unpinned and
         its decode row reads nothing."""

@@ -100,6 +100,9 @@ class Scheduler:
         self.encoder_cache = getattr(runner.model, "encoder_cache", None)
         # told when a request's row is freed: a model that keeps per-request state by row (Llama 3.2 Vision's images)
         self._row_released = getattr(runner.model, "release_row", None)
+        # an item's encoder output rows, where they are not its placeholder tokens (Llama 3.2 Vision: one token, all
+        # of the image's tiles through the tower)
+        self._encoder_cost_of = getattr(runner.model, "encoder_cost", None)
 
     # ----- requests in and out -----
 
@@ -460,7 +463,8 @@ class Scheduler:
                 and item.hash not in self.encoder_cache and item.hash not in counted]
 
     def _encoder_cost(self, req: Req, keys: list[int]) -> int:
-        lengths = {item.hash: item.length for item in req.mm.items} if keys else {}
+        cost = self._encoder_cost_of or (lambda item: item.length)
+        lengths = {item.hash: cost(item) for item in req.mm.items} if keys else {}
         return sum(lengths[k] for k in keys)
 
     def _pin_media(self, req: Req, n: int) -> None:

@@ -10,7 +10,11 @@ import torch
 from vl_helpers import GREEDY, assert_same, check_chunked_prefill, hf_generate, image_data_url, picture
 
 from mmserve import Engine
+from mmserve.config import ServerArgs
+from mmserve.engine_core import EngineCore
+from mmserve.messages import GenerateRequest
 from mmserve.models.mllama import MllamaForConditionalGeneration
+from mmserve.multimodal.inputs import MultimodalItem
 from mmserve.multimodal.processors.mllama import OPEN_END, cross_attention_spans
 from mmserve.runner.cuda_graph import CudaGraphRunner
 
@@ -133,6 +137,27 @@ def test_images_the_slabs_cannot_hold_decode_eagerly(tiny_mllama_dir, hf, monkey
     cases = [CASES["two images"], CASES["text only"], CASES["one image"]]
     for ours, (prompt, images) in zip(outs, cases, strict=True):
         assert_same(ours, hf_generate(hf, prompt, images))
+
+
+def test_encoder_budget_counts_every_tile(tiny_mllama_dir, engine):
+    """An image is one token but 4 tiles of 24 padded rows through the tower: with --max-encoder-tokens-per-step
+    150, two waiting requests with new images go to separate prefill steps (counted by tokens, both would fit), and
+    a text-only one joins the second; the text before an image costs nothing."""
+    model = engine.runner.model
+    assert [model.encoder_cost(it) for it in (MultimodalItem("text", {}, 0, 5), MultimodalItem("image", {}, 5, 1))] \
+        == [0, 96]
+    (prompt, images), (text_prompt, _) = CASES["one image"], CASES["text only"]
+    jobs = [(prompt, images), (prompt.replace("Describe", "Explain"), [picture(50, 50, 11)]), (text_prompt, [])]
+    core = EngineCore(ServerArgs(model_path=str(tiny_mllama_dir), dtype="float32", max_encoder_tokens_per_step=150))
+    for i, (text, pictures) in enumerate(jobs):  # all waiting before the first step
+        ids, wire = engine._encode_multimodal(text, pictures, [], [], None)
+        core.handle(GenerateRequest(f"r{i}", ids, {**GREEDY, "max_new_tokens": 1}, mm_inputs=wire))
+    sizes = []
+    forward = core.runner.forward
+    core.runner.forward = lambda batch: (sizes.append((batch.mode.name, batch.batch_size)), forward(batch))[1]
+    while core.has_work():
+        core.step()
+    assert [n for mode, n in sizes if mode == "EXTEND"] == [1, 2], sizes
 
 
 def test_spans_follow_the_processors_cross_attention_mask(hf):
