@@ -1,16 +1,21 @@
-"""Issue 17's rows, one model family a run: offline throughput of requests with one image each, and the time to
-first token of one such request alone, at a real model's shape (a preset: random weights), each beside
+"""Issue 17's and issue 20's rows, one model family a run: offline throughput of requests with one image each, and
+the time to first token of one such request alone, at a real model's shape (a preset: random weights), each beside
 transformers' `generate` on the same checkpoint in the same process.
 
     python -m mmserve.bench.families --preset llava-1.5-7b --tokenizer-dir DIR [--requests 64] [--runs 3] [--no-hf]
 
-(also gemma-3-12b, mistral-small-3.1-24b, internvl3-8b, or any vision-language --model-path). Every prompt is one
-user turn of one image and --text-words random words, rendered by the checkpoint's chat template, so each family
-gets its own placeholder (`<image>`, `<start_of_image>`, `[IMG]`, `<IMG_CONTEXT>`); the same text and images go to
-mmserve and to transformers' processor, and both sides' times include the processor. Images are new random pixels
-every time, so no cache helps. Each mmserve figure is the median of --runs runs, with min-max beside it; requests
-are greedy and ignore EOS. The transformers rows (--hf-runs each, none with --no-hf) run after the engine is shut
-down and its memory freed (a 24B model in bf16 is 48 GB: the two never share the GPU).
+(also gemma-3-12b, mistral-small-3.1-24b, internvl3-8b, glm-4.1v-9b, llama-3.2-11b-vision, phi-4-multimodal,
+qwen3-omni-30b-a3b, glm-4.5v, or any vision-language --model-path). GLM-4.5V's 108B parameters (216 GB in bf16) do
+not fit one GPU: its preset keeps the real shape and a run cuts the depth, e.g. --config-override
+'{"text_config": {"num_hidden_layers": 12}}' (28B, 52 GiB). Every prompt is one user turn of one image and
+--text-words random words, rendered by the checkpoint's chat template, so each family gets its own placeholder
+(`<image>`, `<start_of_image>`, `[IMG]`, `<IMG_CONTEXT>`, GLM's `<|image|>` between its begin/end tokens, Llama 3.2
+Vision's single `<|image|>` whose tiles only the cross-attention layers read, Phi-4's `<|image|>`, Qwen-VL's
+`<|image_pad|>`); the same text and images go to mmserve and to transformers' processor, and both sides' times
+include the processor. Images are new random pixels every time, so no cache helps. Each mmserve figure is the median
+of --runs runs, with min-max beside it; requests are greedy and ignore EOS. The transformers rows (--hf-runs each,
+none with --no-hf) run after the engine is shut down and its memory freed (a 24B model in bf16 is 48 GB: the two
+never share the GPU).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -87,11 +88,20 @@ def run_mmserve(args: argparse.Namespace, server_args: ServerArgs) -> dict[str, 
     return result
 
 
-def load_hf_model(server_args: ServerArgs) -> torch.nn.Module:
-    """The transformers model of `server_args` (random weights with --load-format dummy) on its device: a causal
-    LM, or an image-text-to-text model where the config has a vision tower."""
+def hf_auto_class(config: Any) -> type:
+    """transformers' auto class for a config: image-text-to-text where transformers lists the family as one, else
+    causal LM (text models, and Phi-4-multimodal, whose vision and audio towers transformers files under causal
+    LMs)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+    listed = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return AutoModelForImageTextToText if listed else AutoModelForCausalLM
+
+
+def load_hf_model(server_args: ServerArgs) -> torch.nn.Module:
+    """The transformers model of `server_args` (random weights with --load-format dummy) on its device, of the
+    class `hf_auto_class` picks."""
     from mmserve.config import resolve_dtype
     from mmserve.models.loader import load_hf_config, resolve_model_path, split_gguf
 
@@ -99,7 +109,7 @@ def load_hf_model(server_args: ServerArgs) -> torch.nn.Module:
     device = server_args.resolved_device()
     config = load_hf_config(path)
     dtype = resolve_dtype(server_args.dtype, config, device)
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    auto = hf_auto_class(config)
     say(f"transformers: loading {server_args.model_path}")
     if server_args.load_format == "dummy":
         with torch.device(device):
