@@ -56,6 +56,14 @@ for preset in ${FAMILIES-llava-1.5-7b gemma-3-12b mistral-small-3.1-24b internvl
   python3 -m mmserve.bench.families --preset "$preset" --tokenizer-dir .gpu/tokenizer --runs 1 \
     --json "$OUT/family_$preset.json" 2>&1 | tee "$OUT/family_$preset.log" | tail -8
 done
+# issue 20's rows (GLM-4.1V-9B, Llama-3.2-11B-Vision, Phi-4-multimodal, the Qwen3-Omni-30B-A3B thinker, GLM-4.5V cut
+# to 12 of its 46 layers to fit one GPU); FAMILIES_II="" skips them (about 12 minutes)
+for preset in ${FAMILIES_II-glm-4.1v-9b llama-3.2-11b-vision phi-4-multimodal qwen3-omni-30b-a3b glm-4.5v}; do
+  extra=()
+  if [ "$preset" = glm-4.5v ]; then extra=(--config-override '{"text_config": {"num_hidden_layers": 12}}'); fi
+  python3 -m mmserve.bench.families --preset "$preset" --tokenizer-dir .gpu/tokenizer --runs 1 --hf-requests 32 \
+    "${extra[@]}" --json "$OUT/family_$preset.json" 2>&1 | tee "$OUT/family_$preset.log" | tail -8
+done
 # issue 21's row: embedding throughput at 512 tokens (gte-Qwen2-1.5B shape) beside transformers' AutoModel
 python3 -m mmserve.bench.embeddings --preset gte-qwen2-1.5b --tokenizer-dir .gpu/tokenizer \
   --json "$OUT/embeddings.json" 2>&1 | tee "$OUT/embeddings.log" | tail -6

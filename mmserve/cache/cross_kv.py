@@ -54,6 +54,11 @@ class CrossKVCache:
     def free_rows(self) -> int:
         return self._free.numel()
 
+    def available_rows(self) -> int:
+        """Rows free now or once the unpinned entries are evicted."""
+        unpinned = (e.rows for k, e in self._entries.items() if e.slots is not None and not self._pins[k])
+        return self.free_rows + sum(unpinned)
+
     def get(self, key: int) -> CrossEntry | None:
         entry = self._entries.get(key)
         if entry is not None:

@@ -9,15 +9,17 @@ concatenated with chosen local layers' states, projected to the text width: `til
 What a request's cross-attention reads is kept per image, not in the paged KV pool: each cross-attention layer's K
 (normed) and V of an image, computed once at the first step that needs them, in the slabs of a `CrossKVCache`
 (`cache/cross_kv.py`; the model's `encoder_cache`, keyed by the item's hash, so a repeated image is not encoded
-again). The slabs hold as many rows as the paged pool holds tokens, in the memory the cross layers' own paged KV
-would have taken: the pool has the self-attention layers only. A running request pins its images (by its
-request-pool row, from its first prefill step until the scheduler releases it: `release_row`).
+again). The paged pool has the self-attention layers only; the slabs take a share of the KV budget (one image at
+the most tiles per `tokens_per_image` tokens of the pool). A running request pins its images (by its request-pool
+row, from its first prefill step until the scheduler releases it: `release_row`), and the scheduler admits a
+request only while its new images fit beside the pinned ones (`cross_rows_needed`).
 
 Prefill steps attend per request with SDPA and the masks below. Decode steps need no host work: at its prefill,
 a request's row of `cross_table` lists the slab slots of the rows its generated tokens see and `cross_lens` their
 number (0: no images), and every cross-attention layer runs the backend's `forward_cross_decode` over them, so
-decode is captured in CUDA graphs like any model's. A request whose images did not fit the slabs (kept outside
-them) decodes eagerly, per request, as prefill does.
+decode is captured in CUDA graphs like any model's. A request whose images did not fit the slabs (admitted
+alone, its images kept outside them) keeps the decode steps it is in eager: the others still read the slabs, and it
+attends per request to the images its token sees.
 
 Which images a token sees follows transformers' `cross_attention_mask` (`cross_attention_spans`): tokens from an
 image's token on, up to the next image's; generated tokens as the prompt's last. A token before the first image
@@ -31,8 +33,9 @@ Not yet: prefill steps from CUDA graphs (`supports_prefill_graph`), tensor paral
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +96,18 @@ class MllamaVisionAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x [images, rows, dim]; allowed [images, 1, rows, rows] (True: the query row may see the key row)."""
+    def forward(self, x: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """x [images, rows, dim]; per image, its real rows and its padding rows (`MllamaVisionModel.forward`): a
+        real row sees every row, a padding row only the real ones. Two unmasked attentions per image, not one
+        with a mask: SDPA has no flash kernel for a mask, and the masked one took 2.8 ms a layer at 4 tiles on
+        the H100 (docs/benchmarks.md)."""
         q, k, v = (proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        out = torch.empty_like(q)
+        for i, (real, padding) in enumerate(rows):
+            qi, ki, vi = q[i:i + 1], k[i:i + 1], v[i:i + 1]
+            out[i, :, real] = F.scaled_dot_product_attention(qi[:, :, real], ki, vi)[0]
+            out[i, :, padding] = F.scaled_dot_product_attention(qi[:, :, padding], ki[:, :, real], vi[:, :, real])[0]
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -115,8 +125,8 @@ class MllamaVisionLayer(nn.Module):
             self.gate_attn = nn.Parameter(torch.zeros(1))
             self.gate_ffn = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), allowed)
+    def forward(self, x: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), rows)
         x = x + (self.gate_attn.tanh() * attn if self.gated else attn)
         mlp = self.mlp(self.post_attention_layernorm(x))
         return x + (self.gate_ffn.tanh() * mlp if self.gated else mlp)
@@ -162,16 +172,16 @@ class MllamaVisionModel(nn.Module):
         padding = (ratio_mask == 0)[:, :, None].expand(images, tiles, self.padded).clone()
         padding[:, :, self.patches:] = True
         padding = padding.flatten(1)
-        allowed = ~(padding[:, :, None] & padding[:, None, :])[:, None]
+        rows = [(torch.nonzero(~pad).flatten(), torch.nonzero(pad).flatten()) for pad in padding]
         x = x.flatten(1, 2)
         kept = []
         for layer in self.transformer.layers:
-            x = layer(x, allowed)
+            x = layer(x, rows)
             kept.append(x)
         x = self.post_tile_positional_embedding(self.layernorm_post(x).unflatten(1, (tiles, self.padded)), ratio_ids)
         x = x.flatten(1, 2)
         for layer in self.global_transformer.layers:
-            x = layer(x, allowed)
+            x = layer(x, rows)
         features = torch.stack([kept[i] for i in self.intermediate], dim=-1).flatten(2)
         x = torch.cat([x, features], dim=-1).unflatten(1, (tiles, self.padded))
         return x[:, :, :self.patches]
@@ -192,13 +202,16 @@ class CrossContext:
 
 @dataclass
 class CrossDecode:
-    """A decode step that reads the slabs: the cache, the table of slots per request-pool row, each request's
-    number of rows (`lens` [B]) and whether it has images at all (`active` [B, 1], 0 or 1 in the model's dtype)."""
+    """A decode step: the cache, the table of slots per request-pool row, each request's number of rows there
+    (`lens` [B]) and whether it has images at all (`active` [B, 1], 0 or 1 in the model's dtype); `outside`: for a
+    request whose images are outside the slabs, its batch index and the K, V [cross layers, rows, kv_heads,
+    head_dim] its token sees (eager steps only)."""
 
     cache: CrossKVCache
     table: torch.Tensor
     lens: torch.Tensor
     active: torch.Tensor
+    outside: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class MllamaCrossAttention(nn.Module):
@@ -233,10 +246,16 @@ class MllamaCrossAttention(nn.Module):
         return self.o_proj(out.transpose(0, 1).flatten(1))
 
     def decode(self, x: torch.Tensor, batch: ForwardBatch, cross: CrossDecode) -> torch.Tensor:
-        """x [B, hidden], one token per request, over the request's rows in the slabs."""
+        """x [B, hidden], one token per request, over the request's rows in the slabs (or, for a request whose
+        images are outside them, over those)."""
         i = self.attn.layer_id
-        out = self.attn.backend.forward_cross_decode(self.query(x), self.attn, batch, cross.cache.k[i],
-                                                     cross.cache.v[i], cross.table, cross.lens)
+        q = self.query(x)
+        out = self.attn.backend.forward_cross_decode(q, self.attn, batch, cross.cache.k[i], cross.cache.v[i],
+                                                     cross.table, cross.lens)
+        groups = self.num_heads // self.num_kv_heads
+        for b, k, v in cross.outside:
+            k_b, v_b = (t[i].transpose(0, 1).repeat_interleave(groups, dim=0) for t in (k, v))
+            out[b] = F.scaled_dot_product_attention(q[b][:, None], k_b, v_b)[:, 0]
         return self.o_proj(out.flatten(1))
 
 
@@ -331,6 +350,9 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
     direct_weights: tuple[str, ...] = ("vision_model.", "multi_modal_projector.")
     # images a generated token may see and still decode from the table (more: that request decodes eagerly)
     decode_table_images = 4
+    # the slabs get one image at the most tiles per this many tokens of the paged pool (at 11B: 6,404 rows of 32 KiB
+    # for 1,024 tokens of 128 KiB, so 60% of the budget), so that as many requests with an image run as fit there
+    tokens_per_image = 1024
 
     def __init__(self, config: PretrainedConfig):
         nn.Module.__init__(self)
@@ -349,21 +371,52 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
         # per image, every cross-attention layer's K/V, by item hash: slabs the runner sizes (`attach_cross_kv`)
         self.encoder_cache: CrossKVCache | None = None
         self.cross_table: torch.Tensor | None = None  # [request-pool rows, width] slab slots
-        self.cross_lens: torch.Tensor | None = None  # [request-pool rows]
+        self.cross_lens: torch.Tensor | None = None  # [request-pool rows]: rows of the table in use
+        self.cross_active: torch.Tensor | None = None  # [request-pool rows]: 1 where the request has images
         self._requests: dict[int, _RequestImages] = {}  # request-pool row -> its images
         self._eager_rows: set[int] = set()  # rows whose request decodes eagerly (images outside the slabs)
 
-    def attach_cross_kv(self, rows: int, table_rows: int) -> None:
-        """Slabs of `rows` rows for the images' K/V, and the decode table over `table_rows` request-pool rows
+    @property
+    def image_rows(self) -> int:
+        """Rows an image takes in the slabs: every tile's (padding tiles too, which the tower computes)."""
+        return self.vision_model.tiles * self.vision_model.patches
+
+    @property
+    def cross_kv_bytes_per_token(self) -> int:
+        """The slabs' share of the KV budget, per token of the paged pool: one image at the most tiles per
+        `tokens_per_image` tokens (`attach_cross_kv` sizes them so)."""
+        text = self.config.text_config
+        row = CrossKVCache.bytes_per_row(len(self.model.cross_layers), text.num_key_value_heads,
+                                         text.hidden_size // text.num_attention_heads,
+                                         self.multi_modal_projector.weight.dtype)
+        return math.ceil(row * self.image_rows / self.tokens_per_image)
+
+    def attach_cross_kv(self, tokens: int, table_rows: int, rows: int | None = None) -> None:
+        """Slabs for the images' K/V beside a paged pool of `tokens` tokens (one image per `tokens_per_image`
+        tokens, at least one image; `rows` overrides), and the decode table over `table_rows` request-pool rows
         (the runner calls it once it has sized the KV cache)."""
         text = self.config.text_config
         weight = self.multi_modal_projector.weight
-        head_dim = text.hidden_size // text.num_attention_heads
-        self.encoder_cache = CrossKVCache(rows, len(self.model.cross_layers), text.num_key_value_heads, head_dim,
-                                          weight.dtype, weight.device)
-        width = min(rows, self.decode_table_images * self.vision_model.tiles * self.vision_model.patches)
+        if rows is None:
+            rows = max(math.ceil(tokens * self.image_rows / self.tokens_per_image), self.image_rows)
+        self.encoder_cache = CrossKVCache(rows, len(self.model.cross_layers), text.num_key_value_heads,
+                                          text.hidden_size // text.num_attention_heads, weight.dtype, weight.device)
+        width = min(rows, self.decode_table_images * self.image_rows)
         self.cross_table = torch.zeros(table_rows, width, dtype=torch.int64, device=weight.device)
         self.cross_lens = torch.zeros(table_rows, dtype=torch.int64, device=weight.device)
+        self.cross_active = torch.zeros(table_rows, dtype=weight.dtype, device=weight.device)
+
+    def cross_rows_needed(self, mm: MultimodalInputs | None, counted: set[int]) -> int:
+        """Slab rows a waiting request's images would take (the scheduler's admission): those no running request
+        holds, each counted once per step (`counted`); an unpinned entry counts too, as pinning it takes it from
+        what could be evicted."""
+        images = {it.hash for it in (mm.items if mm is not None else []) if it.modality == "image"}
+        new = [key for key in images - counted if not self.encoder_cache.pinned(key)]
+        counted.update(images)
+        return len(new) * self.image_rows
+
+    def cross_rows_free(self) -> int:
+        return self.encoder_cache.available_rows()
 
     # ----- images -----
 
@@ -395,6 +448,7 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
             self.encoder_cache.unpin(req.keys)
             if req.placed:
                 self.cross_lens[row] = 0
+                self.cross_active[row] = 0
 
     def _track(self, batch: ForwardBatch, rows: list[int]) -> None:
         """A prefill step carries each request's media: remember them by request-pool row and pin them (a row
@@ -440,6 +494,7 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
         (the last span's); eager decoding for it where one of those is outside the slabs or they outgrow the
         table."""
         req.placed = True
+        self.cross_active[row] = 1
         seen = [(entries[it.hash].slots, tiles) for it, (_, end), tiles in zip(req.items, req.spans, req.tiles,
                                                                                  strict=True) if end == OPEN_END]
         if any(slots is None for slots, _ in seen):
@@ -462,13 +517,17 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
                 self._place(row, req, entries)
         rows_per_tile = self.vision_model.patches
         contexts: list[CrossContext | None] = []
+        gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # K, V [cross layers, rows, kv_heads, head_dim]
         for req, seq_len, n in zip(found, batch.seq_lens_cpu, batch.extend_lens_cpu, strict=True):
             if req is None:
                 contexts.append(None)
                 continue
-            parts = [self.encoder_cache.key_values(entries[it.hash]) for it in req.items]
-            k = torch.cat([part[0] for part in parts], dim=1)  # [cross layers, rows, kv_heads, head_dim]
-            v = torch.cat([part[1] for part in parts], dim=1)
+            for it in req.items:  # each image gathered from the slabs once a step, however many requests see it
+                if it.hash not in gathered:
+                    gathered[it.hash] = self.encoder_cache.key_values(entries[it.hash])
+            parts = [gathered[it.hash] for it in req.items]
+            k, v = parts[0] if len(parts) == 1 else (torch.cat([part[0] for part in parts], dim=1),
+                                                     torch.cat([part[1] for part in parts], dim=1))
             tokens = torch.arange(seq_len - n, seq_len)
             allowed = torch.zeros(n, k.shape[1], dtype=torch.bool)
             at = 0
@@ -482,6 +541,23 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
                                          seen.to(k.device, k.dtype)))
         return contexts
 
+    def _outside(self, batch: ForwardBatch) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """For each request of a decode step whose images are outside the slabs: its batch index and the K, V of
+        the real tiles of the images its token sees (a host sync, only while such a request runs)."""
+        if not self._eager_rows:
+            return []
+        outside = []
+        for b, row in enumerate(batch.req_pool_indices.tolist()):
+            if row not in self._eager_rows:
+                continue
+            req = self._requests[row]
+            seen = [(self.encoder_cache.key_values(self.encoder_cache.get(it.hash)), tiles)
+                    for it, (_, end), tiles in zip(req.items, req.spans, req.tiles, strict=True) if end == OPEN_END]
+            rows = [tiles * self.vision_model.patches for _, tiles in seen]
+            outside.append((b, torch.cat([k[:, :n] for ((k, _), _), n in zip(seen, rows, strict=True)], dim=1),
+                            torch.cat([v[:, :n] for ((_, v), _), n in zip(seen, rows, strict=True)], dim=1)))
+        return outside
+
     def decode_capturable(self, batch: ForwardBatch) -> bool:
         """Whether a decode step reads only the slabs (every request's rows there, or no images): then it needs no
         host work and a graph may replay it."""
@@ -492,10 +568,10 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if self.encoder_cache is None:
             raise RuntimeError("Mllama needs its cross-attention slabs: attach_cross_kv (the model runner does)")
-        if batch.mode == ForwardMode.DECODE and self.decode_capturable(batch):
-            lens = self.cross_lens[batch.req_pool_indices]
-            cross = CrossDecode(self.encoder_cache, self.cross_table, lens,
-                                (lens > 0).to(self.multi_modal_projector.weight.dtype)[:, None])
+        if batch.mode == ForwardMode.DECODE:
+            rows = batch.req_pool_indices
+            cross = CrossDecode(self.encoder_cache, self.cross_table, self.cross_lens[rows],
+                                self.cross_active[rows][:, None], self._outside(batch))
             hidden_states = self.model(input_ids, positions, batch, None, cross)
         else:
             rows = batch.req_pool_indices.tolist()

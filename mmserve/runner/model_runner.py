@@ -61,8 +61,7 @@ class ModelRunner:
         self.max_running_requests = min(self.max_running_requests, self.max_total_tokens)
         tp = get_tp_size()
         # A model whose cross-attention layers read per-request encoder states (Llama 3.2 Vision) has fewer layers
-        # with paged KV; the rest of the budget (sized over all layers) holds those states: as many rows as the
-        # pool holds tokens.
+        # with paged KV, and slabs for those states sized with the pool (`cross_kv_bytes_per_token`).
         self.kv_pool = KVPool(self.max_total_tokens, getattr(self.model, "paged_kv_layers", model_config.num_layers),
                               max(1, model_config.num_kv_heads // tp), model_config.head_dim, self.dtype, device)
         # A few spare rows: a request being prefilled in chunks holds one beside the running batch.
@@ -203,8 +202,11 @@ class ModelRunner:
             return self.args.max_total_tokens
         # More than every running request at full context could never be used.
         useful = self.max_running_requests * self.config.context_len
-        per_token = KVPool.bytes_per_token(self.config.num_layers, max(1, self.config.num_kv_heads // get_tp_size()),
+        paged_layers = getattr(self.model, "paged_kv_layers", self.config.num_layers)
+        per_token = KVPool.bytes_per_token(paged_layers, max(1, self.config.num_kv_heads // get_tp_size()),
                                            self.config.head_dim, self.dtype)
+        # a model with cross-attention slabs (Llama 3.2 Vision) takes its share of the budget per token of KV
+        per_token += getattr(self.model, "cross_kv_bytes_per_token", 0)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = self.args.mem_fraction_static or 0.85

@@ -103,6 +103,9 @@ class Scheduler:
         # an item's encoder output rows, where they are not its placeholder tokens (Llama 3.2 Vision: one token, all
         # of the image's tiles through the tower)
         self._encoder_cost_of = getattr(runner.model, "encoder_cost", None)
+        # a model that keeps running requests' encoder states in slabs of its own (Llama 3.2 Vision) admits a request
+        # only while its new media fit there beside the running ones'
+        self._cross_rows_needed = getattr(runner.model, "cross_rows_needed", None)
 
     # ----- requests in and out -----
 
@@ -507,6 +510,8 @@ class Scheduler:
         if not self.waiting or budget <= 0:
             return picked
         queue = order_waiting(list(self.waiting), self.args.schedule_policy, self._cached_prefix_len)
+        cross_free = self.runner.model.cross_rows_free() if self._cross_rows_needed is not None else 0
+        cross_counted: set[int] = set()
         for req in queue:
             if budget <= 0 or len(self.running) + len(picked) >= self.max_running:
                 break
@@ -517,6 +522,12 @@ class Scheduler:
             if need + self._reserved_tokens([req]) + reserved > self._available_tokens() and (picked or self.running):
                 self._unadmit(req)
                 break
+            if self._cross_rows_needed is not None:
+                rows = self._cross_rows_needed(req.mm, cross_counted)
+                if rows > cross_free and (picked or self.running):  # alone, it runs (its states kept outside)
+                    self._unadmit(req)
+                    break
+                cross_free -= rows
             n = self._chunk_len(req, min(need, budget))
             keys = self._encoder_rows(req, n, counted)
             cost = self._encoder_cost(req, keys)

@@ -118,20 +118,25 @@ def test_decode_reads_the_slabs_from_graph_steps(tiny_mllama_dir, hf):
         assert_same(ours, hf_generate(hf, prompt, images))
 
 
-def test_images_the_slabs_cannot_hold_decode_eagerly(tiny_mllama_dir, hf, monkeypatch):
-    """Slabs of 100 rows against images of 68 (4 tiles of 17): the second image of a running request, and the
-    image of a request beside it, are kept outside them; those requests decode eagerly, per request, with
-    transformers' answers, and what was kept outside goes when they finish."""
+@pytest.fixture
+def small_slabs(monkeypatch):
+    """Slabs of 100 rows against images of 68 (4 tiles of 17)."""
     attach = MllamaForConditionalGeneration.attach_cross_kv
     monkeypatch.setattr(MllamaForConditionalGeneration, "attach_cross_kv",
-                        lambda self, rows, table_rows: attach(self, min(rows, 100), table_rows))
+                        lambda self, tokens, table_rows: attach(self, tokens, table_rows, rows=100))
+
+
+def test_images_the_slabs_cannot_hold_decode_eagerly(tiny_mllama_dir, hf, small_slabs):
+    """A request with two images (136 rows) is admitted while nothing else holds the slabs: its second image is
+    kept outside them, and its decode steps attend to it per request (eagerly) while the text-only request beside
+    it reads the slabs; transformers' answers, and what was kept outside goes when the request finishes."""
     with Engine(model_path=str(tiny_mllama_dir), dtype="float32") as engine:
         model = engine.runner.model
-        capturable = []
-        original = model.decode_capturable
-        model.decode_capturable = lambda batch: (capturable.append(original(batch)), capturable[-1])[1]
+        outside = []
+        original = model._outside
+        model._outside = lambda batch: (outside.append(len(original(batch))), original(batch))[1]
         outs = _generate_batch(engine)
-        assert capturable and not any(capturable)
+        assert 1 in outside
         _assert_released(engine)
         assert len(model.encoder_cache) == 1 and model.encoder_cache.free_rows == 100 - 68
     cases = [CASES["two images"], CASES["text only"], CASES["one image"]]
@@ -139,7 +144,29 @@ def test_images_the_slabs_cannot_hold_decode_eagerly(tiny_mllama_dir, hf, monkey
         assert_same(ours, hf_generate(hf, prompt, images))
 
 
-def test_encoder_budget_counts_every_tile(tiny_mllama_dir, engine):
+def _first_steps(engine: Engine, jobs: list[tuple[str, list]], **server_args) -> list[int]:
+    """Requests of `jobs`, all waiting before the first step of a fresh engine core: its prefill batch sizes."""
+    core = EngineCore(ServerArgs(model_path=engine.args.model_path, dtype="float32", **server_args))
+    for i, (text, pictures) in enumerate(jobs):
+        ids, wire = engine._encode_multimodal(text, pictures, [], [], None)
+        core.handle(GenerateRequest(f"r{i}", ids, {**GREEDY, "max_new_tokens": 1}, mm_inputs=wire))
+    sizes = []
+    forward = core.runner.forward
+    core.runner.forward = lambda batch: (sizes.append((batch.mode.name, batch.batch_size)), forward(batch))[1]
+    while core.has_work():
+        core.step()
+    return [n for mode, n in sizes if mode == "EXTEND"]
+
+
+def test_admission_waits_for_room_in_the_slabs(engine, small_slabs):
+    """Two waiting requests with an image each (68 rows) and slabs of 100: the second waits for the first to
+    leave (its rows are pinned until then); a text-only request needs no room and joins the first."""
+    (prompt, images), (text_prompt, _) = CASES["one image"], CASES["text only"]
+    jobs = [(prompt, images), (text_prompt, []), (prompt.replace("Describe", "Explain"), [picture(50, 50, 11)])]
+    assert _first_steps(engine, jobs) == [2, 1]
+
+
+def test_encoder_budget_counts_every_tile(engine):
     """An image is one token but 4 tiles of 24 padded rows through the tower: with --max-encoder-tokens-per-step
     150, two waiting requests with new images go to separate prefill steps (counted by tokens, both would fit), and
     a text-only one joins the second; the text before an image costs nothing."""
@@ -148,16 +175,7 @@ def test_encoder_budget_counts_every_tile(tiny_mllama_dir, engine):
         == [0, 96]
     (prompt, images), (text_prompt, _) = CASES["one image"], CASES["text only"]
     jobs = [(prompt, images), (prompt.replace("Describe", "Explain"), [picture(50, 50, 11)]), (text_prompt, [])]
-    core = EngineCore(ServerArgs(model_path=str(tiny_mllama_dir), dtype="float32", max_encoder_tokens_per_step=150))
-    for i, (text, pictures) in enumerate(jobs):  # all waiting before the first step
-        ids, wire = engine._encode_multimodal(text, pictures, [], [], None)
-        core.handle(GenerateRequest(f"r{i}", ids, {**GREEDY, "max_new_tokens": 1}, mm_inputs=wire))
-    sizes = []
-    forward = core.runner.forward
-    core.runner.forward = lambda batch: (sizes.append((batch.mode.name, batch.batch_size)), forward(batch))[1]
-    while core.has_work():
-        core.step()
-    assert [n for mode, n in sizes if mode == "EXTEND"] == [1, 2], sizes
+    assert _first_steps(engine, jobs, max_encoder_tokens_per_step=150) == [1, 2]
 
 
 def test_spans_follow_the_processors_cross_attention_mask(hf):
