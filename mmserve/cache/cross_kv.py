@@ -13,15 +13,11 @@ dropped once nothing pins it): the request still runs, eagerly (its rows have no
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from mmserve.multimodal.inputs import MultimodalItem
+from mmserve.cache.pinned import PinnedCache
 
 
 @dataclass
@@ -31,20 +27,16 @@ class CrossEntry:
     overflow: tuple[torch.Tensor, torch.Tensor] | None = None  # K, V [layers, rows, kv_heads, head_dim]
 
 
-class CrossKVCache:
+class CrossKVCache(PinnedCache[CrossEntry]):
     def __init__(self, rows: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str):
         if rows < 1:
             raise ValueError(f"the cross-attention K/V slab needs at least one row, got {rows}")
-        self.prepare: Callable[[list[MultimodalItem]], list[MultimodalItem]] = lambda items: items
+        super().__init__()
         self.rows = rows
         self.k = torch.zeros(layers, rows, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self._free = torch.arange(rows, dtype=torch.int64)  # host; handed out from the front
-        self._entries: OrderedDict[int, CrossEntry] = OrderedDict()
-        self._pins: Counter[int] = Counter()
-        self.hits = 0
-        self.stores = 0  # items stored, i.e. encoder runs per item
 
     @staticmethod
     def bytes_per_row(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -58,13 +50,6 @@ class CrossKVCache:
         """Rows free now or once the unpinned entries are evicted."""
         unpinned = (e.rows for k, e in self._entries.items() if e.slots is not None and not self._pins[k])
         return self.free_rows + sum(unpinned)
-
-    def get(self, key: int) -> CrossEntry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-        return entry
 
     def put(self, key: int, k: torch.Tensor, v: torch.Tensor) -> CrossEntry:
         """Store an item's K and V ([layers, rows, kv_heads, head_dim]) in free slots, evicting unpinned entries
@@ -102,28 +87,9 @@ class CrossKVCache:
         if entry.slots is not None:
             self._free = torch.cat([self._free, entry.slots.cpu()])
 
-    def pin(self, keys: Iterable[int]) -> None:
-        self._pins.update(keys)
-
-    def unpin(self, keys: Iterable[int]) -> None:
-        """Undo one `pin` of each key; an overflow entry nothing pins any more is dropped (it is outside the
-        slab's budget)."""
-        keys = list(keys)
-        self._pins.subtract(keys)
-        self._pins = +self._pins
+    def _unpinned(self, keys: list[int]) -> None:
+        """An overflow entry nothing pins any more is dropped: it is outside the slabs' budget."""
         for key in keys:
             entry = self._entries.get(key)
             if entry is not None and entry.overflow is not None and not self._pins[key]:
                 self._drop(key)
-
-    def pinned(self, key: int) -> bool:
-        return self._pins[key] > 0
-
-    def pin_count(self) -> int:
-        return sum(self._pins.values())
-
-    def __contains__(self, key: int) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)

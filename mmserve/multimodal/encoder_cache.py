@@ -8,39 +8,16 @@ encodes the others, so that neither a later chunk nor the same step ever finds i
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from mmserve.multimodal.inputs import MultimodalItem
+from mmserve.cache.pinned import PinnedCache
 
 
-def _as_they_are(items: list[MultimodalItem]) -> list[MultimodalItem]:
-    return items
-
-
-class EncoderCache:
+class EncoderCache(PinnedCache[torch.Tensor]):
     def __init__(self, capacity_bytes: int):
-        # Turns items as requests carry them into the encoder's inputs, for the misses only: the engine's image
-        # processor where the API process sent decoded images (EngineImagePrep), else nothing to do
-        self.prepare: Callable[[list[MultimodalItem]], list[MultimodalItem]] = _as_they_are
+        super().__init__()
         self.capacity = capacity_bytes
         self.used = 0
-        self._entries: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._pins: Counter[int] = Counter()
-        self.hits = 0  # lookups served
-        self.stores = 0  # encoder outputs stored, i.e. encoder runs per item
-
-    def get(self, key: int) -> torch.Tensor | None:
-        value = self._entries.get(key)
-        if value is None:
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return value
 
     def put(self, key: int, value: torch.Tensor) -> None:
         if key in self._entries:
@@ -61,24 +38,6 @@ class EncoderCache:
             if self.used <= self.capacity:
                 return
 
-    def pin(self, keys: Iterable[int]) -> None:
-        self._pins.update(keys)
-
-    def unpin(self, keys: Iterable[int]) -> None:
-        """Undo one `pin` of each key; entries over the budget are evicted once nothing holds them."""
-        self._pins.subtract(keys)
-        self._pins = +self._pins  # drop the counts that reached zero
+    def _unpinned(self, keys: list[int]) -> None:
+        """Entries over the budget are evicted once nothing holds them."""
         self._evict()
-
-    def pinned(self, key: int) -> bool:
-        return self._pins[key] > 0
-
-    def pin_count(self) -> int:
-        """Pins held, over all keys (0 once every step and chunked prompt let go)."""
-        return sum(self._pins.values())
-
-    def __contains__(self, key: int) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
