@@ -28,7 +28,8 @@ zeros, not all masked) and zeroes only the layer's MLP output for it, which is m
 images skips the cross-attention layers altogether, as transformers does (in a decode step that reads the slabs,
 its attention and MLP terms are multiplied by 0).
 
-Not yet: prefill steps from CUDA graphs (`supports_prefill_graph`), tensor parallelism.
+Tensor parallelism splits the cross-attention heads like self-attention's; the tower runs whole on every rank.
+Not yet: prefill steps from CUDA graphs (`supports_prefill_graph`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from mmserve.cache.cross_kv import CrossEntry, CrossKVCache
 from mmserve.distributed.parallel_state import get_tp_size
 from mmserve.forward_batch import ForwardBatch, ForwardMode
 from mmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from mmserve.layers.linear import default_weight_loader
+from mmserve.layers.linear import ColumnParallelLinear, RowParallelLinear, default_weight_loader
 from mmserve.layers.logits import LogitsProcessor
 from mmserve.layers.mlp import GatedMLP
 from mmserve.layers.norm import RMSNorm
@@ -215,15 +216,22 @@ class CrossDecode:
 
 
 class MllamaCrossAttention(nn.Module):
+    """Heads split across tensor-parallel ranks like self-attention's (each rank keeps its key/value heads of every
+    image); the key/value heads must divide among the ranks."""
+
     def __init__(self, config: PretrainedConfig, index: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.hidden_size // self.num_heads
+        heads, kv_heads, tp = config.num_attention_heads, config.num_key_value_heads, get_tp_size()
+        if kv_heads % tp:
+            raise ValueError(f"Mllama's cross-attention layers split {kv_heads} key/value heads across ranks: "
+                             f"--tp-size {tp} does not divide them")
+        self.num_heads, self.num_kv_heads = heads // tp, kv_heads // tp
+        self.head_dim = config.hidden_size // heads
         dim = config.hidden_size
-        self.q_proj = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
+        self.q_proj = ColumnParallelLinear(dim, heads * self.head_dim)
+        self.k_proj = ColumnParallelLinear(dim, kv_heads * self.head_dim)
+        self.v_proj = ColumnParallelLinear(dim, kv_heads * self.head_dim)
+        self.o_proj = RowParallelLinear(heads * self.head_dim, dim)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         # the backend's handle for decode steps; `index` is this layer's place among the cross-attention layers
@@ -356,8 +364,6 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
 
     def __init__(self, config: PretrainedConfig):
         nn.Module.__init__(self)
-        if get_tp_size() > 1:
-            raise ValueError("Mllama (Llama 3.2 Vision) with tensor parallelism is not supported yet")
         self.config = config
         text = config.text_config
         self.image_token_id = config.image_token_index
@@ -385,22 +391,23 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
     def cross_kv_bytes_per_token(self) -> int:
         """The slabs' share of the KV budget, per token of the paged pool: one image at the most tiles per
         `tokens_per_image` tokens (`attach_cross_kv` sizes them so)."""
-        text = self.config.text_config
-        row = CrossKVCache.bytes_per_row(len(self.model.cross_layers), text.num_key_value_heads,
-                                         text.hidden_size // text.num_attention_heads,
+        attn = self._cross_attn()
+        row = CrossKVCache.bytes_per_row(len(self.model.cross_layers), attn.num_kv_heads, attn.head_dim,
                                          self.multi_modal_projector.weight.dtype)
         return math.ceil(row * self.image_rows / self.tokens_per_image)
+
+    def _cross_attn(self) -> MllamaCrossAttention:
+        return self.model.layers[self.model.cross_layers[0]].cross_attn
 
     def attach_cross_kv(self, tokens: int, table_rows: int, rows: int | None = None) -> None:
         """Slabs for the images' K/V beside a paged pool of `tokens` tokens (one image per `tokens_per_image`
         tokens, at least one image; `rows` overrides), and the decode table over `table_rows` request-pool rows
         (the runner calls it once it has sized the KV cache)."""
-        text = self.config.text_config
-        weight = self.multi_modal_projector.weight
+        attn, weight = self._cross_attn(), self.multi_modal_projector.weight
         if rows is None:
             rows = max(math.ceil(tokens * self.image_rows / self.tokens_per_image), self.image_rows)
-        self.encoder_cache = CrossKVCache(rows, len(self.model.cross_layers), text.num_key_value_heads,
-                                          text.hidden_size // text.num_attention_heads, weight.dtype, weight.device)
+        self.encoder_cache = CrossKVCache(rows, len(self.model.cross_layers), attn.num_kv_heads, attn.head_dim,
+                                          weight.dtype, weight.device)
         width = min(rows, self.decode_table_images * self.image_rows)
         self.cross_table = torch.zeros(table_rows, width, dtype=torch.int64, device=weight.device)
         self.cross_lens = torch.zeros(table_rows, dtype=torch.int64, device=weight.device)
@@ -596,7 +603,8 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
                 if direct or ".cross_attn" in name:
                     if name not in params:
                         raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-                    default_weight_loader(params[name], tensor)
+                    param = params[name]
+                    getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                     loaded.add(name)
                 else:
                     yield name, tensor

@@ -2,7 +2,8 @@
 
 Two ranks on the CPU talk over gloo (on a GPU machine, NCCL between two GPUs: `scripts/gpu_check.sh`). Covered:
 key/value heads split and replicated, a mixture of experts, chunked prefill, a prefix-cache hit, seeded sampling,
-an image prompt with the vision tower replicated and data-parallel (--mm-enable-dp-encoder).
+an image prompt with the vision tower replicated and data-parallel (--mm-enable-dp-encoder),
+cross-attention over images (Llama 3.2 Vision).
 """
 
 from __future__ import annotations
@@ -101,6 +102,27 @@ def test_tp2_image_prompt_with_a_data_parallel_encoder(tiny_qwen2_vl_dir):
     ref, encoded = answer(1)
     assert encoded == 2
     assert answer(2, mm_enable_dp_encoder=True) == (ref, 1)  # rank 1 encoded the other image
+
+
+def test_tp2_cross_attention(tiny_mllama_dir):
+    """Llama 3.2 Vision: each rank keeps its key/value head of every image in its slabs and its share of the
+    cross-attention layers; a request with two images, a text-only one and one with one image (prefilled and
+    decoded together) give tp 1's tokens and log-probs."""
+    turn = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    reply = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    prompts = [f"{turn}First <|image|> then <|image|> compare them.{reply}", f"{turn}No pictures here.{reply}",
+               f"{turn}<|image|>Describe it.{reply}"]
+    images = [[picture(60, 30, 1), picture(30, 80, 2)], None, [picture(40, 40, 3)]]
+
+    def answers(tp: int):
+        with Engine(model_path=str(tiny_mllama_dir), dtype="float32", device=DEVICE, tp_size=tp, **GRAPHS) as engine:
+            outs = engine.generate(prompts, [GREEDY] * 3, image_data=images)
+        return [(r["output_ids"], [entry[0] for entry in r["meta_info"]["output_token_logprobs"]]) for r in outs]
+
+    ours = answers(2)
+    for (ids, lps), (ref_ids, ref_lps) in zip(ours, answers(1), strict=True):
+        assert ids == ref_ids
+        assert torch.allclose(torch.tensor(lps), torch.tensor(ref_lps), atol=1e-4)
 
 
 def test_heads_that_do_not_divide_are_refused_before_loading(tiny_model_dir):
