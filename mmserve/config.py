@@ -70,10 +70,10 @@ class ServerArgs:
     mm_processor_device: str = _flag("cpu", "Where the model's torchvision image and video processors run: cpu, "
                                      "or cuda / cuda:N (a CUDA context in the API process, beside the engine's).")
     mm_image_prep: str = _flag("auto", "Where images are normalised and cut into patches, for the families that "
-                               "allow it (Qwen-VL): engine (the API process decodes and resizes each image and sends "
-                               "it as uint8; the engine runs the rest of the model's torchvision image processor on "
-                               "its own device, once per step), api (the API process runs it all, in its workers), "
-                               "or auto: engine where CUDA is available.", choices=["auto", "api", "engine"])
+                               "allow it (Qwen-VL, Qwen3-Omni): engine (the API process decodes and resizes each "
+                               "image and sends it as uint8; the engine runs the rest of the model's torchvision image "
+                               "processor on its own device, once per step), api (the API process runs it all, in its "
+                               "workers), or auto: engine where CUDA is available.", choices=["auto", "api", "engine"])
     mm_max_pixels: int | None = _flag(None, "Most pixels a request's mm_processor_kwargs (min_pixels, max_pixels) "
                                       "may ask an image or video frame to be resized to (default: the model "
                                       "processor's own maximum).")

@@ -85,7 +85,7 @@ _REQUEST_KWARGS: dict[str, dict[str, tuple[str, ...]]] = {
     "llava_onevision": {"video": _FRAMES},  # the LLaVA video families: mmserve's frame sampling only
     "llava_next_video": {"video": _FRAMES},
     "internvl": {"video": _FRAMES},  # tiling (max_patches) is the checkpoint's: not per request
-    "qwen3_omni_moe_thinker": {"video": _FLAGS},
+    "qwen3_omni_moe_thinker": {"image": _PIXELS, "video": _FLAGS},
 }
 _MAX_FPS = 60.0  # a request's fps at most (or the server's own, if higher); the frame caps bound the work anyway
 # Processor outputs that belong to the prompt's text, not to one item's features
@@ -234,6 +234,14 @@ def _shown(value: Any) -> str:
         return repr(value)[:100]
 
 
+def _expands_from_a_grid(hf_processor: Any) -> bool:
+    """Whether the processor expands an image placeholder from its grid alone (`replace_image_token` of its own:
+    transformers 5.17's Qwen3-Omni processor inherits the base class's, which raises)."""
+    from transformers import ProcessorMixin
+
+    return any("replace_image_token" in vars(cls) for cls in type(hf_processor).__mro__ if cls is not ProcessorMixin)
+
+
 def _media_key(modality: str, digest: bytes, *settings: Any) -> bytes:
     return media_digest(modality.encode(), digest, repr(settings).encode())
 
@@ -287,7 +295,8 @@ class MultimodalProcessor:
         # image, expands its placeholder from the grid and sends it as uint8, an eighth of the processor's bytes
         # (a checkpoint whose processor does not resize keeps it all here: the plan resizes)
         self.images_in_engine = (args.images_prepared_in_engine() and spec.image_grid is not None
-                                 and getattr(getattr(self.hf, "image_processor", None), "do_resize", False))
+                                 and getattr(getattr(self.hf, "image_processor", None), "do_resize", False)
+                                 and _expands_from_a_grid(self.hf))
         self.image_target_pixels = resize_target_pixels(getattr(self.hf, "image_processor", None))
         self.audio_rate = int(getattr(getattr(self.hf, "feature_extractor", None), "sampling_rate", 16000))
         self.frame_target_pixels = resize_target_pixels(getattr(self.hf, "video_processor", None))

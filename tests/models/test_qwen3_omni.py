@@ -49,6 +49,17 @@ def test_matches_transformers(case, engine, hf):
     assert_same(ours, hf_generate(hf, prompt, images, audios))
 
 
+def test_images_prepared_in_the_engine(tiny_qwen3_omni_dir, hf):
+    """--mm-image-prep engine (the GPU's default): the image planned and resized in the API process, patched in the
+    engine, beside a clip; transformers' answer. (transformers 5.17's Omni processor cannot expand a placeholder
+    from a grid: there the images stay prepared in the API process, and the answer is the same.)"""
+    prompt, images, audios = CASES["image and clip"]
+    with Engine(model_path=str(tiny_qwen3_omni_dir), dtype="float32", mm_image_prep="engine") as e:
+        assert e.processor.images_in_engine == ("replace_image_token" in vars(type(e.processor.hf)))
+        ours = e.generate(prompt, GREEDY, return_logits=True, image_data=images, audio_data=audios)
+    assert_same(ours, hf_generate(hf, prompt, images, audios))
+
+
 def test_wav_bytes_match_the_samples(engine, hf):
     """A WAV file decodes (PyAV) to the samples it was written from, so its answer is transformers' on them."""
     prompt, _, audios = CASES["one clip"]

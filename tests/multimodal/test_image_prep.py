@@ -29,11 +29,18 @@ def processor(model_dir, prep: str) -> MultimodalProcessor:
     return MultimodalProcessor(args, ProcessorRegistry.resolve(config.architectures), config, model_dir)
 
 
-@pytest.mark.parametrize("family", ["tiny_qwen2_vl_dir", "tiny_qwen3_vl_dir"])
+@pytest.mark.parametrize("family", ["tiny_qwen2_vl_dir", "tiny_qwen3_vl_dir", "tiny_qwen3_omni_dir"])
 @pytest.mark.parametrize("kwargs", [None, {"max_pixels": 70 * 70}], ids=["defaults", "max_pixels"])
 def test_plan_and_pixels_equal_the_processor(family, kwargs, request):
+    """Qwen3-Omni too (its image processor is Qwen2-VL's), where transformers' processor can expand a placeholder
+    from a grid (5.24; 5.17's cannot: its images stay prepared in the API process)."""
     model_dir = request.getfixturevalue(family)
     api, engine = processor(model_dir, "api"), processor(model_dir, "engine")
+    if not engine.images_in_engine:
+        assert family == "tiny_qwen3_omni_dir" and "replace_image_token" not in vars(type(engine.hf))
+        api.close()
+        engine.close()
+        return
     try:
         media = [("image", image) for image in IMAGES]
         ids, ref = api.process(PROMPT, media, api.settings_for(kwargs))

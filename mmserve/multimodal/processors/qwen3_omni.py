@@ -33,7 +33,7 @@ from mmserve.multimodal.inputs import MultimodalInputs, MultimodalItem
 from mmserve.multimodal.mrope import mrope_positions
 from mmserve.multimodal.processor_cache import ProcessedMedia
 from mmserve.multimodal.processors import ProcessorSpec
-from mmserve.multimodal.processors.qwen_vl import cut_items, runs
+from mmserve.multimodal.processors.qwen_vl import cut_items, image_grid, runs
 
 
 def audio_tokens(frames: int, n_window: int) -> int:
@@ -187,5 +187,6 @@ def qwen3_omni_inputs(hf_config: PretrainedConfig, processed: dict[str, Any]) ->
                             mrope_delta=int(positions.max()) + 1 - positions.shape[1])
 
 
-PROCESSORS = {"Qwen3OmniMoeThinkerForConditionalGeneration": ProcessorSpec(qwen3_omni_inputs,
+# the image processor is Qwen2-VL's: images can be planned here and prepared in the engine like Qwen-VL's
+PROCESSORS = {"Qwen3OmniMoeThinkerForConditionalGeneration": ProcessorSpec(qwen3_omni_inputs, image_grid=image_grid,
                                                                            video_with_audio=video_with_audio)}
