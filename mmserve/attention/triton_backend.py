@@ -198,26 +198,27 @@ class TritonAttentionBackend(AttentionBackend):
     def forward_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         meta: _DecodeMetadata = batch.attn_metadata
         k_buf, v_buf = self.kv_pool.get_kv(layer.layer_id)
-        heads, v_dim = layer.num_heads, v_buf.shape[2]
-        if (heads, v_dim) not in meta.scratch:
-            meta.scratch[heads, v_dim] = self.kernels.decode_scratch(q.shape[0], heads, meta.num_kv_splits, v_dim,
-                                                                     q.device)
         return self.kernels.decode_attention(
             q, k_buf, v_buf, self.req_to_token, meta.req_pool_indices, meta.seq_lens, layer.scaling,
             layer.sliding_window, meta.num_kv_splits, self.min_split_len, blocks=self.decode_blocks,
-            scratch=meta.scratch[heads, v_dim],
+            scratch=self._scratch(meta, q, layer.num_heads, v_buf.shape[2]),
         )
+
+    def _scratch(self, meta: _DecodeMetadata, q: torch.Tensor, heads: int,
+                 v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's split scratch for this shape, allocated by the first layer that needs it."""
+        if (heads, v_dim) not in meta.scratch:
+            meta.scratch[heads, v_dim] = self.kernels.decode_scratch(q.shape[0], heads, meta.num_kv_splits, v_dim,
+                                                                     q.device)
+        return meta.scratch[heads, v_dim]
 
     def forward_cross_decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch, k_buf: torch.Tensor,
                              v_buf: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """The decode kernel over the slabs, with the table standing for req_to_token and `lens` for the KV
         lengths: no host work, so a decode graph captures it (its scratch is the self-attention layers')."""
         meta: _DecodeMetadata = batch.attn_metadata
-        heads, v_dim = layer.num_heads, v_buf.shape[2]
-        if (heads, v_dim) not in meta.scratch:
-            meta.scratch[heads, v_dim] = self.kernels.decode_scratch(q.shape[0], heads, meta.num_kv_splits, v_dim,
-                                                                     q.device)
         return self.kernels.decode_attention(
             q, k_buf, v_buf, table, meta.req_pool_indices, lens, layer.scaling, None, meta.num_kv_splits,
-            self.min_split_len, blocks=self.decode_blocks, scratch=meta.scratch[heads, v_dim],
+            self.min_split_len, blocks=self.decode_blocks, scratch=self._scratch(meta, q, layer.num_heads,
+                                                                                 v_buf.shape[2]),
         )

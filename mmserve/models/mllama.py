@@ -351,6 +351,11 @@ class _RequestImages:
     keys: list[int]
     placed: bool = False
 
+    def decoded(self, rows_per_tile: int) -> list[tuple[int, int]]:
+        """(hash, rows of its real tiles) of each image its generated tokens see: the last span's."""
+        return [(it.hash, tiles * rows_per_tile) for it, (_, end), tiles in zip(self.items, self.spans, self.tiles,
+                                                                                strict=True) if end == OPEN_END]
+
 
 class MllamaForConditionalGeneration(LlamaForCausalLM):
     # a prefill step looks up each request's images on the host; decode steps are captured
@@ -502,12 +507,11 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
         table."""
         req.placed = True
         self.cross_active[row] = 1
-        seen = [(entries[it.hash].slots, tiles) for it, (_, end), tiles in zip(req.items, req.spans, req.tiles,
-                                                                                 strict=True) if end == OPEN_END]
-        if any(slots is None for slots, _ in seen):
+        seen = req.decoded(self.vision_model.patches)
+        if any(entries[key].slots is None for key, _ in seen):
             self._eager_rows.add(row)
             return
-        slots = torch.cat([slots[:tiles * self.vision_model.patches] for slots, tiles in seen])
+        slots = torch.cat([entries[key].slots[:n] for key, n in seen])
         if slots.numel() > self.cross_table.shape[1]:
             self._eager_rows.add(row)
             return
@@ -557,12 +561,10 @@ class MllamaForConditionalGeneration(LlamaForCausalLM):
         for b, row in enumerate(batch.req_pool_indices.tolist()):
             if row not in self._eager_rows:
                 continue
-            req = self._requests[row]
-            seen = [(self.encoder_cache.key_values(self.encoder_cache.get(it.hash)), tiles)
-                    for it, (_, end), tiles in zip(req.items, req.spans, req.tiles, strict=True) if end == OPEN_END]
-            rows = [tiles * self.vision_model.patches for _, tiles in seen]
-            outside.append((b, torch.cat([k[:, :n] for ((k, _), _), n in zip(seen, rows, strict=True)], dim=1),
-                            torch.cat([v[:, :n] for ((_, v), _), n in zip(seen, rows, strict=True)], dim=1)))
+            seen = [(self.encoder_cache.key_values(self.encoder_cache.get(key)), n)
+                    for key, n in self._requests[row].decoded(self.vision_model.patches)]
+            outside.append((b, torch.cat([k[:, :n] for (k, _), n in seen], dim=1),
+                            torch.cat([v[:, :n] for (_, v), n in seen], dim=1)))
         return outside
 
     def decode_capturable(self, batch: ForwardBatch) -> bool:
